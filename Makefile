@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Shared data and tokenizer files: ../shared beside the checkout, else /work/shared.
+SHARED ?= $(firstword $(wildcard ../shared /work/shared))
+export FILTERD_SHARED := $(abspath $(SHARED))
+export TIKTOKEN_CACHE_DIR ?= $(FILTERD_SHARED)/tiktoken
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+# The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) work build *.egg-info

@@ -1,0 +1,35 @@
+"""Shared fixtures: where the shared corpora and tokenizer files are."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    for candidate in (os.environ.get("FILTERD_SHARED"), REPO.parent / "shared", "/work/shared"):
+        if candidate and (Path(candidate) / "tiktoken").is_dir():
+            return Path(candidate)
+    raise RuntimeError("shared data not found: set FILTERD_SHARED to the directory holding tiktoken/ and data/")
+
+
+SHARED = _shared_dir()
+# The tokenizer must work offline: point tiktoken at the shared copy of its GPT-2 files.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+SMS_FILE = SHARED / "data" / "sms-spam-collection" / "SMSSpamCollection"
+SPAMASSASSIN = SHARED / "data" / "spamassassin-publiccorpus"
+
+
+@pytest.fixture(scope="session")
+def sms_file() -> Path:
+    return SMS_FILE
+
+
+@pytest.fixture(scope="session")
+def spamassassin_dir() -> Path:
+    return SPAMASSASSIN

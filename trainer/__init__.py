@@ -1,0 +1,1 @@
+"""filterd-trainer: data preparation, fine-tuning, evaluation and refits for filterd models."""
