@@ -1,0 +1,108 @@
+"""`filterd` command line: classify (serve and check-config arrive with the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .errors import FilterdError
+
+CHUNK = 512  # messages scored per engine call when streaming from stdin
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, dispatch to args.func, and turn every failure into one line on stderr."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FilterdError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `filterd classify ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # never a traceback for users; FILTERD_DEBUG=1 shows it
+        if os.environ.get("FILTERD_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: internal error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 70
+
+
+def safe_text(s: str) -> str:
+    """Undo surrogate escapes from argv/filenames: invalid UTF-8 becomes U+FFFD, not a crash."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _stdin_lines() -> Iterator[str]:
+    for raw in sys.stdin.buffer:
+        yield raw.rstrip(b"\r\n").decode("utf-8", "replace")
+
+
+def _email_texts(paths: Sequence[str]) -> Iterator[str]:
+    from .mail import extract_text
+
+    for p in paths:
+        try:
+            raw = Path(p).read_bytes()
+        except OSError as e:
+            raise FilterdError(f"{safe_text(p)}: cannot read ({e.strerror})") from None
+        yield extract_text(raw)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise FilterdError(f"--threshold must be within 0..1, got {args.threshold}")
+    engine = Engine.load(args.model, device=args.device)
+    if args.email:
+        if not args.text:
+            raise FilterdError("--email needs one or more message files")
+        texts: Iterable[str] = _email_texts(args.text)
+    else:
+        texts = (safe_text(t) for t in args.text) if args.text else _stdin_lines()
+    for chunk in _chunks(texts, CHUNK):
+        for v in engine.classify_texts(chunk, threshold=args.threshold):
+            line = {"verdict": v.verdict, "score": round(v.score, 6), "model": engine.version, "tokens": v.tokens}
+            sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filterd", description="GPT-2 spam filter for mail and SMS")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("classify", help="classify texts (or raw RFC 822 files with --email); JSON lines out")
+    p.add_argument("--model", required=True, help="model directory (filterd.json + model.safetensors)")
+    p.add_argument("--threshold", type=float, help="P(spam) at or above which a message is spam (default: the model's)")
+    p.add_argument("--email", action="store_true", help="TEXT arguments are files holding raw RFC 822 messages")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("text", nargs="*", metavar="TEXT", help="messages; none: one message per line on stdin")
+    p.set_defaults(func=cmd_classify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("filterd", build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

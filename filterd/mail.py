@@ -1,0 +1,405 @@
+"""Text from RFC 822 mail: the subject and body a classifier should see.
+
+Mail in the wild is often malformed (spam more so): bogus charsets, broken base64,
+multiparts without boundaries, raw 8-bit headers.  Nothing here raises on such input;
+the last resort is the raw bytes decoded leniently.
+
+Which parts make up the body:
+
+* A multipart/alternative contributes one alternative: the first plain-text one, else the
+  last (richest) HTML one.  Alternatives without any text do not count.
+* Over the whole message text/plain is preferred: if any inline text/plain part has text,
+  only those are used, else the text/html ones (converted by ``html_to_text``).  Several
+  parts of the chosen kind are joined with a blank line.
+* Attachments (``Content-Disposition: attachment`` below the top level) and non-text
+  parts are skipped.  MIME preamble and epilogue (where some lists add footers) are not
+  body text either.
+* message/rfc822 parts, even ones marked as attachments, are walked like any multipart,
+  so a forwarded or bounced message's body is included (its headers are not): for a spam
+  filter a forwarded message is still content the sender chose to send.
+
+Charsets follow the WHATWG reading of mail labels (iso-8859-1 is decoded as windows-1252,
+gb2312 as gb18030, ...); missing, "us-ascii" or unusable labels mean UTF-8 if the bytes
+are valid UTF-8, else windows-1252.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import default as _DEFAULT_POLICY
+from html.parser import HTMLParser
+from typing import NamedTuple
+
+# Deeper MIME trees than this are abuse, not mail; parts below it are ignored.
+_MAX_DEPTH = 128
+
+# WHATWG-style label mapping: mail that declares these nearly always means the superset
+# (e.g. Outlook's "smart quotes" in iso-8859-1 mail are really windows-1252 bytes).
+_CHARSET_SUPERSETS = {
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "iso8859-1": "cp1252",
+    "iso-8859-9": "cp1254",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "big5": "big5hkscs",
+    "euc-kr": "cp949",
+    "ks_c_5601-1987": "cp949",
+    "chinesebig5": "big5hkscs",
+    "tis-620": "cp874",
+}
+
+# Charsets that say nothing useful: decode as if none were declared.
+_NO_CHARSET = {"", "us-ascii", "ascii", "default", "unknown", "unknown-8bit", "x-unknown"}
+
+# The C1 range of latin-1 (0x80-0x9F) read as windows-1252 where that defines a character;
+# 0x81, 0x8D, 0x8F, 0x90 and 0x9D stay latin-1 controls (the WHATWG windows-1252 decoder).
+_C1_AS_CP1252 = {
+    byte: bytes([byte]).decode("cp1252") for byte in range(0x80, 0xA0) if byte not in b"\x81\x8d\x8f\x90\x9d"
+}
+
+_MBOX_FROM = re.compile(rb"\AFrom [^\n]*\n")
+_MAX_FIELD = 2048
+_RISKY_FIELD = re.compile(rb"^(?:content-[\w-]*|subject)[ \t]*:(?:[^\n]*\n[ \t])*[^\n]*", re.I | re.M)
+_MIME_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)  # any whitespace but newline, incl. U+00A0
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True)
+class MailText:
+    """The readable parts of one message."""
+
+    subject: str  # decoded Subject header ("" if none)
+    body: str  # body text, whitespace normalised
+    defects: int  # parse and decode defects the email package reported (0 for clean mail)
+
+    def text(self) -> str:
+        """What the classifier sees: the subject as a first line, then the body."""
+        if self.subject:
+            return f"Subject: {self.subject}\n\n{self.body}".strip()
+        return self.body.strip()
+
+
+def extract_text(raw: bytes) -> str:
+    """The classifier's input for one raw message."""
+    return parse_mail(raw).text()
+
+
+def parse_mail(raw: bytes) -> MailText:
+    """Subject, body text and defect count of a raw RFC 822 message; never raises."""
+    if isinstance(raw, str):  # be forgiving about the type too
+        raw = raw.encode("utf-8", "surrogateescape")
+    raw = _cap_fields(_MBOX_FROM.sub(b"", bytes(raw), count=1))
+    try:
+        msg = BytesParser(policy=_DEFAULT_POLICY).parsebytes(raw)
+        leaves = _prefer_plain(_text_leaves(msg, 0))
+        body = _normalise("\n\n".join(leaf.text for leaf in leaves))
+        hint = leaves[0].charset if leaves else _charset_of(msg)
+        return MailText(_subject(msg, hint), body, _count_defects(msg))
+    except Exception:  # RecursionError on absurd nesting, bugs in header parsing, ...
+        # Nothing was parsed, so no defect list exists; 1 still flags the message as broken.
+        return MailText("", _normalise(_fallback_body(raw)), 1)
+
+
+def _cap_fields(raw: bytes) -> bytes:
+    """Cut overlong Content-* and Subject fields (in any part) before the parser sees them.
+
+    The email package's header parser is quadratic in the number of defects in one field:
+    the 14 KB ``Content-Type: text/html ; ; ; ...`` in spam_2/00471 costs seconds, 160 KB
+    costs minutes.  Real fields of these kinds are well under 1 KB.
+    """
+    return _RISKY_FIELD.sub(lambda match: match[0][:_MAX_FIELD], raw)
+
+
+# --- choosing parts -----------------------------------------------------------------
+
+
+class _Leaf(NamedTuple):
+    """One decoded text part."""
+
+    html: bool  # came from text/html (already converted to text)
+    text: str
+    charset: str | None  # as declared; hints how to read a raw 8-bit Subject
+
+
+def _prefer_plain(leaves: list[_Leaf]) -> list[_Leaf]:
+    """Non-empty plain parts if there are any, else the non-empty HTML ones."""
+    leaves = [leaf for leaf in leaves if leaf.text.strip()]
+    return [leaf for leaf in leaves if not leaf.html] or leaves
+
+
+def _text_leaves(part: Message, depth: int) -> list[_Leaf]:
+    """Decoded text parts under `part` a reader would see, one alternative per group."""
+    if depth > _MAX_DEPTH:
+        return []
+    ctype = _content_type(part)
+    if depth > 0 and ctype != "message/rfc822" and _is_attachment(part):
+        return []  # a whole message sent as "attachment" is still its own content
+    if not part.is_multipart():
+        return [_decode_leaf(part, ctype == "text/html")] if ctype in ("text/plain", "text/html") else []
+    groups = [_text_leaves(child, depth + 1) for child in part.get_payload() if isinstance(child, Message)]
+    if ctype == "multipart/alternative":
+        return _best_alternative(groups)
+    return [leaf for group in groups for leaf in group]
+
+
+def _best_alternative(groups: list[list[_Leaf]]) -> list[_Leaf]:
+    """The first alternative that is plain text, else the last (richest) with any text.
+
+    Empty alternatives do not count: spam often pairs a blank text/plain with real HTML.
+    """
+    groups = [nonempty for group in groups if (nonempty := [leaf for leaf in group if leaf.text.strip()])]
+    plain = [group for group in groups if not any(leaf.html for leaf in group)]
+    return plain[0] if plain else groups[-1] if groups else []
+
+
+def _content_type(part: Message) -> str:
+    """The part's MIME type as this module treats it (fetched once: parsing can be slow)."""
+    try:
+        match = _MIME_TYPE.match(part.get_content_type())
+    except Exception:
+        match = None
+    ctype = match[0] if match else "text/plain"  # RFC 2045: an invalid type means text/plain
+    if ctype.startswith("multipart/") and not part.is_multipart():
+        return "text/plain"  # no usable boundary: its raw content beats losing the body
+    if ctype == "text/plain" and _looks_like_html(part):
+        return "text/html"
+    return ctype
+
+
+def _looks_like_html(part: Message) -> bool:
+    """Spam often sends HTML with no Content-Type header at all (so text/plain)."""
+    if "content-type" in part:
+        return False
+    payload = part.get_payload()
+    return isinstance(payload, str) and payload.lstrip()[:14].lower().startswith(("<html", "<!doctype html"))
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        return part.get_content_disposition() == "attachment"
+    except Exception:
+        return False
+
+
+def _count_defects(msg: Message) -> int:
+    """Defects on every part, including those found while decoding text payloads."""
+    total, stack = 0, [(msg, 0)]
+    while stack:
+        part, depth = stack.pop()
+        total += len(getattr(part, "defects", ()))
+        if depth < _MAX_DEPTH and part.is_multipart():
+            stack.extend((child, depth + 1) for child in part.get_payload() if isinstance(child, Message))
+    return total
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def _decode_leaf(part: Message, html: bool) -> _Leaf:
+    """One text part: transfer-decoded, charset-decoded, HTML converted."""
+    try:
+        data = part.get_payload(decode=True)  # base64/QP; lenient on broken base64
+    except Exception:
+        data = None
+    if data is None:  # an unexpected payload type: take what the parser kept
+        payload = part.get_payload()
+        data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+    charset = _charset_of(part)
+    text = _decode_bytes(data, charset)
+    return _Leaf(html, html_to_text(text) if html else text, charset)
+
+
+def _charset_of(part: Message) -> str | None:
+    try:
+        charset = part.get_param("charset")
+    except Exception:
+        return None
+    return charset if isinstance(charset, str) else None
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """Decode with the declared charset, replacing bad bytes; guess if it is unusable."""
+    name = (charset or "").strip().strip("\"'").lower()
+    if name not in _NO_CHARSET:
+        try:
+            return data.decode(_CHARSET_SUPERSETS.get(name, name), errors="replace")
+        except (LookupError, ValueError, TypeError):
+            pass  # unknown name, or a non-text codec such as "base64" or "zlib"
+    return _decode_unknown(data)
+
+
+def _decode_unknown(data: bytes) -> str:
+    """UTF-8 if the bytes are valid UTF-8, else windows-1252 over latin-1 (never fails)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1").translate(_C1_AS_CP1252)
+
+
+def _subject(msg: Message, hint: str | None) -> str:
+    """The decoded Subject; raw 8-bit subjects are read with the body's charset."""
+    raw = next((value for name, value in msg.raw_items() if name.lower() == "subject"), None)
+    if raw is None:
+        return ""
+    raw = str(raw)
+    raw_bytes = raw.encode("utf-8", "surrogateescape") if _is_escaped(raw) else None
+    try:
+        subject = str(msg["subject"]) if raw_bytes is None or "=?" in raw else _decode_bytes(raw_bytes, hint)
+    except Exception:  # header parser bugs on hostile input
+        subject = _decode_bytes(raw.encode("utf-8", "surrogateescape"), hint) if raw_bytes else raw
+    return " ".join(_scrub(subject).split())
+
+
+def _is_escaped(text: str) -> bool:
+    """Whether the parser kept undecodable raw bytes as surrogate escapes."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _scrub(text: str) -> str:
+    """Replace lone surrogates so the result can always be encoded as UTF-8."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _fallback_body(raw: bytes) -> str:
+    """Last resort: everything after the first blank line, decoded leniently."""
+    match = _HEADER_END.search(raw)
+    return _decode_unknown(raw[match.end():] if match else raw)
+
+
+def _normalise(text: str) -> str:
+    """Unix newlines, no trailing spaces, at most one blank line in a row."""
+    text = _scrub(text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _TRAILING_SPACE.sub("", text)
+    return _MANY_NEWLINES.sub("\n\n", text).strip()
+
+
+# --- HTML ---------------------------------------------------------------------------
+#
+# HTMLParser (measured on CPython 3.11.7) is quadratic on unterminated markup: 400 KB of
+# "<a<a<a..." takes two minutes, 1 MB of "<!--<!--..." seven, 40 KB of "<a x='>'" four
+# seconds.  A mail filter must not stall on one hostile message, so a linear pre-pass
+# tokenises the markup the way HTML5 does (comments, raw-text <script>/<style>, quoted
+# attribute values, EOF inside a tag) and hands HTMLParser only bare tags such as "<p>"
+# and "</td>"; HTMLParser still decodes entities and reports the tags.
+
+_HTML_SPACE = re.compile(r"\s+")
+# Where a comment or a raw-text element (whose content is never markup) starts.
+_HIDDEN_BLOCK = re.compile(r"<!--|<(script|style)(?![^\s/>])", re.IGNORECASE)
+_COMMENT_END = re.compile(r"--!?>")
+_RAW_TEXT_END = {
+    "script": re.compile(r"</script", re.IGNORECASE),
+    "style": re.compile(r"</style", re.IGNORECASE),
+}
+_MARKUP = re.compile(
+    r"""
+    <(/?)([A-Za-z][^\s/>]*+)                          # a tag and its name
+      (?:[\s/]++|[^\s/>=]++|=\s*+(?:"[^"]*+"|'[^']*+'|[^\s>]*+))*+   # attributes
+      (?:>|\Z)                                        # EOF inside a tag: the rest is tag
+    | <[!?/][^>]*+(?:>|\Z)                             # <!DOCTYPE>, <![if]>, <?xml?>: no text
+    | <                                               # any other "<" is text
+    """,
+    re.VERBOSE,
+)
+_TAG_NAME = re.compile(r"[a-z][a-z0-9]*")
+
+
+class _TextCollector(HTMLParser):
+    """Collects visible text; block elements become line breaks."""
+
+    HIDDEN = frozenset({"head", "title", "noscript", "template", "script", "style"})
+    HEAD_CONTENT = frozenset({"title", "meta", "link", "style", "script", "base", "noscript", "template"})
+    PARAGRAPH = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "pre", "ul", "ol"})
+    LINE = frozenset({"div", "tr", "li", "dt", "dd", "hr", "center", "form", "address", "caption"})
+    CELL = frozenset({"td", "th"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self.hidden: list[str] = []  # open hidden elements, innermost last
+        # Line breaks owed before the next text: "</li><li>" or "</p>\n<p>" must not add up.
+        self.newlines = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self.hidden.clear()  # an unclosed <head> must not swallow the body
+        elif self.hidden and self.hidden[-1] == "head" and tag not in self.HEAD_CONTENT:
+            self.hidden.pop()  # body content implies </head>, as browsers treat it
+        if tag in self.HIDDEN:
+            self.hidden.append(tag)
+        if tag == "br":
+            self.newlines += 1  # unlike block edges, every <br> counts
+        self._block_edge(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.hidden:
+            while self.hidden.pop() != tag:
+                pass
+        self._block_edge(tag)
+
+    def handle_data(self, data: str) -> None:
+        if self.hidden:
+            return
+        text = _HTML_SPACE.sub(" ", data)  # source newlines are just spaces
+        if text.strip() and self.newlines:
+            self.chunks.append("\n" * self.newlines)
+            self.newlines = 0
+        self.chunks.append(text)
+
+    def _block_edge(self, tag: str) -> None:
+        if tag in self.PARAGRAPH:
+            self.newlines = max(self.newlines, 2)
+        elif tag in self.LINE:
+            self.newlines = max(self.newlines, 1)
+        elif tag in self.CELL:
+            self.chunks.append(" ")
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML document: no tags, entities unescaped, tidy whitespace."""
+    collector = _TextCollector()
+    try:
+        collector.feed(_MARKUP.sub(_canonical_markup, _strip_hidden_blocks(html)))
+        collector.close()
+    except Exception:  # HTMLParser is lenient, but keep whatever was collected
+        pass
+    text = "".join(collector.chunks)
+    lines = (" ".join(line.split()) for line in text.replace("\r", "\n").split("\n"))
+    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _strip_hidden_blocks(html: str) -> str:
+    """Drop comments and <script>/<style> elements.
+
+    An unclosed <script>/<style> hides the rest, as in browsers.  An unclosed comment ends
+    at the next ">" instead (older parsers' reading): spam templates with a stray "<!--"
+    would otherwise lose their whole text.
+    """
+    kept, pos, comments_can_end = [], 0, True
+    while match := _HIDDEN_BLOCK.search(html, pos):
+        kept.append(html[pos : match.start()])
+        if match[1] is None:  # a comment; searching from +2 makes "<!-->" an empty one
+            end = _COMMENT_END.search(html, match.start() + 2) if comments_can_end else None
+            comments_can_end = end is not None  # none further on either: do not rescan
+            close = end.end() if end else html.find(">", match.end()) + 1
+        else:
+            end = _RAW_TEXT_END[match[1].lower()].search(html, match.end())
+            close = html.find(">", end.end()) + 1 if end else 0
+        pos = close if close > 0 else len(html)
+    kept.append(html[pos:])
+    return "".join(kept)
+
+
+def _canonical_markup(match: re.Match[str]) -> str:
+    """A tag as bare "<name>"/"</name>" (attributes are not needed); other markup as text or nothing."""
+    if match[2] is None:
+        return "&lt;" if match[0] == "<" else ""
+    if not match[0].endswith(">"):
+        return ""  # EOF inside the tag
+    return f"<{match[1]}{_TAG_NAME.match(match[2].lower())[0]}>"

@@ -1,0 +1,414 @@
+"""Loading GPT-2 weights (Hugging Face checkpoints, `random:` bases) and filterd model directories.
+
+Hugging Face stores GPT-2's attention and MLP weights as Conv1D, i.e. transposed relative to
+nn.Linear; `attn.bias` / `attn.masked_bias` are causal-mask buffers, not weights. Every tensor is
+checked by name and shape, and an error names the tensor at fault. filterd's own model directory is
+safetensors + `filterd.json`, never pickle, and is published atomically.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+from .model import CONFIGS, LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig, state_shapes
+
+FORMAT = "filterd-model/1"
+META_FILE = "filterd.json"
+WEIGHTS_FILE = "model.safetensors"
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_REPO = {name: f"openai-community/{name}" for name in PRETRAINED_NAMES}
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+
+# Hugging Face Conv1D modules whose weight is stored (in, out) and must be transposed.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers and tied copies that some checkpoints carry and we do not load.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+# -- Hugging Face checkpoints --------------------------------------------------------------------
+def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
+    """Our config from a Hugging Face GPT-2 `config.json`; refuses variants we do not implement."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ModelError(f"{source}: model_type {hf.get('model_type')!r} is not gpt2")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ModelError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf.get(flag):
+            raise ModelError(f"{source}: {flag}=true is not supported")
+    try:
+        n_embd = int(hf["n_embd"])
+        cfg = GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            n_positions=int(hf.get("n_positions") or hf["n_ctx"]),
+            n_embd=n_embd,
+            n_layer=int(hf["n_layer"]),
+            n_head=int(hf["n_head"]),
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{source}: missing or invalid GPT-2 setting ({e})") from None
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise ModelError(f"{source}: n_inner={hf['n_inner']} (only 4*n_embd is supported)")
+    return cfg
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        # Never unpickle arbitrary objects: weights_only restricts torch.load to tensors.
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors/torch raise many types for truncated or foreign files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{path}: cannot read weights ({reason})") from None
+
+
+def map_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, source: str) -> dict[str, torch.Tensor]:
+    """Rename and transpose a Hugging Face GPT-2 state dict into our backbone's names.
+
+    Every expected tensor must be present with the expected shape; unknown tensors are refused.
+    The classification head is not part of a GPT-2 checkpoint and is left out.
+    """
+    expected = state_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_state.items():
+        key = name.removeprefix("transformer.")
+        if key.endswith(_IGNORED_SUFFIXES) or key == "lm_head.weight":
+            continue  # causal-mask buffers; the LM head is tied to wte
+        if key not in expected or key.startswith("head."):
+            raise ModelError(f"{source}: unexpected tensor {name!r} (not a GPT-2 weight)")
+        conv1d = key.endswith(_CONV1D)
+        want = expected[key][::-1] if conv1d else expected[key]  # shapes as the file stores them
+        if tuple(tensor.shape) != want:
+            raise ModelError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {want} for this config")
+        out[key] = (tensor.t() if conv1d else tensor).to(torch.float32).contiguous()
+    missing = [k for k in expected if k not in out and not k.startswith("head.")]
+    if missing:
+        raise ModelError(f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return out
+
+
+def load_hf_checkpoint(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Config and mapped backbone weights from a Hugging Face GPT-2 checkpoint directory."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{directory}: no config.json (not a Hugging Face GPT-2 checkpoint)")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{cfg_path}: cannot parse ({e})") from None
+    cfg = config_from_hf(hf_cfg, str(cfg_path))
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / fname).is_file():
+            path = directory / fname
+            break
+    else:
+        raise ModelError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    return cfg, map_hf_state_dict(_read_state_file(path), cfg, str(path))
+
+
+# -- resolving a BASE ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Base:
+    """What a fine-tune starts from: a config, weights (None for random init), and provenance."""
+
+    name: str  # as given: "gpt2", "random:tiny", "/path/to/checkpoint"
+    kind: str  # "pretrained" | "random"
+    config: GPTConfig
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    source: str = ""  # where the weights came from
+
+
+def hf_cache_candidates(name: str) -> list[Path]:
+    """Directories that may hold a checkpoint for a named size, in search order."""
+    out: list[Path] = []
+    if env := os.environ.get("FILTERD_GPT2_DIR"):
+        root = Path(env)
+        out += [root / name, root]
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    for repo in (HF_REPO[name], name):
+        snaps = hub / f"models--{repo.replace('/', '--')}" / "snapshots"
+        if snaps.is_dir():
+            out += sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    out.append(Path.home() / ".cache" / "filterd" / name)
+    return out
+
+
+def _is_checkpoint(d: Path, name: str) -> bool:
+    if not (d / "config.json").is_file():
+        return False
+    if not ((d / "model.safetensors").is_file() or (d / "pytorch_model.bin").is_file()):
+        return False
+    try:  # $FILTERD_GPT2_DIR itself may hold another size: check it is the one asked for
+        hf = json.loads((d / "config.json").read_text())
+        return config_from_hf(hf, str(d)) == CONFIGS[name]
+    except (ModelError, ValueError, OSError):
+        return False
+
+
+def download_pretrained(name: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Fetch config.json + model.safetensors from huggingface.co into `dest` (atomically per file)."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("FILTERD_OFFLINE"):
+        raise ModelError(_offline_hint(name, "offline mode is set (HF_HUB_OFFLINE/FILTERD_OFFLINE)"))
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname in ("config.json", "model.safetensors"):
+        target = dest / fname
+        if target.is_file():
+            continue
+        tmp = dest / f".{fname}.part-{os.getpid()}"
+        url = HF_URL.format(repo=HF_REPO[name], file=fname)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+                shutil.copyfileobj(resp, f, length=1 << 20)
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            tmp.unlink(missing_ok=True)
+            reason = getattr(e, "reason", None) or e
+            raise ModelError(_offline_hint(name, f"download of {url} failed: {reason}")) from None
+    return dest
+
+
+def _offline_hint(name: str, why: str) -> str:
+    return (
+        f"cannot get pretrained {name}: {why}; put a Hugging Face GPT-2 checkpoint (config.json + "
+        f"model.safetensors) in $FILTERD_GPT2_DIR/{name} or pass --base DIR, or use --base random:{name} for an untrained model"
+    )
+
+
+def resolve_base(base: str) -> Base:
+    """`gpt2`… (local cache, $FILTERD_GPT2_DIR, or download), a checkpoint directory, or `random:NAME`."""
+    if base.startswith("random:"):
+        size = base.split(":", 1)[1]
+        if size not in CONFIGS:
+            raise ModelError(f"unknown base {base!r}: random: takes one of {', '.join(CONFIGS)}")
+        return Base(name=base, kind="random", config=CONFIGS[size], source="random initialisation")
+    if base in PRETRAINED_NAMES:
+        found = next((d for d in hf_cache_candidates(base) if _is_checkpoint(d, base)), None)
+        directory = found or download_pretrained(base, Path.home() / ".cache" / "filterd" / base)
+        cfg, state = load_hf_checkpoint(directory)
+        return Base(name=base, kind="pretrained", config=cfg, state=state, source=str(directory))
+    path = Path(base)
+    if path.is_dir():
+        cfg, state = load_hf_checkpoint(path)
+        return Base(name=str(path.resolve()), kind="pretrained", config=cfg, state=state, source=str(path.resolve()))
+    raise ModelError(
+        f"unknown base {base!r}: use {', '.join(PRETRAINED_NAMES)}, a Hugging Face checkpoint directory, "
+        f"or random:NAME with NAME in {', '.join(CONFIGS)}"
+    )
+
+
+def build_model(base: Base, *, seed: int = 123) -> GPT2Classifier:
+    """A classifier from a base: pretrained backbone weights + a freshly initialised head."""
+    torch.manual_seed(seed)
+    model = GPT2Classifier(base.config)
+    model.reset_parameters(seed=seed)
+    if base.state is not None:
+        result = model.load_state_dict(base.state, strict=False)
+        assert not result.unexpected_keys and set(result.missing_keys) == {"head.weight", "head.bias"}, result
+    return model
+
+
+# -- filterd model directories ------------------------------------------------------------------
+@dataclass
+class ModelMeta:
+    """Contents of `filterd.json`."""
+
+    version: str
+    base: str
+    base_kind: str  # "pretrained" | "random": an untrained backbone must never pass for GPT-2
+    config: GPTConfig
+    max_length: int
+    threshold: float = 0.5
+    trainable: str = "last-block"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_manifest_sha256: str | None = None
+    weights_sha256: str = ""
+    created: str = ""
+    labels: list[str] = field(default_factory=lambda: list(LABELS))
+    pad_token_id: int = PAD_TOKEN_ID
+    pooling: str = "last-token"
+    format: str = FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "ModelMeta":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ModelError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelError(f"{source}: expected a JSON object")
+        if d.get("format") != FORMAT:
+            raise ModelError(f"{source}: format {d.get('format')!r} is not {FORMAT!r}")
+        for key in ("version", "base", "config", "max_length"):
+            if key not in d:
+                raise ModelError(f"{source}: missing key {key!r}")
+        if d.get("labels", list(LABELS)) != list(LABELS) or d.get("pooling", "last-token") != "last-token":
+            raise ModelError(f"{source}: labels must be {list(LABELS)} and pooling 'last-token'")
+        try:
+            d["config"] = GPTConfig.from_dict(d["config"])
+            known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+            meta = cls(**known)
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{source}: invalid value ({e})") from None
+        if not 1 <= int(meta.max_length) <= meta.config.n_positions:
+            raise ModelError(f"{source}: max_length {meta.max_length} outside 1..{meta.config.n_positions}")
+        if not 0.0 <= float(meta.threshold) <= 1.0:
+            raise ModelError(f"{source}: threshold {meta.threshold} outside 0..1")
+        return meta
+
+
+def new_version(weights_sha256: str) -> str:
+    """Unique per export, sortable by time, and traceable to the weights."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{weights_sha256[:8]}-{secrets.token_hex(2)}"
+
+
+def write_model_files(model: GPT2Classifier, meta: ModelMeta, directory: Path) -> ModelMeta:
+    """Write weights and metadata into `directory` (a staging directory; see publish_directory)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = directory / WEIGHTS_FILE
+    save_file(state, str(weights), metadata={"format": "pt", "filterd": FORMAT})
+    os.chmod(weights, 0o644)  # safetensors writes 0600; the daemon may run as another user than the trainer
+    meta.weights_sha256 = _sha256_file(weights)
+    meta.version = meta.version or new_version(meta.weights_sha256)
+    meta.created = meta.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (directory / META_FILE).write_text(meta.to_json())
+    return meta
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in sorted(directory.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh sibling of `target` (same filesystem, so the final rename is atomic)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    d = target.parent / f".{target.name}.staging-{os.getpid()}-{secrets.token_hex(3)}"
+    d.mkdir()
+    return d
+
+
+def publish_directory(staged: Path, target: Path) -> None:
+    """Make a fully written `staged` directory appear at `target`: readers see old or new, never half.
+
+    A new target is one rename. An existing one is swapped with renameat2(RENAME_EXCHANGE), so the
+    path never disappears; where the kernel lacks it, two renames leave a moment with no directory
+    (never a partial one).
+    """
+    _fsync_tree(staged)
+    if not target.exists():
+        os.rename(staged, target)
+        return
+    if _exchange(staged, target):
+        shutil.rmtree(staged)  # now holds the old contents
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(3)}"
+    os.rename(target, old)
+    os.rename(staged, target)
+    shutil.rmtree(old)
+
+
+def load_model_dir(path: Path, *, map_location: str | torch.device = "cpu") -> tuple[GPT2Classifier, ModelMeta]:
+    """Load a filterd model directory, checking every tensor's name and shape against filterd.json."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model directory")
+    if not meta_path.is_file():
+        raise ModelError(f"{path}: no {META_FILE} (not a filterd model directory)")
+    if not weights_path.is_file():
+        raise ModelError(f"{path}: no {WEIGHTS_FILE}")
+    meta = ModelMeta.from_json(meta_path.read_text(errors="replace"), str(meta_path))
+    expected = state_shapes(meta.config)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for key in keys:
+                if key not in expected:
+                    raise ModelError(f"{weights_path}: unexpected tensor {key!r}")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise ModelError(f"{weights_path}: tensor {key!r} has shape {shape}, expected {expected[key]}")
+                state[key] = f.get_tensor(key).to(torch.float32)
+    except ModelError:
+        raise
+    except Exception as e:  # truncated or corrupt safetensors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{weights_path}: cannot read weights ({reason})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelError(f"{weights_path}: missing tensor {missing[0]!r}")
+    bad = next((k for k, t in state.items() if not torch.isfinite(t).all()), None)
+    if bad:
+        raise ModelError(f"{weights_path}: tensor {bad!r} contains NaN or infinity")
+    with torch.device("meta"):  # skip the random init that the loaded weights would overwrite
+        model = GPT2Classifier(meta.config)
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    return model.to(map_location), meta

@@ -1,0 +1,72 @@
+"""`filterd classify` and `filterd-trainer prepare` from the outside: JSON lines, clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .test_fit import run, sms_data, tiny_model  # noqa: F401  (session fixtures)
+
+
+def _lines(r: subprocess.CompletedProcess) -> list[dict]:
+    assert r.returncode == 0, r.stderr
+    return [json.loads(x) for x in r.stdout.splitlines()]
+
+
+def test_classify_stdin_one_message_per_line_with_hostile_input(tiny_model):
+    stdin = b"WINNER!! Claim your free prize now, call 09061701461\n\n\xff\xfe invalid utf-8 \xc3\n" + b"x" * 100_000 + b"\nsee you at 6?\n"
+    lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), stdin=stdin))
+    assert len(lines) == 5
+    assert all(0.0 <= x["score"] <= 1.0 and x["verdict"] in ("spam", "ham") for x in lines)
+    max_length = json.loads((tiny_model.model_dir / "filterd.json").read_text())["max_length"]
+    assert lines[1]["tokens"] == 1  # empty line: scored as the lone end-of-text token
+    assert lines[3]["tokens"] == max_length  # 100,000 characters: truncated
+
+
+def test_classify_threshold_overrides_verdict(tiny_model):
+    m = str(tiny_model.model_dir)
+    assert _lines(run("-m", "filterd", "classify", "--model", m, "--threshold", "0", "hello"))[0]["verdict"] == "spam"
+    assert _lines(run("-m", "filterd", "classify", "--model", m, "--threshold", "1", "hello"))[0]["verdict"] == "ham"
+
+
+def test_classify_email_files(tiny_model, spamassassin_dir, tmp_path):
+    files = sorted((spamassassin_dir / "spam").iterdir())[:3] + sorted((spamassassin_dir / "easy_ham").iterdir())[:3]
+    broken = tmp_path / "broken.eml"
+    broken.write_bytes(b"Content-Type: multipart/mixed; boundary=zz\n\n--zz\nContent-Type: text/plain; charset=bogus\n\n\xff oops")
+    lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), "--email", *map(str, files), str(broken)))
+    assert len(lines) == 7 and all(x["tokens"] >= 1 for x in lines)
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["classify", "--model", "/nonexistent", "hi"], "/nonexistent: no such model directory"),
+        (["classify", "--model", ".", "--threshold", "2", "hi"], "--threshold must be within 0..1"),
+        (["classify", "--model", "MODEL", "--email", "/nonexistent.eml"], "/nonexistent.eml: cannot read"),
+    ],
+)
+def test_classify_errors_are_one_line(argv, expect, tiny_model):
+    argv = [str(tiny_model.model_dir) if a == "MODEL" else a for a in argv]
+    r = run("-m", "filterd", *argv)
+    assert r.returncode == 1 and expect.encode() in r.stderr
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+
+
+def test_prepare_reports_counts_and_malformed_lines(sms_file, tmp_path):
+    r = run("-m", "trainer", "prepare", "--sms", str(sms_file), "--out", str(tmp_path / "d"), "--seed", "123")
+    assert r.returncode == 0, r.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in r.stdout.decode().splitlines()[:4]}
+    assert counts == {"train": 1045, "val": 149, "test": 300, "holdout": 4080}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ham\tfine\nspam no tab here\n")
+    r = run("-m", "trainer", "prepare", "--sms", str(bad), "--out", str(tmp_path / "e"))
+    assert r.returncode == 1 and b"bad.txt:2" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+def test_console_scripts_installed():
+    for script in ("filterd", "filterd-trainer"):
+        r = subprocess.run([sys.executable.replace("python", script), "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage" in r.stdout

@@ -1,0 +1,137 @@
+"""`filterd-trainer` command line: prepare, fit, evaluate, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from filterd.cli import run_main, safe_text
+from filterd.errors import FilterdError
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    manifest = prepare(
+        Path(args.out), sms=args.sms, download_sms=args.download_sms, email_dir=args.email_dir,
+        seed=args.seed, balance=args.balance,
+    )  # fmt: skip
+    for split, by_label in manifest.counts.items():
+        total = sum(by_label.values())
+        print(f"{split:8s} {total:6d}  " + "  ".join(f"{k} {v}" for k, v in sorted(by_label.items())))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import FitConfig, fit
+
+    cfg = FitConfig(
+        data=Path(args.data), base=args.base, out=Path(args.out), trainable=args.trainable, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, max_length=args.max_length,
+        seed=args.seed, device=args.device, eval_every=args.eval_every, target_ham_fpr=args.target_ham_fpr,
+    )  # fmt: skip
+    result = fit(cfg)
+    print(json.dumps({"model": str(result.model_dir), "version": result.meta.version, "seconds": round(result.seconds, 1),
+                      "threshold": result.meta.threshold, "metrics": {k: m.to_dict() for k, m in result.metrics.items()}}))  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from filterd.engine import Engine
+
+    from .evaluate import format_metrics_line
+    from .fit import SPLITS, evaluate_model
+
+    data = Path(args.data)
+    splits = [s for s in SPLITS if (data / f"{s}.csv").is_file()] if args.split == "all" else [args.split]
+    for s in splits:
+        if not (data / f"{s}.csv").is_file():
+            raise FilterdError(f"{data}: no {s}.csv")
+    engine = Engine.load(args.model, device=args.device)
+    reports = evaluate_model(engine, data, splits)
+    if args.json:
+        print(json.dumps({"model": engine.version, "splits": {r.split: r.metrics.to_dict() for r in reports}}, indent=2))
+    else:
+        for r in reports:
+            print(format_metrics_line(r.split, r.metrics))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from filterd.tokenizer import Tokenizer
+    from filterd.weights import build_model, load_model_dir, resolve_base
+
+    if args.max_new_tokens < 0:
+        raise FilterdError("--max-new-tokens must be at least 0")
+    if (Path(args.base) / "filterd.json").is_file():  # a fine-tuned filterd model keeps its backbone
+        model, _ = load_model_dir(Path(args.base))
+    else:
+        model = build_model(resolve_base(args.base))
+    model.eval()
+    prompt = Tokenizer(1024).encode(safe_text(args.prompt))
+    if len(prompt) + args.max_new_tokens > model.config.n_positions:
+        raise FilterdError(f"prompt + new tokens exceed the model's {model.config.n_positions} positions")
+    out = model.generate(torch.tensor([prompt]), args.max_new_tokens)[0, len(prompt) :].tolist()
+    print(json.dumps(out) if args.ids else Tokenizer(1024).decode(prompt + out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filterd-trainer", description="prepare data, fine-tune and evaluate filterd models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read a labelled corpus, balance, split 70/10/20")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sms", type=Path, help="UCI SMS Spam Collection file (label<TAB>text)")
+    src.add_argument("--download-sms", action="store_true", help="download the UCI zip and verify its sha256")
+    src.add_argument("--email-dir", type=Path, help="folders spam*/ham* of raw messages, Maildirs or mbox files")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--balance", choices=("undersample", "none"), default="undersample")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("fit", help="fine-tune a classifier and write a model directory")
+    p.add_argument("--data", required=True, help="directory written by prepare")
+    p.add_argument("--base", required=True, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint DIR | random:NAME")
+    p.add_argument("--out", required=True)
+    p.add_argument("--trainable", default="last-block", choices=("head", "last-block", "last-2-blocks", "all"))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, help="tokens per message (default: longest training message, ≤ 1024)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validation-loss points")
+    p.add_argument("--target-ham-fpr", type=float, help="pick the threshold on val for this ham false-positive rate")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on prepared splits")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "holdout", "all"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="greedy continuation with the LM head (weight-loading check)")
+    p.add_argument("--base", required=True, help="a BASE as for fit, or a filterd model directory")
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--ids", action="store_true", help="print the generated token ids as a JSON list")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("filterd-trainer", build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Classification metrics, ROC analysis, threshold selection and Markdown reports.
+
+Pure metric code: it sees only labels and scores, never a model, so it is cheap to test and
+shared by `filterd-trainer evaluate`, `fit` and the refit gate.
+
+Conventions
+-----------
+* Labels: 1 = spam (the positive class), 0 = ham. Scores: P(spam), normally in [0, 1] (any
+  finite number works; only `choose_threshold` uses the [0, 1] range, to bound its result).
+* A message is predicted spam iff ``score >= threshold``.
+* 0/0 ratios are defined as 0.0 (the convention of scikit-learn's ``zero_division=0``):
+  precision with no predicted spam, spam recall with no spam, F1 when precision + recall = 0,
+  ham FPR with no ham, and accuracy of an empty split. ROC AUC is ``None`` unless both classes
+  are present (it is undefined, and 0.0 or 0.5 would read as a real, bad result).
+* Empty input is a defined result, not an error: ``compute_metrics([], [])`` gives n=0, zero
+  counts and rates, AUC None. `prepare --balance none` writes an empty holdout.csv, and a report
+  row "n=0" says more than a crashed evaluation. Only `roc_curve` and a `choose_threshold` with a
+  target, which cannot answer without data, raise ``ValueError``.
+* Other bad input raises ``ValueError``: lengths differ, a label not in {0, 1}, a NaN or
+  infinite score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.5
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_arrays(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert to (int64 labels in {0,1}, float64 finite scores)."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError("labels and scores must be one-dimensional")
+    if len(y) != len(s):
+        raise ValueError(f"labels and scores differ in length ({len(y)} != {len(s)})")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("labels must be 0 (ham) or 1 (spam)")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite numbers (found NaN or infinity)")
+    return y.astype(np.int64), s
+
+
+def _ratio(num: int, den: int) -> float:
+    """num/den with 0/0 defined as 0.0 (see module docstring)."""
+    return num / den if den else 0.0
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Metrics:
+    """Binary classification metrics at one threshold; rates are fractions in [0, 1]."""
+
+    n: int
+    threshold: float
+    accuracy: float
+    precision: float
+    spam_recall: float
+    f1: float
+    ham_fpr: float
+    roc_auc: float | None  # None unless both classes are present
+    tn: int
+    fp: int
+    fn: int
+    tp: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: every field plus a nested ``confusion`` {tn, fp, fn, tp}."""
+        d = asdict(self)
+        d["confusion"] = {"tn": self.tn, "fp": self.fp, "fn": self.fn, "tp": self.tp}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Metrics:
+        """Inverse of `to_dict` (e.g. metrics read back from a model's filterd.json)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def compute_metrics(
+    labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD
+) -> Metrics:
+    """Metrics of the rule "spam iff score >= threshold"; ROC AUC is threshold-free."""
+    if math.isnan(threshold):
+        raise ValueError("threshold must not be NaN")
+    y, s = _as_arrays(labels, scores)
+    pred = s >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+    tn = int(np.sum(~pred & (y == 0)))
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return Metrics(
+        n=len(y),
+        threshold=float(threshold),
+        accuracy=_ratio(tp + tn, len(y)),
+        precision=precision,
+        spam_recall=recall,
+        f1=f1,
+        ham_fpr=_ratio(fp, fp + tn),
+        roc_auc=roc_auc(y, s),
+        tn=tn,
+        fp=fp,
+        fn=fn,
+        tp=tp,
+    )
+
+
+# --------------------------------------------------------------------------- ROC
+
+
+def _cuts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores in descending order, with the cumulative (tp, fp) of "score >= that score".
+
+    Tied scores form one group, so each distinct score is one operating point: a threshold can't
+    separate messages with equal scores.
+    """
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_group = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tps = np.cumsum(y_sorted)[last_of_group]
+    fps = (last_of_group + 1) - tps
+    return s_sorted[last_of_group], tps, fps
+
+
+def roc_curve(
+    labels: Sequence[int], scores: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points (fpr, tpr, thresholds), one per distinct score, from (0, 0) to (1, 1).
+
+    ``thresholds[i]`` is the threshold giving point i under "score >= threshold"; the first is
+    ``inf`` (nothing predicted spam). Raises ValueError unless both classes are present.
+    """
+    y, s = _as_arrays(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC curve needs both classes (spam and ham) in the labels")
+    thresholds, tps, fps = _cuts(y, s)
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve, or None unless both classes are present.
+
+    Trapezoids over the tie-grouped curve give each tied (spam, ham) pair half credit, so this
+    equals the Mann-Whitney U statistic / (n_spam * n_ham).
+    """
+    y, s = _as_arrays(labels, scores)
+    if len(np.unique(y)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+# --------------------------------------------------------------------------- threshold
+
+
+def choose_threshold(
+    labels: Sequence[int], scores: Sequence[float], target_ham_fpr: float | None = None
+) -> float:
+    """Pick a decision threshold on validation data.
+
+    ``target_ham_fpr=None`` returns 0.5. Otherwise, among the operating points of "score >= t"
+    (one per distinct score, plus "nothing is spam"), keep those with ham FPR <= target, take the
+    one with the highest spam recall and, on a recall tie, the lowest FPR (i.e. the highest such
+    threshold: lowering it further would only flag more ham). The returned value lies strictly
+    between the lowest score flagged and the highest score not flagged (their midpoint), so a
+    test score equal to a validation score is not on a knife edge. At the ends the [0, 1] score
+    range bounds the midpoint: nothing flagged gives (max score + 1) / 2, or the next float above
+    the max score when that is >= 1.0; everything flagged gives min score / 2, or the min score
+    itself when it is <= 0.
+    """
+    if target_ham_fpr is None:
+        return DEFAULT_THRESHOLD
+    if not 0.0 <= target_ham_fpr <= 1.0:
+        raise ValueError(f"target_ham_fpr must be in [0, 1], got {target_ham_fpr}")
+    y, s = _as_arrays(labels, scores)
+    if len(y) == 0:
+        raise ValueError("no validation examples to choose a threshold from")
+    n_neg = int(np.sum(y == 0))
+    distinct, tps, fps = _cuts(y, s)
+    # Point 0 flags nothing; point i (1..k) flags every score >= distinct[i-1].
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    fpr = np.array([_ratio(int(f), n_neg) for f in fps])  # same arithmetic as Metrics.ham_fpr
+    feasible = fpr <= target_ham_fpr  # never empty: point 0 has FPR 0
+    best_tp = tps[feasible].max()
+    i = int(np.flatnonzero(feasible & (tps == best_tp))[0])  # first = fewest false positives
+    return _midpoint_threshold(distinct, i)
+
+
+def _midpoint_threshold(distinct: np.ndarray, i: int) -> float:
+    """A threshold flagging exactly distinct[:i] (descending scores), midway into the gap below."""
+    if i == 0:  # flag nothing
+        top = float(distinct[0])
+        mid = (top + 1.0) / 2
+        return mid if mid > top else float(np.nextafter(top, np.inf))
+    flagged = float(distinct[i - 1])
+    if i == len(distinct):  # flag everything
+        return flagged / 2 if flagged > 0.0 else flagged
+    unflagged = float(distinct[i])
+    mid = (flagged + unflagged) / 2
+    # Adjacent floats can round the midpoint onto the unflagged score; fall back to the boundary.
+    return mid if unflagged < mid <= flagged else flagged
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class SplitReport:
+    """One evaluated split: its metrics plus the raw labels and scores (for plots)."""
+
+    split: str
+    metrics: Metrics
+    labels: list[int]
+    scores: list[float]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _auc(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def format_metrics_line(split: str, m: Metrics) -> str:
+    """One terminal line, e.g. ``test     n=300  acc 95.67%  ...  AUC 0.9911``."""
+    return (
+        f"{split:<7}  n={m.n}  acc {_pct(m.accuracy)}  precision {_pct(m.precision)}  "
+        f"spam-recall {_pct(m.spam_recall)}  F1 {_pct(m.f1)}  ham-FPR {_pct(m.ham_fpr)}  "
+        f"AUC {_auc(m.roc_auc)}"
+    )
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: short floats, JSON for containers, pipes escaped."""
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value)
+    elif value is None:
+        text = "–"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _metrics_section(reports: list[SplitReport]) -> list[str]:
+    header = ["split", "n", "accuracy", "precision", "spam recall", "F1", "ham FPR", "ROC AUC"]
+    rows = [
+        [
+            r.split,
+            str(r.metrics.n),
+            _pct(r.metrics.accuracy),
+            _pct(r.metrics.precision),
+            _pct(r.metrics.spam_recall),
+            _pct(r.metrics.f1),
+            _pct(r.metrics.ham_fpr),
+            _auc(r.metrics.roc_auc),
+        ]
+        for r in reports
+    ]
+    return ["## Metrics", "", *_table(header, rows), ""]
+
+
+def _confusion_section(r: SplitReport) -> list[str]:
+    m = r.metrics
+    rows = [["**actual ham**", str(m.tn), str(m.fp)], ["**actual spam**", str(m.fn), str(m.tp)]]
+    return [
+        f"### Confusion matrix: {r.split} (threshold {m.threshold:.4f})",
+        "",
+        *_table(["", "predicted ham", "predicted spam"], rows),
+        "",
+    ]
+
+
+def _history_section(history: dict[str, Any]) -> list[str]:
+    """Per-epoch table; accuracies are fractions shown as percentages, missing values as '–'."""
+    epochs = list(history.get("epoch", []))
+
+    def col(key: str, fmt: Any) -> list[str]:
+        values = list(history.get(key) or [])
+        return [fmt(values[i]) if i < len(values) and values[i] is not None else "–"
+                for i in range(len(epochs))]
+
+    columns = [
+        [str(e) for e in epochs],
+        col("train_loss", lambda v: f"{v:.4f}"),
+        col("val_loss", lambda v: f"{v:.4f}"),
+        col("train_acc", _pct),
+        col("val_acc", _pct),
+        col("seconds", lambda v: f"{v:.1f}"),
+    ]
+    header = ["epoch", "train loss", "val loss", "train acc", "val acc", "seconds"]
+    return ["## Training history", "", *_table(header, [list(r) for r in zip(*columns)]), ""]
+
+
+def write_report(
+    path: Path,
+    *,
+    title: str,
+    model_info: dict[str, Any],
+    reports: list[SplitReport],
+    history: dict[str, Any] | None = None,
+    plots: dict[str, str] | None = None,
+) -> None:
+    """Write a Markdown evaluation report.
+
+    ``plots`` maps a caption to an image path relative to the report (e.g.
+    ``{"loss": "plots/loss.png"}``); ``history`` uses the keys of `trainer.plots.plot_history`
+    plus an optional per-epoch ``seconds``.
+    """
+    lines = [f"# {title}", ""]
+    if model_info:
+        rows = [[_cell(k), _cell(v)] for k, v in model_info.items()]
+        lines += ["## Model", "", *_table(["key", "value"], rows), ""]
+    if reports:
+        lines += _metrics_section(reports)
+        for r in reports:
+            lines += _confusion_section(r)
+    if history and history.get("epoch"):
+        lines += _history_section(history)
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{name}]({rel})\n" for name, rel in plots.items()]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
