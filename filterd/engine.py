@@ -44,9 +44,7 @@ def spam_scores(model: GPT2Classifier, sequences: Sequence[Sequence[int]], devic
     return torch.softmax(logits.float(), dim=-1)[:, LABELS.index("spam")].tolist()
 
 
-def length_batches(
-    lengths: Sequence[int], max_batch_size: int = 64, max_batch_tokens: int = 8192
-) -> Iterator[list[int]]:
+def length_batches(lengths: Sequence[int], max_batch_size: int = 64, max_batch_tokens: int = 8192) -> Iterator[list[int]]:
     """Indices grouped by similar length; each batch padded to its longest stays within the token budget."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batch: list[int] = []

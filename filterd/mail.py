@@ -58,9 +58,7 @@ _NO_CHARSET = {"", "us-ascii", "ascii", "default", "unknown", "unknown-8bit", "x
 
 # The C1 range of latin-1 (0x80-0x9F) read as windows-1252 where that defines a character;
 # 0x81, 0x8D, 0x8F, 0x90 and 0x9D stay latin-1 controls (the WHATWG windows-1252 decoder).
-_C1_AS_CP1252 = {
-    byte: bytes([byte]).decode("cp1252") for byte in range(0x80, 0xA0) if byte not in b"\x81\x8d\x8f\x90\x9d"
-}
+_C1_AS_CP1252 = {byte: bytes([byte]).decode("cp1252") for byte in range(0x80, 0xA0) if byte not in b"\x81\x8d\x8f\x90\x9d"}
 
 _MBOX_FROM = re.compile(rb"\AFrom [^\n]*\n")
 _MAX_FIELD = 2048
@@ -270,7 +268,7 @@ def _scrub(text: str) -> str:
 def _fallback_body(raw: bytes) -> str:
     """Last resort: everything after the first blank line, decoded leniently."""
     match = _HEADER_END.search(raw)
-    return _decode_unknown(raw[match.end():] if match else raw)
+    return _decode_unknown(raw[match.end() :] if match else raw)
 
 
 def _normalise(text: str) -> str:

@@ -102,7 +102,9 @@ def map_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, source:
         out[key] = (tensor.t() if conv1d else tensor).to(torch.float32).contiguous()
     missing = [k for k in expected if k not in out and not k.startswith("head.")]
     if missing:
-        raise ModelError(f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ModelError(
+            f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     return out
 
 

@@ -33,3 +33,22 @@ def sms_file() -> Path:
 @pytest.fixture(scope="session")
 def spamassassin_dir() -> Path:
     return SPAMASSASSIN
+
+
+@pytest.fixture(scope="session")
+def sms_data(tmp_path_factory) -> Path:
+    """The UCI corpus prepared as the chapter does (seed 123)."""
+    from trainer.data import prepare
+
+    out = tmp_path_factory.mktemp("sms")
+    prepare(out, sms=SMS_FILE, seed=123)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sms_data):
+    """A random-init tiny GPT-2 fine-tuned for two epochs on the UCI split (a FitResult)."""
+    from trainer.fit import FitConfig, fit
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return fit(FitConfig(data=sms_data, base="random:tiny", out=out, trainable="all", epochs=2, eval_every=40, progress=False))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .test_fit import run, sms_data, tiny_model  # noqa: F401  (session fixtures)
+from .test_fit import run
 
 
 def _lines(r: subprocess.CompletedProcess) -> list[dict]:
@@ -17,7 +17,11 @@ def _lines(r: subprocess.CompletedProcess) -> list[dict]:
 
 
 def test_classify_stdin_one_message_per_line_with_hostile_input(tiny_model):
-    stdin = b"WINNER!! Claim your free prize now, call 09061701461\n\n\xff\xfe invalid utf-8 \xc3\n" + b"x" * 100_000 + b"\nsee you at 6?\n"
+    stdin = (
+        b"WINNER!! Claim your free prize now, call 09061701461\n\n\xff\xfe invalid utf-8 \xc3\n"
+        + b"x" * 100_000
+        + b"\nsee you at 6?\n"
+    )
     lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), stdin=stdin))
     assert len(lines) == 5
     assert all(0.0 <= x["score"] <= 1.0 and x["verdict"] in ("spam", "ham") for x in lines)
@@ -35,8 +39,12 @@ def test_classify_threshold_overrides_verdict(tiny_model):
 def test_classify_email_files(tiny_model, spamassassin_dir, tmp_path):
     files = sorted((spamassassin_dir / "spam").iterdir())[:3] + sorted((spamassassin_dir / "easy_ham").iterdir())[:3]
     broken = tmp_path / "broken.eml"
-    broken.write_bytes(b"Content-Type: multipart/mixed; boundary=zz\n\n--zz\nContent-Type: text/plain; charset=bogus\n\n\xff oops")
-    lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), "--email", *map(str, files), str(broken)))
+    broken.write_bytes(
+        b"Content-Type: multipart/mixed; boundary=zz\n\n--zz\nContent-Type: text/plain; charset=bogus\n\n\xff oops"
+    )
+    lines = _lines(
+        run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), "--email", *map(str, files), str(broken))
+    )
     assert len(lines) == 7 and all(x["tokens"] >= 1 for x in lines)
 
 

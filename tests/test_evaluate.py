@@ -229,8 +229,7 @@ def test_format_metrics_line():
 def test_write_report(tmp_path):
     reports = [
         SplitReport("val", compute_metrics(LABELS, SCORES), LABELS, SCORES),
-        SplitReport("holdout", compute_metrics([0, 0, 0], [0.1, 0.7, 0.2]), [0, 0, 0],
-                    [0.1, 0.7, 0.2]),
+        SplitReport("holdout", compute_metrics([0, 0, 0], [0.1, 0.7, 0.2]), [0, 0, 0], [0.1, 0.7, 0.2]),
         SplitReport("empty", compute_metrics([], []), [], []),
     ]
     history = {
@@ -245,8 +244,7 @@ def test_write_report(tmp_path):
     write_report(
         path,
         title="filterd model v1",
-        model_info={"version": "v1", "base": "gpt2", "trainable": "last-block", "threshold": 0.5,
-                    "note": "a|b"},
+        model_info={"version": "v1", "base": "gpt2", "trainable": "last-block", "threshold": 0.5, "note": "a|b"},
         reports=reports,
         history=history,
         plots={"loss": "plots/loss.png", "roc": "plots/roc.png"},

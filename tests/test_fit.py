@@ -13,22 +13,8 @@ import torch
 from filterd.engine import Engine
 from filterd.errors import ConfigError, DataError
 from filterd.weights import build_model, load_model_dir, resolve_base
-from trainer.data import prepare, read_split
+from trainer.data import read_split
 from trainer.fit import FitConfig, fit
-
-
-@pytest.fixture(scope="session")
-def sms_data(tmp_path_factory, sms_file) -> Path:
-    out = tmp_path_factory.mktemp("sms")
-    prepare(out, sms=sms_file, seed=123)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, sms_data):
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    result = fit(FitConfig(data=sms_data, base="random:tiny", out=out, trainable="all", epochs=2, eval_every=40, progress=False))
-    return result
 
 
 def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:

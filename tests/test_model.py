@@ -62,7 +62,7 @@ def test_greedy_generation_matches_transformers(reference, tmp_path):
 
     ids = tiktoken.get_encoding("gpt2").encode(prompt)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=50256)[0, len(ids):].tolist()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=50256)[0, len(ids) :].tolist()
     out = subprocess.run(
         [sys.executable, "-m", "trainer", "generate", "--base", str(path), "--ids", prompt],
         capture_output=True, text=True, check=True,
@@ -73,7 +73,9 @@ def test_greedy_generation_matches_transformers(reference, tmp_path):
 def test_classification_never_computes_the_vocabulary_projection(monkeypatch):
     model = GPT2Classifier(CONFIGS["tiny"]).eval()
     called = []
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: called.append(a[1].shape) or torch.ops.aten.linear(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda *a, **k: called.append(a[1].shape) or torch.ops.aten.linear(*a, **k)
+    )
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
     assert called and all(shape[0] != 50257 for shape in called)

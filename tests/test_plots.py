@@ -49,8 +49,7 @@ def labelled_scores(n: int = 400) -> tuple[list[int], list[float]]:
 
 def test_plot_history_without_steps(tmp_path):
     paths = plot_history(HISTORY, tmp_path / "plots")
-    assert paths == {"loss": tmp_path / "plots" / "loss.png",
-                     "accuracy": tmp_path / "plots" / "accuracy.png"}
+    assert paths == {"loss": tmp_path / "plots" / "loss.png", "accuracy": tmp_path / "plots" / "accuracy.png"}
     for p in paths.values():
         assert_png(p)
 

@@ -55,7 +55,9 @@ def test_missing_checkpoint(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve_base(str(_mkdir(tmp_path / "empty")))
     (tmp_path / "noweights").mkdir()
-    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 50257, "n_positions": 1024}))
+    (tmp_path / "noweights" / "config.json").write_text(
+        json.dumps({"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 50257, "n_positions": 1024})
+    )
     with pytest.raises(ModelError, match="no model.safetensors or pytorch_model.bin"):
         resolve_base(str(tmp_path / "noweights"))
 
@@ -133,7 +135,19 @@ def test_model_dir_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     on_disk = json.loads((path / "filterd.json").read_text())
-    for key in ("format", "version", "base", "config", "labels", "pad_token_id", "max_length", "threshold", "pooling", "metrics", "data_manifest_sha256"):
+    for key in (
+        "format",
+        "version",
+        "base",
+        "config",
+        "labels",
+        "pad_token_id",
+        "max_length",
+        "threshold",
+        "pooling",
+        "metrics",
+        "data_manifest_sha256",
+    ):
         assert key in on_disk
     assert not list(tmp_path.glob(".model.staging-*"))
 

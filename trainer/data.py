@@ -173,8 +173,7 @@ def _fetch_verified(url: str, dest: Path, expected_sha256: str) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DataError(
-            f"cannot download {url}: {_one_line(reason)}; offline? "
-            "download the file elsewhere and use --sms FILE"
+            f"cannot download {url}: {_one_line(reason)}; offline? download the file elsewhere and use --sms FILE"
         ) from None
     actual = digest.hexdigest()
     if actual != expected_sha256:
@@ -318,9 +317,7 @@ def read_email_dir(path: Path) -> list[Example]:
 def _email_source_sha256(path: Path) -> str:
     """One hash for the corpus: sha256 over the sorted `relative path<TAB>file sha256` lines."""
     listing = sorted(
-        (f.relative_to(path).as_posix(), _file_sha256(f))
-        for _, entry in _label_entries(path)
-        for f in _message_files(entry)
+        (f.relative_to(path).as_posix(), _file_sha256(f)) for _, entry in _label_entries(path) for f in _message_files(entry)
     )
     return hashlib.sha256("".join(f"{rel}\t{sha}\n" for rel, sha in listing).encode()).hexdigest()
 
@@ -533,9 +530,7 @@ def prepare(
     balanced, left_out = _balance(examples, balance, seed)
     train, val, test = split(balanced, seed)
     if not (train and val and test):
-        raise DataError(
-            f"{source_path}: {len(balanced)} messages after balancing: too few for a 70/10/20 split"
-        )
+        raise DataError(f"{source_path}: {len(balanced)} messages after balancing: too few for a 70/10/20 split")
     parts = dict(zip(SPLITS, (train, val, test, left_out)))
 
     files = {}

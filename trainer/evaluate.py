@@ -88,9 +88,7 @@ class Metrics:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def compute_metrics(
-    labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD
-) -> Metrics:
+def compute_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> Metrics:
     """Metrics of the rule "spam iff score >= threshold"; ROC AUC is threshold-free."""
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
@@ -136,9 +134,7 @@ def _cuts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return s_sorted[last_of_group], tps, fps
 
 
-def roc_curve(
-    labels: Sequence[int], scores: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC points (fpr, tpr, thresholds), one per distinct score, from (0, 0) to (1, 1).
 
     ``thresholds[i]`` is the threshold giving point i under "score >= threshold"; the first is
@@ -171,9 +167,7 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
 # --------------------------------------------------------------------------- threshold
 
 
-def choose_threshold(
-    labels: Sequence[int], scores: Sequence[float], target_ham_fpr: float | None = None
-) -> float:
+def choose_threshold(labels: Sequence[int], scores: Sequence[float], target_ham_fpr: float | None = None) -> float:
     """Pick a decision threshold on validation data.
 
     ``target_ham_fpr=None`` returns 0.5. Otherwise, among the operating points of "score >= t"
@@ -242,10 +236,16 @@ def _auc(x: float | None) -> str:
 
 def format_metrics_line(split: str, m: Metrics) -> str:
     """One terminal line, e.g. ``test     n=300  acc 95.67%  ...  AUC 0.9911``."""
+    # A split without spam (the ham holdout) has no recall, precision or F1 to speak of.
+    spam_stats = m.tp + m.fn > 0
+
+    def shown(x: float, defined: bool) -> str:
+        return _pct(x) if defined else "n/a"
+
     return (
-        f"{split:<7}  n={m.n}  acc {_pct(m.accuracy)}  precision {_pct(m.precision)}  "
-        f"spam-recall {_pct(m.spam_recall)}  F1 {_pct(m.f1)}  ham-FPR {_pct(m.ham_fpr)}  "
-        f"AUC {_auc(m.roc_auc)}"
+        f"{split:<7}  n={m.n}  acc {_pct(m.accuracy)}  precision {shown(m.precision, spam_stats)}  "
+        f"spam-recall {shown(m.spam_recall, spam_stats)}  F1 {shown(m.f1, spam_stats)}  "
+        f"ham-FPR {shown(m.ham_fpr, m.tn + m.fp > 0)}  AUC {_auc(m.roc_auc)}"
     )
 
 
@@ -303,8 +303,7 @@ def _history_section(history: dict[str, Any]) -> list[str]:
 
     def col(key: str, fmt: Any) -> list[str]:
         values = list(history.get(key) or [])
-        return [fmt(values[i]) if i < len(values) and values[i] is not None else "–"
-                for i in range(len(epochs))]
+        return [fmt(values[i]) if i < len(values) and values[i] is not None else "–" for i in range(len(epochs))]
 
     columns = [
         [str(e) for e in epochs],

@@ -12,7 +12,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -205,9 +205,16 @@ def fit(cfg: FitConfig) -> FitResult:
                 v_loss, _ = _val_loss_acc(model, val, device)
                 model.train()
                 steps = history["steps"]
-                for k, v in (("step", step), ("examples_seen", seen), ("train_loss", sum(window) / len(window)), ("val_loss", v_loss)):
+                for k, v in (
+                    ("step", step),
+                    ("examples_seen", seen),
+                    ("train_loss", sum(window) / len(window)),
+                    ("val_loss", v_loss),
+                ):
                     steps[k].append(v)
                 window = []
+                if bar.disable:  # no terminal (a log file, a service): a line per evaluation instead
+                    _log(f"step {step}/{n_batches * cfg.epochs}: train loss {steps['train_loss'][-1]:.4f} val loss {v_loss:.4f}")
         bar.close()
         model.eval()
         v_loss, v_acc = _val_loss_acc(model, val, device)
@@ -244,9 +251,17 @@ def fit(cfg: FitConfig) -> FitResult:
         trainable=cfg.trainable,
         metrics={name: m.to_dict() for name, m in metrics.items()},
         data_manifest_sha256=manifest_sha256(cfg.data) if (cfg.data / "manifest.json").is_file() else None,
-        extra={"epochs": cfg.epochs, "best_epoch": best_epoch, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-               "batch_size": cfg.batch_size, "seed": cfg.seed, "train_seconds": round(time.perf_counter() - t_start, 1),
-               "device": str(device), "trainable_params": n_trainable},  # fmt: skip
+        extra={
+            "epochs": cfg.epochs,
+            "best_epoch": best_epoch,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "train_seconds": round(time.perf_counter() - t_start, 1),
+            "device": str(device),
+            "trainable_params": n_trainable,
+        },  # fmt: skip
     )
     staged = staging_dir(cfg.out)
     try:

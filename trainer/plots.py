@@ -41,9 +41,7 @@ def _floats(values: Sequence[Any] | None) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in _seq(values)], dtype=np.float64)
 
 
-def _plot_series(
-    ax: Axes, x: Sequence[Any], y: Sequence[Any] | None, label: str, **kw: Any
-) -> None:
+def _plot_series(ax: Axes, x: Sequence[Any], y: Sequence[Any] | None, label: str, **kw: Any) -> None:
     """Plot y against x, skipping missing points; markers so a single epoch still shows."""
     xs, ys = _floats(x), _floats(y)
     n = min(len(xs), len(ys))
@@ -117,16 +115,13 @@ def plot_history(history: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
     _plot_series(ax, epochs, 100 * _floats(history.get("train_acc")), "train accuracy", marker="o")
-    _plot_series(ax, epochs, 100 * _floats(history.get("val_acc")), "val accuracy",
-                 marker="o", linestyle="-.")
+    _plot_series(ax, epochs, 100 * _floats(history.get("val_acc")), "val accuracy", marker="o", linestyle="-.")
     _epoch_axes(ax, "accuracy (%)", "Accuracy per epoch")
     accuracy = _save(fig, out_dir / "accuracy.png")
     return {"loss": loss, "accuracy": accuracy}
 
 
-def plot_roc(
-    labels: Sequence[int], scores: Sequence[float], path: Path, *, title: str = "ROC"
-) -> Path:
+def plot_roc(labels: Sequence[int], scores: Sequence[float], path: Path, *, title: str = "ROC") -> Path:
     """ROC curve with its AUC in the legend and the chance diagonal.
 
     With only one class present the ROC is undefined; the figure says so instead of failing, so
@@ -152,9 +147,7 @@ def plot_roc(
     return _save(fig, path)
 
 
-def plot_score_histogram(
-    labels: Sequence[int], scores: Sequence[float], path: Path, *, threshold: float = 0.5
-) -> Path:
+def plot_score_histogram(labels: Sequence[int], scores: Sequence[float], path: Path, *, threshold: float = 0.5) -> Path:
     """Ham and spam P(spam) distributions overlaid, with the decision threshold marked.
 
     The y axis turns logarithmic when the bars span more than LOG_Y_RATIO, as they do for a good
@@ -174,8 +167,7 @@ def plot_score_histogram(
     for value, name, color in ((0, "ham", "tab:blue"), (1, "spam", "tab:red")):
         class_scores = s[y == value]
         if len(class_scores):
-            c, _, _ = ax.hist(class_scores, bins=bins, alpha=0.55, color=color,
-                              label=f"{name} (n={len(class_scores)})")
+            c, _, _ = ax.hist(class_scores, bins=bins, alpha=0.55, color=color, label=f"{name} (n={len(class_scores)})")
             counts.append(c)
     ax.axvline(threshold, color="black", linestyle="--", lw=1.2, label=f"threshold {threshold:.4f}")
     bars = np.concatenate(counts) if counts else np.zeros(0)
