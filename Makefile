@@ -7,9 +7,16 @@ SHARED ?= $(firstword $(wildcard ../shared /work/shared))
 export FILTERD_SHARED := $(abspath $(SHARED))
 export TIKTOKEN_CACHE_DIR ?= $(FILTERD_SHARED)/tiktoken
 
-.PHONY: install test demo clean
+.PHONY: install services test demo clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed services
+
+# Real services for the tests and the demo (Debian packages): redis-server, and promtool from prometheus.
+services:
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q redis-server prometheus >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q redis-server prometheus >/dev/null; }; }
 
 # The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml

@@ -52,3 +52,15 @@ def tiny_model(tmp_path_factory, sms_data):
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     return fit(FitConfig(data=sms_data, base="random:tiny", out=out, trainable="all", epochs=2, eval_every=40, progress=False))
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free loopback port for one test."""
+    from .services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
