@@ -1,0 +1,1 @@
+"""Ways messages reach filterd: Redis Streams (SMS) and SMTP (mail)."""

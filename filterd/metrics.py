@@ -1,0 +1,322 @@
+"""Prometheus metrics for the daemon and the trainer, and the asyncio HTTP endpoint that serves them.
+
+The names, types and labels are the contract of INTERFACES.md ("Metrics"); dashboards and alerts are
+written against them, so change them there first. Each `FilterdMetrics` / `TrainerMetrics` owns its
+own `CollectorRegistry` (never prometheus_client's global one): two instances in one process, as in
+the tests, then never collide, and nothing else is module-level mutable state.
+
+`MetricsServer` serves `/metrics` and `/healthz` on the event loop itself (no thread, no web
+framework). It reads at most a few KiB per request under a deadline, so a slow or hostile client
+holds a connection for at most `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("smtp", "redis")
+VERDICTS = ("spam", "ham", "error")
+RELOAD_OUTCOMES = ("ok", "failed")
+REFIT_OUTCOMES = ("promoted", "rejected", "failed")
+LABELS = ("ham", "spam")
+EVAL_MODELS = ("candidate", "current")
+
+# --- Histogram buckets (Prometheus appends +Inf itself) ---------------------------------------------
+# Latencies: 1 ms (one tiny batch on a GPU) up to 10 s (a CPU backlog, or an SMTP client about to
+# time out), roughly 1-2.5-5 per decade so that p50/p99 interpolate within a factor of ~2.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Messages per forward pass: powers of two up to well past the default max_batch_size (64), so the
+# histogram shows whether batches fill up or the max_wait_ms timer cuts them short.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Padded tokens per forward pass: powers of two from one short SMS batch (64) to 64 Ki, which covers
+# max_batch_tokens (8192 by default) with room for operators who raise it.
+BATCH_TOKEN_BUCKETS = tuple(float(2**k) for k in range(6, 17))
+# Padding share of a forward pass: 0.05 steps near 0, where length-grouping should keep it, then
+# 0.1 steps; a mass above 0.5 means the batcher is wasting most of the compute.
+PADDING_RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# P(spam): uniform 0.05 steps, so a threshold at any multiple of 0.05 can be read straight off the
+# buckets (how many messages would flip if the threshold moved) and score drift shows as a shape.
+SPAM_SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(21))
+# A refit (rebalance, fit, evaluate) takes seconds for a head-only tiny model to hours for gpt2-xl.
+REFIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+class FilterdMetrics:
+    """Every filterd_* metric of INTERFACES.md (not the trainer's) on its own CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("filterd_messages_total", "Messages classified, by ingress and verdict.", ["source", "verdict"], registry=r)
+        self.classify_seconds = Histogram(
+            "filterd_classify_seconds", "Time from a message's arrival to its verdict.", ["source"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram("filterd_inference_seconds", "Duration of one forward pass.", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("filterd_batch_size", "Messages per forward pass.", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("filterd_batch_tokens", "Padded tokens per forward pass.", buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.padding_ratio = Histogram(
+            "filterd_padding_ratio", "Padding tokens / all tokens, per forward pass.", buckets=PADDING_RATIO_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("filterd_queue_depth", "Messages waiting for a batch.", registry=r)
+        self.spam_score = Histogram("filterd_spam_score", "P(spam) of each classified message.", buckets=SPAM_SCORE_BUCKETS, registry=r)
+        self.model_info = Gauge("filterd_model_info", "The model being served (always 1).", ["version", "base", "device", "dtype"], registry=r)
+        self.model_reloads = Counter("filterd_model_reloads_total", "Model hot-swap attempts, by outcome.", ["outcome"], registry=r)
+        self.smtp_replies = Counter("filterd_smtp_replies_total", "SMTP replies sent to clients, by reply code.", ["code"], registry=r)
+        # `reason` must come from a small fixed set (never an exception message): each value is a series.
+        self.dead_letters = Counter("filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r)
+        self._model_labels: tuple[str, str, str, str] | None = None
+
+    def set_model(self, version: str, base: str, device: str, dtype: str) -> None:
+        """Point model_info at the model now served: exactly one series at a time, value 1."""
+        labels = (version, base, device, dtype)
+        if self._model_labels is not None and self._model_labels != labels:
+            self.model_info.remove(*self._model_labels)
+        self.model_info.labels(*labels).set(1)
+        self._model_labels = labels
+
+    def observe_batch(self, *, size: int, padded_tokens: int, real_tokens: int, seconds: float) -> None:
+        """One forward pass: `padded_tokens` is size x longest message, `real_tokens` the unpadded sum."""
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(padded_tokens)
+        if padded_tokens > 0:  # an empty batch has no ratio; don't invent one
+            self.padding_ratio.observe((padded_tokens - real_tokens) / padded_tokens)
+        self.inference_seconds.observe(seconds)
+
+    def observe_result(self, *, source: str, verdict: str, score: float | None, seconds: float) -> None:
+        """One message done. Errors count and are timed too (a slow failure is still latency), but have no score."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        self.messages.labels(source, verdict).inc()
+        self.classify_seconds.labels(source).observe(seconds)
+        if verdict != "error" and score is not None and not math.isnan(score):
+            self.spam_score.observe(score)
+
+    def prime(self, sources: Sequence[str]) -> None:
+        """Create the zero-valued series up front: rate() and absent-series alerts need them from the first scrape."""
+        for source in sources:
+            self.classify_seconds.labels(source)
+            for verdict in VERDICTS:
+                self.messages.labels(source, verdict)
+        for outcome in RELOAD_OUTCOMES:
+            self.model_reloads.labels(outcome)
+
+
+class TrainerMetrics:
+    """The filterd_trainer_* metrics of INTERFACES.md on their own CollectorRegistry.
+
+    Served by `filterd-trainer serve`, or written with `write_textfile` after a one-shot
+    `refit --once` (e.g. from a systemd timer) for node_exporter's textfile collector.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.labels = Counter("filterd_trainer_labels_total", "Labelled messages added to the label store.", ["label"], registry=r)
+        self.refits = Counter("filterd_trainer_refits_total", "Refit cycles, by outcome.", ["outcome"], registry=r)
+        self.last_refit = Gauge(
+            "filterd_trainer_last_refit_timestamp_seconds", "Unix time the last refit cycle completed (promoted or rejected).", registry=r
+        )
+        self.eval_accuracy = Gauge("filterd_trainer_eval_accuracy", "Accuracy of the last evaluation.", ["split", "model"], registry=r)
+        self.eval_ham_fpr = Gauge("filterd_trainer_eval_ham_fpr", "Ham false-positive rate of the last evaluation.", ["split", "model"], registry=r)
+        self.eval_spam_recall = Gauge("filterd_trainer_eval_spam_recall", "Spam recall of the last evaluation.", ["split", "model"], registry=r)
+        self.refit_seconds = Histogram("filterd_trainer_refit_seconds", "Duration of one refit cycle.", buckets=REFIT_BUCKETS, registry=r)
+        self.dataset_size = Gauge("filterd_trainer_dataset_size", "Messages in the training data set, by label.", ["label"], registry=r)
+        # Counters only: a zero-primed accuracy gauge would read as a broken model and fire alerts.
+        for outcome in REFIT_OUTCOMES:
+            self.refits.labels(outcome)
+        for label in LABELS:
+            self.labels.labels(label)
+
+    def observe_refit(self, outcome: str, seconds: float, *, now: float | None = None) -> None:
+        """A refit cycle ended. Only completed cycles move the timestamp, so 'no refit for 2 intervals' also fires on repeated failures."""
+        if outcome not in REFIT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {REFIT_OUTCOMES}, got {outcome!r}")
+        self.refits.labels(outcome).inc()
+        self.refit_seconds.observe(seconds)
+        if outcome != "failed":
+            self.last_refit.set(time.time() if now is None else now)
+
+    def set_eval(self, split: str, model: str, accuracy: float, ham_fpr: float, spam_recall: float) -> None:
+        if model not in EVAL_MODELS:
+            raise ValueError(f"model must be one of {EVAL_MODELS}, got {model!r}")
+        self.eval_accuracy.labels(split, model).set(accuracy)
+        self.eval_ham_fpr.labels(split, model).set(ham_fpr)
+        self.eval_spam_recall.labels(split, model).set(spam_recall)
+
+    def set_dataset_size(self, label: str, n: int) -> None:
+        self.dataset_size.labels(label).set(n)
+
+    def count_label(self, label: str, n: int = 1) -> None:
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+        self.labels.labels(label).inc(n)
+
+    def write_textfile(self, path: str | Path) -> None:
+        """Atomically (temp file + rename in the same directory) write the exposition for node_exporter."""
+        if not str(path).endswith(".prom"):  # node_exporter silently skips any other file name
+            raise ValueError(f"textfile collector files must end in .prom: {path}")
+        write_to_textfile(str(path), self.registry)
+
+
+# --- HTTP endpoint --------------------------------------------------------------------------------
+
+MAX_HEAD_BYTES = 8192  # request line + headers; a scrape sends a few hundred bytes
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+_TEXT = "text/plain; charset=utf-8"
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _parse_request_line(line: bytes) -> tuple[str, str]:
+    """`METHOD target HTTP/1.x` -> (method, path); anything else is a 400."""
+    try:
+        method, target, version = line.decode("ascii").rstrip("\r\n").split(" ")
+    except ValueError:  # wrong number of parts, or not ASCII
+        raise _BadRequest(400, "malformed request line") from None
+    if not method or not set(method) <= _TOKEN_CHARS or not version.startswith("HTTP/1.") or not target.startswith("/"):
+        raise _BadRequest(400, "malformed request line")
+    return method, urlsplit(target).path
+
+
+def _check_header(line: bytes) -> None:
+    name, sep, _ = line.partition(b":")
+    if not sep or not name or not set(name.decode("latin-1")) <= _TOKEN_CHARS:
+        raise _BadRequest(400, "malformed header line")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str] | None:
+    """Read the request line and headers (bounded in size); None when the client closed without a word."""
+    first = await reader.readline()
+    if not first:
+        return None
+    if not first.endswith(b"\n"):
+        raise _BadRequest(400, "incomplete request")
+    method, path = _parse_request_line(first)
+    total = len(first)
+    while True:
+        line = await reader.readline()
+        total += len(line)
+        if total > MAX_HEAD_BYTES:
+            raise _BadRequest(431, "request head too large")
+        if not line.endswith(b"\n"):
+            raise _BadRequest(400, "incomplete request")
+        if line in (b"\r\n", b"\n"):
+            return method, path
+        _check_header(line)
+
+
+def _response(status: int, body: bytes, content_type: str = _TEXT, *, head: bool = False, extra: str = "") -> bytes:
+    head_lines = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    return head_lines.encode("ascii") + (b"" if head else body)
+
+
+class MetricsServer:
+    """`GET /metrics` (Prometheus text format) and `GET /healthz` on the event loop; one request per connection."""
+
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[bool, str]],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.host, self.port = listen
+        self.registry = registry
+        self.health = health
+        self.timeout = timeout  # for reading the request and for writing the response, each
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        # limit: a single line longer than the head budget fails readline() instead of buffering it.
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics endpoint listening on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):  # Python 3.11's wait_closed() does not wait for open connections
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            response = await self._respond_to(reader)
+            if response is not None:
+                writer.write(response)
+                async with asyncio.timeout(self.timeout):  # a client that never reads cannot pin the buffer
+                    await writer.drain()
+            writer.close()
+        except (TimeoutError, ConnectionError) as exc:
+            log.debug("metrics client %s dropped: %r", writer.get_extra_info("peername"), exc)
+            writer.transport.abort()
+        except Exception:  # a bug here must cost one connection, not leak it
+            log.exception("metrics request failed")
+            writer.transport.abort()
+        finally:
+            self._writers.discard(writer)
+
+    async def _respond_to(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The bytes to send back, or None to just close (the client sent nothing)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                head = await _read_head(reader)
+        except TimeoutError:  # slow or silent client: say why, then hang up
+            return _response(408, b"request timeout\n")
+        except ValueError:  # StreamReader: a line over the limit
+            return _response(431, b"request head too large\n")
+        except _BadRequest as exc:
+            return _response(exc.status, f"{exc}\n".encode())
+        if head is None:
+            return None
+        method, path = head
+        return self._route(method, path)
+
+    def _route(self, method: str, path: str) -> bytes:
+        if path not in ("/metrics", "/healthz"):
+            return _response(404, b"not found\n")
+        if method not in ("GET", "HEAD"):
+            return _response(405, b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
+        head = method == "HEAD"
+        if path == "/healthz":
+            return self._healthz(head)
+        try:
+            body = generate_latest(self.registry)
+        except Exception:  # a failing collector must not kill the endpoint
+            log.exception("metrics collection failed")
+            return _response(500, b"metrics collection failed\n", head=head)
+        return _response(200, body, CONTENT_TYPE_LATEST, head=head)
+
+    def _healthz(self, head: bool) -> bytes:
+        try:
+            ok, reason = self.health()
+        except Exception as exc:  # a broken health check means unhealthy, not a crashed endpoint
+            ok, reason = False, f"health check failed: {exc!r}"
+        if ok:
+            return _response(200, b"ok\n", head=head)
+        line = " ".join(str(reason).split()) or "unhealthy"  # one line, whatever the callable returned
+        return _response(503, f"{line}\n".encode(), head=head)
