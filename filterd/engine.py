@@ -26,6 +26,9 @@ class Verdict:
     tokens: int  # tokens the model read (after truncation)
 
 
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,12 +73,14 @@ class Engine:
         self.threshold = meta.threshold
 
     @classmethod
-    def load(cls, path: Path | str, device: str = "auto") -> "Engine":
+    def load(cls, path: Path | str, device: str = "auto", dtype: str = "auto") -> "Engine":
+        """`dtype` auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU only when asked for)."""
         dev = pick_device(device)
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         model, meta = load_model_dir(Path(path))
-        if dev.type == "cuda":
-            model = model.to(torch.bfloat16)  # bf16 on GPU: scores agree with fp32 to ~1e-3
-        return cls(model.to(dev), meta, dev, Path(path))
+        chosen = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        return cls(model.to(device=dev, dtype=chosen), meta, dev, Path(path))
 
     @property
     def version(self) -> str:

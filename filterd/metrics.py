@@ -13,6 +13,7 @@ holds a connection for at most `timeout` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    write_to_textfile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +66,43 @@ class FilterdMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.messages = Counter("filterd_messages_total", "Messages classified, by ingress and verdict.", ["source", "verdict"], registry=r)
-        self.classify_seconds = Histogram(
-            "filterd_classify_seconds", "Time from a message's arrival to its verdict.", ["source"], buckets=LATENCY_BUCKETS, registry=r
+        self.messages = Counter(
+            "filterd_messages_total", "Messages classified, by ingress and verdict.", ["source", "verdict"], registry=r
         )
-        self.inference_seconds = Histogram("filterd_inference_seconds", "Duration of one forward pass.", buckets=LATENCY_BUCKETS, registry=r)
+        self.classify_seconds = Histogram(
+            "filterd_classify_seconds",
+            "Time from a message's arrival to its verdict.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "filterd_inference_seconds", "Duration of one forward pass.", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_size = Histogram("filterd_batch_size", "Messages per forward pass.", buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("filterd_batch_tokens", "Padded tokens per forward pass.", buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "filterd_batch_tokens", "Padded tokens per forward pass.", buckets=BATCH_TOKEN_BUCKETS, registry=r
+        )
         self.padding_ratio = Histogram(
             "filterd_padding_ratio", "Padding tokens / all tokens, per forward pass.", buckets=PADDING_RATIO_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("filterd_queue_depth", "Messages waiting for a batch.", registry=r)
-        self.spam_score = Histogram("filterd_spam_score", "P(spam) of each classified message.", buckets=SPAM_SCORE_BUCKETS, registry=r)
-        self.model_info = Gauge("filterd_model_info", "The model being served (always 1).", ["version", "base", "device", "dtype"], registry=r)
-        self.model_reloads = Counter("filterd_model_reloads_total", "Model hot-swap attempts, by outcome.", ["outcome"], registry=r)
-        self.smtp_replies = Counter("filterd_smtp_replies_total", "SMTP replies sent to clients, by reply code.", ["code"], registry=r)
+        self.spam_score = Histogram(
+            "filterd_spam_score", "P(spam) of each classified message.", buckets=SPAM_SCORE_BUCKETS, registry=r
+        )
+        self.model_info = Gauge(
+            "filterd_model_info", "The model being served (always 1).", ["version", "base", "device", "dtype"], registry=r
+        )
+        self.model_reloads = Counter(
+            "filterd_model_reloads_total", "Model hot-swap attempts, by outcome.", ["outcome"], registry=r
+        )
+        self.smtp_replies = Counter(
+            "filterd_smtp_replies_total", "SMTP replies sent to clients, by reply code.", ["code"], registry=r
+        )
         # `reason` must come from a small fixed set (never an exception message): each value is a series.
-        self.dead_letters = Counter("filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r)
+        self.dead_letters = Counter(
+            "filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r
+        )
         self._model_labels: tuple[str, str, str, str] | None = None
 
     def set_model(self, version: str, base: str, device: str, dtype: str) -> None:
@@ -91,6 +120,13 @@ class FilterdMetrics:
         if padded_tokens > 0:  # an empty batch has no ratio; don't invent one
             self.padding_ratio.observe((padded_tokens - real_tokens) / padded_tokens)
         self.inference_seconds.observe(seconds)
+
+    # The batcher's `BatchObserver` hooks, so a FilterdMetrics can be handed to it as is.
+    def on_batch(self, size: int, padded_tokens: int, real_tokens: int, seconds: float) -> None:
+        self.observe_batch(size=size, padded_tokens=padded_tokens, real_tokens=real_tokens, seconds=seconds)
+
+    def on_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
 
     def observe_result(self, *, source: str, verdict: str, score: float | None, seconds: float) -> None:
         """One message done. Errors count and are timed too (a slow failure is still latency), but have no score."""
@@ -121,16 +157,30 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.labels = Counter("filterd_trainer_labels_total", "Labelled messages added to the label store.", ["label"], registry=r)
+        self.labels = Counter(
+            "filterd_trainer_labels_total", "Labelled messages added to the label store.", ["label"], registry=r
+        )
         self.refits = Counter("filterd_trainer_refits_total", "Refit cycles, by outcome.", ["outcome"], registry=r)
         self.last_refit = Gauge(
-            "filterd_trainer_last_refit_timestamp_seconds", "Unix time the last refit cycle completed (promoted or rejected).", registry=r
+            "filterd_trainer_last_refit_timestamp_seconds",
+            "Unix time the last refit cycle completed (promoted or rejected).",
+            registry=r,
         )
-        self.eval_accuracy = Gauge("filterd_trainer_eval_accuracy", "Accuracy of the last evaluation.", ["split", "model"], registry=r)
-        self.eval_ham_fpr = Gauge("filterd_trainer_eval_ham_fpr", "Ham false-positive rate of the last evaluation.", ["split", "model"], registry=r)
-        self.eval_spam_recall = Gauge("filterd_trainer_eval_spam_recall", "Spam recall of the last evaluation.", ["split", "model"], registry=r)
-        self.refit_seconds = Histogram("filterd_trainer_refit_seconds", "Duration of one refit cycle.", buckets=REFIT_BUCKETS, registry=r)
-        self.dataset_size = Gauge("filterd_trainer_dataset_size", "Messages in the training data set, by label.", ["label"], registry=r)
+        self.eval_accuracy = Gauge(
+            "filterd_trainer_eval_accuracy", "Accuracy of the last evaluation.", ["split", "model"], registry=r
+        )
+        self.eval_ham_fpr = Gauge(
+            "filterd_trainer_eval_ham_fpr", "Ham false-positive rate of the last evaluation.", ["split", "model"], registry=r
+        )
+        self.eval_spam_recall = Gauge(
+            "filterd_trainer_eval_spam_recall", "Spam recall of the last evaluation.", ["split", "model"], registry=r
+        )
+        self.refit_seconds = Histogram(
+            "filterd_trainer_refit_seconds", "Duration of one refit cycle.", buckets=REFIT_BUCKETS, registry=r
+        )
+        self.dataset_size = Gauge(
+            "filterd_trainer_dataset_size", "Messages in the training data set, by label.", ["label"], registry=r
+        )
         # Counters only: a zero-primed accuracy gauge would read as a broken model and fire alerts.
         for outcome in REFIT_OUTCOMES:
             self.refits.labels(outcome)
@@ -171,8 +221,17 @@ class TrainerMetrics:
 # --- HTTP endpoint --------------------------------------------------------------------------------
 
 MAX_HEAD_BYTES = 8192  # request line + headers; a scrape sends a few hundred bytes
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+LINGER_BYTES = 1 << 20  # most input discarded after rejecting a request, before hanging up anyway
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 _TEXT = "text/plain; charset=utf-8"
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -265,11 +324,13 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            response = await self._respond_to(reader)
+            response, unread = await self._respond_to(reader)
             if response is not None:
                 writer.write(response)
                 async with asyncio.timeout(self.timeout):  # a client that never reads cannot pin the buffer
                     await writer.drain()
+            if unread:
+                await self._linger(reader, writer)
             writer.close()
         except (TimeoutError, ConnectionError) as exc:
             log.debug("metrics client %s dropped: %r", writer.get_extra_info("peername"), exc)
@@ -280,21 +341,31 @@ class MetricsServer:
         finally:
             self._writers.discard(writer)
 
-    async def _respond_to(self, reader: asyncio.StreamReader) -> bytes | None:
-        """The bytes to send back, or None to just close (the client sent nothing)."""
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then discard what the client still sends (bounded): closing a socket with unread
+        input makes the kernel send a reset, which can destroy the error reply before the client reads it."""
+        writer.write_eof()
+        discarded = 0
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(min(self.timeout, 1.0)):
+                while discarded < LINGER_BYTES and (chunk := await reader.read(65536)):
+                    discarded += len(chunk)
+
+    async def _respond_to(self, reader: asyncio.StreamReader) -> tuple[bytes | None, bool]:
+        """(bytes to send back or None to just hang up, whether the client's input was left unread)."""
         try:
             async with asyncio.timeout(self.timeout):
                 head = await _read_head(reader)
         except TimeoutError:  # slow or silent client: say why, then hang up
-            return _response(408, b"request timeout\n")
+            return _response(408, b"request timeout\n"), False
         except ValueError:  # StreamReader: a line over the limit
-            return _response(431, b"request head too large\n")
+            return _response(431, b"request head too large\n"), True
         except _BadRequest as exc:
-            return _response(exc.status, f"{exc}\n".encode())
+            return _response(exc.status, f"{exc}\n".encode()), True
         if head is None:
-            return None
+            return None, False
         method, path = head
-        return self._route(method, path)
+        return self._route(method, path), False
 
     def _route(self, method: str, path: str) -> bytes:
         if path not in ("/metrics", "/healthz"):

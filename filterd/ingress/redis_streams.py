@@ -208,8 +208,9 @@ class RedisIngress:
         if self.metrics is None:
             return
         for o in outcomes:
-            if o.error:
+            if o.error:  # a message that got no verdict: an error for the message count too
                 self.metrics.dead_letters.labels(reason=o.error).inc()
+                self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
             elif o.failed:
                 self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
             else:
