@@ -171,7 +171,9 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
-        self.starve_after_s = (starve_after_ms if starve_after_ms is not None else STARVATION_FACTOR * max(max_wait_ms, 1.0)) / 1000
+        self.starve_after_s = (
+            starve_after_ms if starve_after_ms is not None else STARVATION_FACTOR * max(max_wait_ms, 1.0)
+        ) / 1000
         self._observer = observer
         self._pending: dict[int, _Request] = {}  # insertion order = arrival order
         self._seq = itertools.count()
@@ -343,8 +345,6 @@ class Batcher:
             for req, score in zip(batch.requests, scores):
                 if not req.future.done():  # a cancelled caller must not break the others
                     verdict = "spam" if score >= threshold else "ham"
-                    req.future.set_result(
-                        Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds)
-                    )
+                    req.future.set_result(Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds))
         finally:
             self._slot.release()

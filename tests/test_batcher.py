@@ -120,6 +120,9 @@ def test_every_caller_gets_its_own_score_within_limits(engines):
         assert r.tokens == len(m) and r.model == engine.version
         assert r.verdict == ("spam" if r.score >= engine.threshold else "ham")
         assert r.queued_s >= 0 and r.inference_s > 0
+    print(
+        f"300 real-model submits: {len(obs.batches)} batches, mean size {obs.mean_size:.1f}, padding {obs.mean_padding_ratio:.3f}"
+    )
     assert sum(b[0] for b in obs.batches) == 300
     assert all(size <= 32 and padded <= 1024 for size, padded, _, _ in obs.batches)
     assert len(obs.batches) < 300 / 4  # they were batched

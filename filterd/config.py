@@ -1,0 +1,932 @@
+"""Configuration: one typed, validated settings object read from TOML plus `--set` overrides.
+
+Each TOML section is a frozen dataclass and every key has a default, so `filterd serve` runs with
+no file at all. A key's dataclass field carries its `Kind` (how the value is read, checked and
+written back) and a one-line description; the loader, the `--set` parser, `Config.to_toml()` and
+`config_reference()` are all driven by those, so adding a key is one line.
+
+Errors are one line naming the file (or the `--set` option) and the key, e.g.
+`filterd.toml: [batching] max_wait_ms: must be a number >= 0, got "fast"`.
+Durations are stored as seconds (float); host:port values as `HostPort(host, port)`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "BatchingConfig", "Config", "HostPort", "LoggingConfig", "MetricsConfig", "ModelConfig", "RedisConfig",
+    "RoutesConfig", "SmtpConfig", "TrainerConfig", "check_config", "config_reference", "format_duration",
+    "is_loopback", "load_config", "parse_duration", "parse_hostport", "redact_url",
+]
+
+# --------------------------------------------------------------------------------------------
+# Value parsers (public: the CLIs and ingress code use them too)
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h|d)")  # "ms" before "m": "5ms" is 5 milliseconds
+_DURATION_FORMS = '"500ms", "5s", "2m", "1h", "1d", "1h30m" or a number of seconds'
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from "500ms", "5s", "2m", "1h", "1d", "1h30m" or a bare number of seconds; ValueError if bad."""
+    if isinstance(text, bool):  # bool is an int in Python; `timeout = true` is a mistake, not 1 second
+        raise ValueError(f"not a duration: {text!r}")
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    elif isinstance(text, str):
+        seconds = _duration_from_text(text)
+    else:
+        raise ValueError(f"not a duration: {text!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {text!r} (must be finite and >= 0)")
+    return seconds
+
+
+def _duration_from_text(text: str) -> float:
+    s = text.strip()
+    if re.fullmatch(_NUMBER, s):
+        return float(s)
+    total, pos = 0.0, 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"not a duration: {text!r} (use {_DURATION_FORMS})")
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not s:
+        raise ValueError("not a duration: empty text")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest duration text that `parse_duration` reads back as `seconds` ("1h", "500ms", "90s")."""
+    ms = round(seconds * 1000)
+    if abs(ms / 1000 - seconds) > 1e-9:  # finer than a millisecond: plain seconds
+        return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+    for unit in ("d", "h", "m", "s"):
+        per = round(_UNITS[unit] * 1000)
+        if ms and ms % per == 0:
+            return f"{ms // per}{unit}"
+    return f"{ms}ms"
+
+
+class HostPort(NamedTuple):
+    """A parsed "host:port"; the host carries no brackets ("::1"), `str()` adds them back."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def parse_hostport(text: str) -> HostPort:
+    """("127.0.0.1", 10025) from "127.0.0.1:10025"; "[::1]:9464" and "localhost:25" too; ValueError if bad."""
+    if not isinstance(text, str):
+        raise ValueError(f"not host:port: {text!r}")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [IPv6]:port, e.g. [::1]:9464")
+        _check_ipv6(host, text)
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: missing :port")
+        _check_host(host, text)
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number in 1..65535")
+    return HostPort(host, int(port))
+
+
+def _check_ipv6(host: str, text: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+
+
+def _check_host(host: str, text: str) -> None:
+    if not host:
+        raise ValueError(f"{text!r}: missing host (0.0.0.0 or [::] listen on all interfaces)")
+    if ":" in host:
+        raise ValueError(f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:9464")
+    if re.fullmatch(r"[0-9.]+", host):  # looks numeric: must be a real IPv4 address, not "127.1" or "300.0.0.1"
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv4 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is not a valid host name")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8, ::1 (and ::ffff:127.x); wildcard and other addresses are not."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs, errors and `check-config` output."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+
+
+def _check_redis_url(url: str) -> None:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a URL starting with redis://, rediss:// or unix://")
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("must name a socket path, e.g. unix:///run/redis/redis.sock")
+        return
+    if not parts.hostname:
+        raise ValueError(f"must name a host, e.g. {scheme}://127.0.0.1:6379/0")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError("must have a port in 1..65535") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError("must end with a database number, e.g. /0")
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds: how one key is read, checked and written back. `parse` raises ValueError("must be ...").
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Kind:
+    """Base: subclasses set `expect` (what a valid value is, in words) and override `parse`."""
+
+    text_like = False  # a `--set` value that TOML reads as a number, bool, array... is kept as its text
+    secret = False  # may hold a password: redacted in error messages and (by default) in dumps
+    expect = "a value"
+
+    def parse(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def dump(self, value: Any) -> Any:
+        """The TOML value for a parsed value (inverse of parse)."""
+        return value
+
+    def anchor(self, value: Any, base: Path) -> Any:
+        """Resolve a value read from a file against the file's directory (paths only)."""
+        return value
+
+    def fail(self) -> ValueError:
+        return ValueError(f"must be {self.expect}")
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    min: int = 0
+    max: int | None = None
+    why: str = ""  # appended to the message when the bound is not obvious
+
+    @property
+    def expect(self) -> str:
+        bound = f">= {self.min}" if self.max is None else f"in {self.min}..{self.max}"
+        return f"an integer {bound}" + (f" ({self.why})" if self.why else "")
+
+    def parse(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail()
+        if value < self.min or (self.max is not None and value > self.max):
+            raise self.fail()
+        return value
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    min: float = 0.0
+    max: float | None = None
+
+    @property
+    def expect(self) -> str:
+        return f"a number >= {self.min:g}" if self.max is None else f"a number in {self.min:g}..{self.max:g}"
+
+    def parse(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # ints are fine for floats
+            raise self.fail()
+        if not math.isfinite(value) or value < self.min or (self.max is not None and value > self.max):
+            raise self.fail()
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Bool(Kind):
+    expect = "true or false"
+
+    def parse(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail()
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    what: str = "a string"
+    allow_empty: bool = True
+    pattern: str | None = None  # full match, checked on non-empty values
+    text_like = True
+
+    @property
+    def expect(self) -> str:
+        return self.what if self.allow_empty else f"{self.what}, not empty"
+
+    def parse(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.fail()
+        if not value and not self.allow_empty:
+            raise self.fail()
+        if _CONTROL.search(value):  # a newline in a header value or a name is an injection, never intended
+            raise ValueError(f"must be {self.what} without control characters")
+        if value and self.pattern and not re.fullmatch(self.pattern, value):
+            raise self.fail()
+        return value
+
+
+def Stream(what: str = "a stream name", allow_empty: bool = False) -> Text:
+    """A Redis key: non-empty, no whitespace (a stray space is a typo, and breaks redis-cli use)."""
+    return Text(what=f"{what} without spaces", allow_empty=allow_empty, pattern=r"\S+")
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    options: tuple[str, ...] = ()
+    text_like = True
+
+    @property
+    def expect(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+    def parse(self, value: Any) -> str:
+        if value not in self.options:
+            raise self.fail()
+        return value
+
+
+@dataclass(frozen=True)
+class Duration(Kind):
+    positive: bool = True  # zero would mean "never wait" or "spin": refused unless a key says otherwise
+    expect = f"a duration such as {_DURATION_FORMS}"
+
+    def parse(self, value: Any) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.fail() from None
+        if self.positive and seconds <= 0:
+            raise ValueError("must be a duration > 0")
+        return seconds
+
+    def dump(self, value: float) -> str:
+        return format_duration(value)
+
+
+@dataclass(frozen=True)
+class Address(Kind):
+    expect = 'host:port, e.g. "127.0.0.1:10025" or "[::1]:9464"'
+    text_like = True
+
+    def parse(self, value: Any) -> HostPort:
+        try:
+            return parse_hostport(value)
+        except ValueError as e:
+            reason = str(e).split(": ", 1)[-1] if isinstance(value, str) else ""
+            raise ValueError(f"must be host:port ({reason})" if reason else f"must be {self.expect}") from None
+
+    def dump(self, value: HostPort) -> str:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class PathKind(Kind):
+    optional: bool = False  # "" means "not set" (None)
+    text_like = True
+
+    @property
+    def expect(self) -> str:
+        return 'a path, or "" for none' if self.optional else "a path, not empty"
+
+    def parse(self, value: Any) -> Path | None:
+        if not isinstance(value, str) or _CONTROL.search(value) or (not value and not self.optional):
+            raise self.fail()
+        return Path(value) if value else None
+
+    def dump(self, value: Path | None) -> str:
+        return "" if value is None else str(value)
+
+    def anchor(self, value: Path | None, base: Path) -> Path | None:
+        return value if value is None or value.is_absolute() else base / value
+
+
+@dataclass(frozen=True)
+class RedisUrl(Kind):
+    expect = "a redis://, rediss:// or unix:// URL"
+    text_like = True
+    secret = True
+
+    def parse(self, value: Any) -> str:
+        if not isinstance(value, str) or _CONTROL.search(value):
+            raise self.fail()
+        _check_redis_url(value)
+        return value
+
+
+@dataclass(frozen=True)
+class Threshold(Kind):
+    expect = '"model" (the model\'s own threshold) or a number in 0..1'
+
+    def parse(self, value: Any) -> float | None:
+        if value == "model":
+            return None
+        try:
+            return Number(0.0, 1.0).parse(value)
+        except ValueError:
+            raise self.fail() from None
+
+    def dump(self, value: float | None) -> Any:
+        return "model" if value is None else value
+
+
+@dataclass(frozen=True)
+class Section(Kind):
+    """A sub-table; its keys are the fields of `cls`."""
+
+    cls: type = object
+
+    @property
+    def expect(self) -> str:
+        return "a table"
+
+
+def _key(default: Any, kind: Kind, doc: str) -> Any:
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+def _section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"kind": Section(cls=cls), "doc": doc})
+
+
+def _addr(text: str) -> HostPort:
+    return parse_hostport(text)
+
+
+# --------------------------------------------------------------------------------------------
+# The sections
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
+ON_ERROR = ("accept", "tempfail")
+TRAINABLE = ("head", "last-block", "last-2-blocks", "all")  # as `filterd-trainer fit --trainable`
+LEVELS = ("debug", "info", "warning", "error")
+GPT2_CONTEXT = 1024  # GPT-2's positions: the longest message a model reads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the model directory the daemon serves, and where it runs."""
+
+    path: Path = _key(Path("/var/lib/filterd/models/current"), PathKind(), "model directory; swapped in when it changes")
+    device: str = _key("auto", Choice(options=DEVICES), "auto | cpu | cuda (auto: cuda when available)")
+    dtype: str = _key("auto", Choice(options=DTYPES), "auto | float32 | bfloat16 (auto: bfloat16 on cuda, float32 on cpu)")
+    poll_interval: float = _key(2.0, Duration(), "how often the model path is checked for a new model")
+    threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
+
+    def resolved_dtype(self, device_type: str) -> str:
+        """The dtype to load with on a torch device type ("cuda" or "cpu")."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device_type == "cuda" else "float32"
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """[batching]: how messages are grouped into forward passes."""
+
+    max_batch_size: int = _key(64, Int(1), "messages per forward pass")
+    max_batch_tokens: int = _key(
+        8192, Int(GPT2_CONTEXT, why="one message of up to 1024 tokens must fit in a batch"), "padded tokens per forward pass"
+    )
+    max_wait_ms: float = _key(5.0, Number(0.0), "longest a message waits for a batch to fill (ms)")
+    max_queue: int = _key(4096, Int(1), "messages waiting for a batch; when full, ingress stops reading (backpressure)")
+
+
+@dataclass(frozen=True)
+class RoutesConfig:
+    """[redis.routes]: copy each result to a stream per verdict ("" = no copy)."""
+
+    spam: str = _key("", Stream(allow_empty=True), "stream receiving a copy of each spam entry")
+    ham: str = _key("", Stream(allow_empty=True), "stream receiving a copy of each ham entry")
+
+    def get(self, verdict: str) -> str | None:
+        """The route stream for a verdict, or None when that verdict is not routed."""
+        return getattr(self, verdict, "") or None if verdict in ("spam", "ham") else None
+
+    def as_dict(self) -> dict[str, str]:
+        return {v: s for v, s in (("spam", self.spam), ("ham", self.ham)) if s}
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """[redis]: the Redis Streams ingress (SMS gateways and other producers)."""
+
+    enabled: bool = _key(True, Bool(), "read messages from Redis Streams")
+    url: str = _key("redis://127.0.0.1:6379/0", RedisUrl(), "redis://, rediss:// (TLS) or unix:// URL")
+    in_stream: str = _key("filterd:in", Stream(), "stream of messages to classify")
+    out_stream: str = _key("filterd:out", Stream(), "stream of results")
+    dead_stream: str = _key("filterd:dead", Stream(), "entries that could not be processed, with an error field")
+    label_stream: str = _key("filterd:labels", Stream(), "labelled messages for the trainer")
+    group: str = _key("filterd", Stream("a consumer group name"), "consumer group on in_stream (created if missing)")
+    consumer: str = _key("", Stream("a consumer name", allow_empty=True), 'consumer name; "" = <hostname>-<pid>')
+    model_channel: str = _key("filterd:model", Stream("a channel name"), "pub/sub channel announcing new models")
+    block_ms: int = _key(1000, Int(1), "XREADGROUP BLOCK time (ms); bounds how long shutdown waits")
+    count: int = _key(64, Int(1), "entries read per XREADGROUP call")
+    claim_idle_ms: int = _key(60000, Int(1), "pending entries idle this long (ms) are claimed from dead consumers")
+    max_deliveries: int = _key(5, Int(1), "an entry delivered this many times without success is dead-lettered")
+    max_text_bytes: int = _key(65536, Int(1), "larger text fields are dead-lettered")
+    out_maxlen: int = _key(0, Int(0), "0 = no trimming; else MAXLEN ~ N on output streams")
+    routes: RoutesConfig = _section(RoutesConfig, "[redis.routes] spam/ham: copy results to a stream per verdict")
+
+    def consumer_name(self) -> str:
+        """The configured consumer name, or <hostname>-<pid>: unique per process, stable in logs."""
+        return self.consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """[smtp]: the after-queue content filter (Postfix content_filter)."""
+
+    enabled: bool = _key(True, Bool(), "accept mail over SMTP")
+    listen: HostPort = _key(_addr("127.0.0.1:10025"), Address(), "where mail comes in from the MTA")
+    next_hop: HostPort = _key(_addr("127.0.0.1:10026"), Address(), "where accepted mail is re-injected")
+    action: str = _key("tag", Choice(options=ACTIONS), "spam action: tag | subject | quarantine | discard | reject")
+    quarantine_rcpt: str = _key(
+        "", Text("an address without spaces or <>", pattern=r"[^\s<>,;\"]+"), "recipient of quarantined spam (action = quarantine)"
+    )
+    subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject when action = subject")
+    max_message_bytes: int = _key(26214400, Int(1), "larger messages get 552 5.3.4")
+    max_recipients: int = _key(1000, Int(1), "RCPT TO beyond this get 452 4.5.3")
+    timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for the next hop")
+    on_error: str = _key("accept", Choice(options=ON_ERROR), "when classification fails: accept (relay untagged) | tempfail (451)")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus /metrics and /healthz of the daemon."""
+
+    listen: HostPort = _key(_addr("127.0.0.1:9464"), Address(), "/metrics and /healthz")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """[trainer]: the label store and the periodic refit service (filterd-trainer)."""
+
+    store: Path = _key(Path("/var/lib/filterd/labels.sqlite"), PathKind(), "label store (SQLite)")
+    models_dir: Path = _key(Path("/var/lib/filterd/models"), PathKind(), "versioned model directories; current points at the live one")
+    interval: float = _key(3600.0, Duration(), "time between refit attempts")
+    metrics_listen: HostPort = _key(_addr("127.0.0.1:9465"), Address(), "the trainer's /metrics")
+    min_new_labels: int = _key(100, Int(0), "new labels needed since the last refit before refitting")
+    mode: str = _key("head", Choice(options=TRAINABLE), "what a refit trains: head | last-block | last-2-blocks | all")
+    max_regression: float = _key(0.01, Number(0.0, 1.0), "a candidate may lose at most this much accuracy vs the current model")
+    max_ham_fpr: float = _key(0.02, Number(0.0, 1.0), "a candidate with a higher ham false-positive rate is rejected")
+    min_per_class: int = _key(20, Int(1), "labels of each class needed before any refit")
+    keep: int = _key(5, Int(1), "model versions kept in models_dir (the live one always stays)")
+    golden_set: Path | None = _key(None, PathKind(optional=True), 'CSV (id,label,text) every candidate must pass; "" = none')
+    group: str = _key("filterd-trainer", Stream("a consumer group name"), "consumer group on label_stream")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """[logging]"""
+
+    level: str = _key("info", Choice(options=LEVELS), "debug | info | warning | error")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration: one attribute per TOML section."""
+
+    model: ModelConfig = _section(ModelConfig, "[model]")
+    batching: BatchingConfig = _section(BatchingConfig, "[batching]")
+    redis: RedisConfig = _section(RedisConfig, "[redis]")
+    smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
+    metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
+    trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
+    logging: LoggingConfig = _section(LoggingConfig, "[logging]")
+
+    def warnings(self) -> list[str]:
+        """Risky but valid settings (non-loopback listeners, plaintext remote Redis...), one line each."""
+        return [w for check in _WARNINGS if (w := check(self))]
+
+    def to_toml(self, *, redact: bool = True) -> str:
+        """The effective configuration as TOML (loads back to an equal Config unless a password was redacted)."""
+        lines = ["# filterd effective configuration"]
+        for f in fields(self):
+            lines.append("")
+            _dump_table(getattr(self, f.name), (f.name,), redact, lines)
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class _Origin:
+    label: str  # what messages name: the file, "--set section.key" or "defaults"
+    base: Path | None = None  # relative paths in a file are relative to the file's directory
+
+
+Where = tuple[str, ...]  # a key's path: ("redis", "routes", "spam")
+OriginOf = Callable[[Where], _Origin]
+
+
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then `section.key=value` overrides; ConfigError if invalid."""
+    return _load(path, overrides)[0]
+
+
+def check_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
+    """`load_config` plus the checks that involve several keys (what `filterd check-config` and serve run)."""
+    cfg, origin_of = _load(path, overrides)
+    for check in _CROSS_CHECKS:
+        problem = check(cfg)
+        if problem:
+            where, message = problem
+            raise ConfigError(f"{origin_of(where).label}: {_label(where)}: {message}")
+    return cfg
+
+
+def _load(path: Path | str | None, overrides: Sequence[str]) -> tuple[Config, OriginOf]:
+    if path is None:
+        file_origin, raw = _Origin("defaults"), {}
+    else:
+        path = Path(path)
+        file_origin, raw = _Origin(str(path), path.absolute().parent), _read_toml(path)
+    cfg = _build(Config, raw, (), lambda where: file_origin)  # the file must be valid on its own
+    if not overrides:
+        return cfg, lambda where: file_origin
+    origins: dict[Where, _Origin] = {}
+    for text in overrides:
+        where, value = _parse_override(text)
+        _assign(raw, where, value)
+        for old in [w for w in origins if w[: len(where)] == where]:  # a replaced table drops its keys' origins
+            del origins[old]
+        origins[where] = _Origin("--set " + ".".join(where))
+
+    def origin_of(where: Where) -> _Origin:
+        for n in range(len(where), 0, -1):
+            if where[:n] in origins:
+                return origins[where[:n]]
+        return file_origin
+
+    return _build(Config, raw, (), origin_of), origin_of
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM from a Windows editor is harmless
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # tomllib's message ends "(at line L, column C)"
+        raise ConfigError(f"{path}: invalid TOML: {' '.join(str(e).split())}") from None
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: Where, origin_of: OriginOf) -> Any:
+    """An instance of the dataclass `cls` from a TOML table, every key parsed and checked."""
+    spec = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        at = where + (key,)
+        if key not in spec:
+            raise _error(origin_of(at), at, _unknown(key, spec, where))
+        kind: Kind = spec[key].metadata["kind"]
+        if isinstance(kind, Section):
+            if not isinstance(value, dict):
+                raise _error(origin_of(at), at, f"must be a table [{'.'.join(at)}], got {_show(value)}")
+            values[key] = _build(kind.cls, value, at, origin_of)
+            continue
+        origin = origin_of(at)
+        try:
+            parsed = kind.parse(value)
+        except ValueError as e:
+            raise _error(origin, at, f"{e}, got {_show(value, kind.secret)}") from None
+        values[key] = kind.anchor(parsed, origin.base) if origin.base else parsed
+    return cls(**values)
+
+
+def _unknown(key: str, spec: Mapping[str, Any], where: Where) -> str:
+    """ "unknown key", with the closest known key or the section the key belongs in."""
+    noun = "section" if not where else "key"
+    close = difflib.get_close_matches(key, list(spec), n=1, cutoff=0.6)
+    if close:
+        hint = f"[{close[0]}]" if not where else close[0]
+        return f"unknown {noun} (did you mean {hint}?)"
+    home = [".".join(w[:-1]) for w in _all_keys(Config) if w[-1] == key and w[:-1] != where]
+    if home:
+        return f"unknown {noun} (it belongs in [{home[0]}])" if where else f"unknown section (set it in [{home[0]}])"
+    known = ", ".join(spec)
+    return f"unknown {noun} (known: {known})"
+
+
+def _all_keys(cls: type, where: Where = ()) -> list[Where]:
+    out: list[Where] = []
+    for f in fields(cls):
+        kind = f.metadata["kind"]
+        out += _all_keys(kind.cls, where + (f.name,)) if isinstance(kind, Section) else [where + (f.name,)]
+    return out
+
+
+def _label(where: Where) -> str:
+    if len(where) == 1:
+        return f"[{where[0]}]"
+    return f"[{'.'.join(where[:-1])}] {where[-1]}"
+
+
+def _error(origin: _Origin, where: Where, message: str) -> ConfigError:
+    return ConfigError(f"{origin.label}: {_label(where)}: {message}")
+
+
+def _show(value: Any, secret: bool = False) -> str:
+    """A value as the user wrote it, on one short line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, str):
+        text = json.dumps(redact_url(value) if secret else value)  # escapes newlines: stays one line
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:76] + '..."'
+
+
+# --------------------------------------------------------------------------------------------
+# --set overrides
+
+
+def _parse_override(text: str) -> tuple[Where, Any]:
+    """(("batching", "max_batch_size"), 32) from "batching.max_batch_size=32"."""
+    name, sep, value_text = text.partition("=")
+    where = tuple(name.strip().split("."))
+    if not sep or len(where) < 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]+", p) for p in where):
+        raise ConfigError(f"--set {text}: expected section.key=value, e.g. batching.max_batch_size=32")
+    kind = _kind_at(where)
+    value = _toml_value(value_text)
+    if kind.text_like and not isinstance(value, str):  # --set redis.group=2024 means the name "2024"
+        value = value_text
+    return where, value
+
+
+def _kind_at(where: Where) -> Kind:
+    """The kind of the key at `where`, or ConfigError naming the override's unknown part."""
+    cls: type = Config
+    for i, part in enumerate(where):
+        spec = {f.name: f for f in fields(cls)}
+        at = where[: i + 1]
+        if part not in spec:
+            raise _error(_Origin("--set " + ".".join(where)), at, _unknown(part, spec, at[:-1]))
+        kind: Kind = spec[part].metadata["kind"]
+        if i == len(where) - 1:
+            return kind
+        if not isinstance(kind, Section):
+            raise _error(_Origin("--set " + ".".join(where)), at, "is a value, not a table")
+        cls = kind.cls
+    raise AssertionError("unreachable")
+
+
+def _toml_value(text: str) -> Any:
+    """The value as TOML reads it (32, false, "x", [..], {..}); anything else is the text itself."""
+    if "\n" in text or "\r" in text:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assign(raw: dict[str, Any], where: Where, value: Any) -> None:
+    node = raw
+    for part in where[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):  # the file was validated first, so this is only a missing table
+            child = node[part] = {}
+        node = child
+    node[where[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Checks across keys: each returns (the key to blame, why) or None
+
+Problem = tuple[Where, str] | None
+
+
+def _check_ingress(cfg: Config) -> Problem:
+    if not cfg.smtp.enabled and not cfg.redis.enabled:
+        return ("smtp", "enabled"), "[smtp] and [redis] are both disabled: nothing would be filtered; enable at least one"
+    return None
+
+
+def _check_quarantine(cfg: Config) -> Problem:
+    if cfg.smtp.enabled and cfg.smtp.action == "quarantine" and not cfg.smtp.quarantine_rcpt:
+        return ("smtp", "quarantine_rcpt"), 'required when action = "quarantine"'
+    return None
+
+
+def _same_socket(a: HostPort, b: HostPort) -> bool:
+    """Whether two addresses name the same listening socket (wildcards and localhost included)."""
+    if a.port != b.port:
+        return False
+    hosts = {a.host.lower(), b.host.lower()}
+    if len(hosts) == 1 or hosts & {"0.0.0.0", "::"}:
+        return True
+    return "localhost" in hosts and all(is_loopback(h) for h in hosts)
+
+
+def _check_smtp_loop(cfg: Config) -> Problem:
+    if cfg.smtp.enabled and _same_socket(cfg.smtp.listen, cfg.smtp.next_hop):
+        return ("smtp", "next_hop"), f"{cfg.smtp.next_hop} is filterd's own listen address: mail would loop"
+    return None
+
+
+def _check_listen_clash(cfg: Config) -> Problem:
+    listens: list[tuple[Where, HostPort]] = [(("metrics", "listen"), cfg.metrics.listen)]
+    if cfg.smtp.enabled:
+        listens.insert(0, (("smtp", "listen"), cfg.smtp.listen))
+    listens.append((("trainer", "metrics_listen"), cfg.trainer.metrics_listen))
+    for i, (where, addr) in enumerate(listens):
+        for other, other_addr in listens[:i]:
+            if _same_socket(addr, other_addr):
+                return where, f"{addr} is also {_label(other)}: two servers cannot listen there"
+    return None
+
+
+def _check_streams(cfg: Config) -> Problem:
+    r = cfg.redis
+    if not r.enabled:
+        return None
+    written = [("out_stream", r.out_stream), ("dead_stream", r.dead_stream)]
+    written += [(f"routes.{v}", s) for v, s in r.routes.as_dict().items()]
+    for key, stream in written + [("label_stream", r.label_stream)]:
+        if stream == r.in_stream:
+            return ("redis", *key.split(".")), f'"{stream}" is also in_stream: filterd would read its own output'
+    for key, stream in written:
+        if stream == r.label_stream:
+            return ("redis", *key.split(".")), f'"{stream}" is also label_stream: results would be taken for labels'
+    return None
+
+
+def _check_read_count(cfg: Config) -> Problem:
+    if cfg.redis.enabled and cfg.redis.count > cfg.batching.max_queue:
+        return ("redis", "count"), f"must be <= [batching] max_queue ({cfg.batching.max_queue}), got {cfg.redis.count}"
+    return None
+
+
+_CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
+    _check_ingress, _check_quarantine, _check_smtp_loop, _check_listen_clash, _check_streams, _check_read_count,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings: valid, but worth a second look
+
+
+def _listen_warning(where: Where, addr: HostPort, why: str) -> str | None:
+    if is_loopback(addr.host):
+        return None
+    return f'{_label(where)} = "{addr}" is not a loopback address: {why}; bind 127.0.0.1 or firewall the port'
+
+
+def _warn_smtp_listen(cfg: Config) -> str | None:
+    if not cfg.smtp.enabled:
+        return None
+    why = "anyone who can reach it can inject mail that next_hop accepts as already filtered (an open relay)"
+    return _listen_warning(("smtp", "listen"), cfg.smtp.listen, why)
+
+
+def _warn_metrics_listen(cfg: Config) -> str | None:
+    return _listen_warning(("metrics", "listen"), cfg.metrics.listen, "metrics reveal model and traffic details")
+
+
+def _warn_trainer_listen(cfg: Config) -> str | None:
+    return _listen_warning(("trainer", "metrics_listen"), cfg.trainer.metrics_listen, "metrics reveal model and training details")
+
+
+def _warn_redis_plaintext(cfg: Config) -> str | None:
+    parts = urlsplit(cfg.redis.url)
+    if not cfg.redis.enabled or parts.scheme.lower() != "redis" or is_loopback(parts.hostname or "localhost"):
+        return None
+    return f"[redis] url: message texts travel to {parts.hostname} unencrypted; use rediss:// (TLS) across a network"
+
+
+def _warn_reject(cfg: Config) -> str | None:
+    if not cfg.smtp.enabled or cfg.smtp.action != "reject":
+        return None
+    return ('[smtp] action = "reject" suits a before-queue filter (smtpd_proxy_filter) only: after the queue, '
+            "Postfix turns the 550 into a bounce to a usually forged sender (backscatter)")
+
+
+_WARNINGS: tuple[Callable[[Config], str | None], ...] = (
+    _warn_smtp_listen, _warn_metrics_listen, _warn_trainer_listen, _warn_redis_plaintext, _warn_reject,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing TOML, and the reference table for the README
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    # json's escapes are TOML's, except that TOML also wants DEL escaped
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _dump_table(obj: Any, where: Where, redact: bool, lines: list[str]) -> None:
+    lines.append(f"[{'.'.join(where)}]")
+    tables = []
+    for f in fields(obj):
+        kind: Kind = f.metadata["kind"]
+        value = getattr(obj, f.name)
+        if isinstance(kind, Section):
+            tables.append((value, where + (f.name,)))  # TOML: sub-tables after the section's own keys
+            continue
+        shown = kind.dump(value)
+        if redact and kind.secret:
+            shown = redact_url(shown)
+        lines.append(f"{f.name} = {_toml_scalar(shown)}  # {f.metadata['doc']}")
+    for value, sub in tables:
+        lines.append("")
+        _dump_table(value, sub, redact, lines)
+
+
+def config_reference() -> str:
+    """Every key with its default and meaning, as a Markdown table (the README's configuration reference)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for where in _all_keys(Config):
+        f = _field_at(where)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = _toml_scalar(f.metadata["kind"].dump(default)).replace("|", "\\|")
+        rows.append(f"| `{_label(where)}` | `{shown}` | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _field_at(where: Where) -> Any:
+    cls: type = Config
+    for part in where[:-1]:
+        cls = {f.name: f for f in fields(cls)}[part].metadata["kind"].cls
+    return {f.name: f for f in fields(cls)}[where[-1]]
+
+
+assert all(is_dataclass(f.metadata["kind"].cls) for f in fields(Config))  # every section is a dataclass
