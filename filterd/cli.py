@@ -1,9 +1,10 @@
-"""`filterd` command line: classify (serve and check-config arrive with the daemon)."""
+"""`filterd` command line: serve, classify, check-config."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -87,6 +88,39 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(level: str) -> None:
+    # One line per event; journald adds its own timestamp, but plain stderr logs need one.
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import check_config
+    from .daemon import serve
+
+    cfg = check_config(args.config, args.set)
+    _setup_logging(cfg.logging.level)
+    for warning in cfg.warnings():
+        logging.getLogger("filterd").warning("config: %s", warning)
+    return serve(cfg)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import check_config
+
+    cfg = check_config(args.config, args.set)
+    for warning in cfg.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.print:
+        sys.stdout.write(cfg.to_toml())
+    print(f"{args.config or '(defaults)'}: ok", file=sys.stderr)
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="TOML configuration file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterd", description="GPT-2 spam filter for mail and SMS")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("text", nargs="*", metavar="TEXT", help="messages; none: one message per line on stdin")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("serve", help="the daemon: Redis ingress, micro-batched inference, metrics")
+    _config_args(p, required=False)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration; non-zero exit and a one-line reason when invalid")
+    _config_args(p, required=True)
+    p.add_argument("--print", action="store_true", help="print the effective configuration as TOML")
+    p.set_defaults(func=cmd_check_config)
     return parser
 
 

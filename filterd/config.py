@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
@@ -29,9 +29,24 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 __all__ = [
-    "BatchingConfig", "Config", "HostPort", "LoggingConfig", "MetricsConfig", "ModelConfig", "RedisConfig",
-    "RoutesConfig", "SmtpConfig", "TrainerConfig", "check_config", "config_reference", "format_duration",
-    "is_loopback", "load_config", "parse_duration", "parse_hostport", "redact_url",
+    "BatchingConfig",
+    "Config",
+    "HostPort",
+    "LoggingConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "RedisConfig",
+    "RoutesConfig",
+    "SmtpConfig",
+    "TrainerConfig",
+    "check_config",
+    "config_reference",
+    "format_duration",
+    "is_loopback",
+    "load_config",
+    "parse_duration",
+    "parse_hostport",
+    "redact_url",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -79,9 +94,11 @@ def format_duration(seconds: float) -> str:
     ms = round(seconds * 1000)
     if abs(ms / 1000 - seconds) > 1e-9:  # finer than a millisecond: plain seconds
         return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+    if ms == 0:
+        return "0s"
     for unit in ("d", "h", "m", "s"):
         per = round(_UNITS[unit] * 1000)
-        if ms and ms % per == 0:
+        if ms % per == 0:
             return f"{ms // per}{unit}"
     return f"{ms}ms"
 
@@ -101,42 +118,50 @@ _HOSTNAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A
 
 def parse_hostport(text: str) -> HostPort:
     """("127.0.0.1", 10025) from "127.0.0.1:10025"; "[::1]:9464" and "localhost:25" too; ValueError if bad."""
+    try:
+        return _split_hostport(text)
+    except ValueError as e:
+        raise ValueError(f"not host:port: {text!r}: {e}") from None
+
+
+def _split_hostport(text: str) -> HostPort:
+    """parse_hostport, with the bare reason in the ValueError (the config loader adds the key)."""
     if not isinstance(text, str):
-        raise ValueError(f"not host:port: {text!r}")
+        raise ValueError("not a string")
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
-            raise ValueError(f"{text!r}: expected [IPv6]:port, e.g. [::1]:9464")
-        _check_ipv6(host, text)
+            raise ValueError("expected [IPv6]:port, e.g. [::1]:9464")
+        _check_ipv6(host)
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
-            raise ValueError(f"{text!r}: missing :port")
-        _check_host(host, text)
+            raise ValueError("missing :port")
+        _check_host(host)
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be a number in 1..65535")
+        raise ValueError("port must be a number in 1..65535")
     return HostPort(host, int(port))
 
 
-def _check_ipv6(host: str, text: str) -> None:
+def _check_ipv6(host: str) -> None:
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        raise ValueError(f"{host!r} is not an IPv6 address") from None
 
 
-def _check_host(host: str, text: str) -> None:
+def _check_host(host: str) -> None:
     if not host:
-        raise ValueError(f"{text!r}: missing host (0.0.0.0 or [::] listen on all interfaces)")
+        raise ValueError("missing host (0.0.0.0 or [::] listen on all interfaces)")
     if ":" in host:
-        raise ValueError(f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:9464")
+        raise ValueError("an IPv6 address needs brackets, e.g. [::1]:9464")
     if re.fullmatch(r"[0-9.]+", host):  # looks numeric: must be a real IPv4 address, not "127.1" or "300.0.0.1"
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError(f"{text!r}: {host!r} is not an IPv4 address") from None
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
     elif not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"{text!r}: {host!r} is not a valid host name")
+        raise ValueError(f"{host!r} is not a valid host name")
 
 
 def is_loopback(host: str) -> bool:
@@ -249,6 +274,9 @@ class Number(Kind):
             raise self.fail()
         return float(value)
 
+    def dump(self, value: float) -> int | float:
+        return int(value) if value.is_integer() else value  # max_wait_ms = 5, as the docs write it
+
 
 @dataclass(frozen=True)
 class Bool(Kind):
@@ -283,7 +311,7 @@ class Text(Kind):
         return value
 
 
-def Stream(what: str = "a stream name", allow_empty: bool = False) -> Text:
+def _stream(what: str = "a stream name", allow_empty: bool = False) -> Text:
     """A Redis key: non-empty, no whitespace (a stray space is a typo, and breaks redis-cli use)."""
     return Text(what=f"{what} without spaces", allow_empty=allow_empty, pattern=r"\S+")
 
@@ -327,11 +355,12 @@ class Address(Kind):
     text_like = True
 
     def parse(self, value: Any) -> HostPort:
+        if not isinstance(value, str):
+            raise self.fail()
         try:
-            return parse_hostport(value)
+            return _split_hostport(value)
         except ValueError as e:
-            reason = str(e).split(": ", 1)[-1] if isinstance(value, str) else ""
-            raise ValueError(f"must be host:port ({reason})" if reason else f"must be {self.expect}") from None
+            raise ValueError(f"must be host:port ({e})") from None
 
     def dump(self, value: HostPort) -> str:
         return str(value)
@@ -406,10 +435,6 @@ def _section(cls: type, doc: str) -> Any:
     return field(default_factory=cls, metadata={"kind": Section(cls=cls), "doc": doc})
 
 
-def _addr(text: str) -> HostPort:
-    return parse_hostport(text)
-
-
 # --------------------------------------------------------------------------------------------
 # The sections
 
@@ -455,12 +480,12 @@ class BatchingConfig:
 class RoutesConfig:
     """[redis.routes]: copy each result to a stream per verdict ("" = no copy)."""
 
-    spam: str = _key("", Stream(allow_empty=True), "stream receiving a copy of each spam entry")
-    ham: str = _key("", Stream(allow_empty=True), "stream receiving a copy of each ham entry")
+    spam: str = _key("", _stream(allow_empty=True), "stream receiving a copy of each spam entry")
+    ham: str = _key("", _stream(allow_empty=True), "stream receiving a copy of each ham entry")
 
     def get(self, verdict: str) -> str | None:
         """The route stream for a verdict, or None when that verdict is not routed."""
-        return getattr(self, verdict, "") or None if verdict in ("spam", "ham") else None
+        return self.as_dict().get(verdict)
 
     def as_dict(self) -> dict[str, str]:
         return {v: s for v, s in (("spam", self.spam), ("ham", self.ham)) if s}
@@ -472,13 +497,13 @@ class RedisConfig:
 
     enabled: bool = _key(True, Bool(), "read messages from Redis Streams")
     url: str = _key("redis://127.0.0.1:6379/0", RedisUrl(), "redis://, rediss:// (TLS) or unix:// URL")
-    in_stream: str = _key("filterd:in", Stream(), "stream of messages to classify")
-    out_stream: str = _key("filterd:out", Stream(), "stream of results")
-    dead_stream: str = _key("filterd:dead", Stream(), "entries that could not be processed, with an error field")
-    label_stream: str = _key("filterd:labels", Stream(), "labelled messages for the trainer")
-    group: str = _key("filterd", Stream("a consumer group name"), "consumer group on in_stream (created if missing)")
-    consumer: str = _key("", Stream("a consumer name", allow_empty=True), 'consumer name; "" = <hostname>-<pid>')
-    model_channel: str = _key("filterd:model", Stream("a channel name"), "pub/sub channel announcing new models")
+    in_stream: str = _key("filterd:in", _stream(), "stream of messages to classify")
+    out_stream: str = _key("filterd:out", _stream(), "stream of results")
+    dead_stream: str = _key("filterd:dead", _stream(), "entries that could not be processed, with an error field")
+    label_stream: str = _key("filterd:labels", _stream(), "labelled messages for the trainer")
+    group: str = _key("filterd", _stream("a consumer group name"), "consumer group on in_stream (created if missing)")
+    consumer: str = _key("", _stream("a consumer name", allow_empty=True), 'consumer name; "" = <hostname>-<pid>')
+    model_channel: str = _key("filterd:model", _stream("a channel name"), "pub/sub channel announcing new models")
     block_ms: int = _key(1000, Int(1), "XREADGROUP BLOCK time (ms); bounds how long shutdown waits")
     count: int = _key(64, Int(1), "entries read per XREADGROUP call")
     claim_idle_ms: int = _key(60000, Int(1), "pending entries idle this long (ms) are claimed from dead consumers")
@@ -497,24 +522,28 @@ class SmtpConfig:
     """[smtp]: the after-queue content filter (Postfix content_filter)."""
 
     enabled: bool = _key(True, Bool(), "accept mail over SMTP")
-    listen: HostPort = _key(_addr("127.0.0.1:10025"), Address(), "where mail comes in from the MTA")
-    next_hop: HostPort = _key(_addr("127.0.0.1:10026"), Address(), "where accepted mail is re-injected")
+    listen: HostPort = _key(parse_hostport("127.0.0.1:10025"), Address(), "where mail comes in from the MTA")
+    next_hop: HostPort = _key(parse_hostport("127.0.0.1:10026"), Address(), "where accepted mail is re-injected")
     action: str = _key("tag", Choice(options=ACTIONS), "spam action: tag | subject | quarantine | discard | reject")
     quarantine_rcpt: str = _key(
-        "", Text("an address without spaces or <>", pattern=r"[^\s<>,;\"]+"), "recipient of quarantined spam (action = quarantine)"
+        "",
+        Text("an address without spaces or <>", pattern=r"[^\s<>,;\"]+"),
+        "recipient of quarantined spam (action = quarantine)",
     )
     subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject when action = subject")
     max_message_bytes: int = _key(26214400, Int(1), "larger messages get 552 5.3.4")
     max_recipients: int = _key(1000, Int(1), "RCPT TO beyond this get 452 4.5.3")
     timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for the next hop")
-    on_error: str = _key("accept", Choice(options=ON_ERROR), "when classification fails: accept (relay untagged) | tempfail (451)")
+    on_error: str = _key(
+        "accept", Choice(options=ON_ERROR), "when classification fails: accept (relay untagged) | tempfail (451)"
+    )
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz of the daemon."""
 
-    listen: HostPort = _key(_addr("127.0.0.1:9464"), Address(), "/metrics and /healthz")
+    listen: HostPort = _key(parse_hostport("127.0.0.1:9464"), Address(), "/metrics and /healthz")
 
 
 @dataclass(frozen=True)
@@ -522,9 +551,11 @@ class TrainerConfig:
     """[trainer]: the label store and the periodic refit service (filterd-trainer)."""
 
     store: Path = _key(Path("/var/lib/filterd/labels.sqlite"), PathKind(), "label store (SQLite)")
-    models_dir: Path = _key(Path("/var/lib/filterd/models"), PathKind(), "versioned model directories; current points at the live one")
+    models_dir: Path = _key(
+        Path("/var/lib/filterd/models"), PathKind(), "versioned model directories; current points at the live one"
+    )
     interval: float = _key(3600.0, Duration(), "time between refit attempts")
-    metrics_listen: HostPort = _key(_addr("127.0.0.1:9465"), Address(), "the trainer's /metrics")
+    metrics_listen: HostPort = _key(parse_hostport("127.0.0.1:9465"), Address(), "the trainer's /metrics")
     min_new_labels: int = _key(100, Int(0), "new labels needed since the last refit before refitting")
     mode: str = _key("head", Choice(options=TRAINABLE), "what a refit trains: head | last-block | last-2-blocks | all")
     max_regression: float = _key(0.01, Number(0.0, 1.0), "a candidate may lose at most this much accuracy vs the current model")
@@ -532,7 +563,7 @@ class TrainerConfig:
     min_per_class: int = _key(20, Int(1), "labels of each class needed before any refit")
     keep: int = _key(5, Int(1), "model versions kept in models_dir (the live one always stays)")
     golden_set: Path | None = _key(None, PathKind(optional=True), 'CSV (id,label,text) every candidate must pass; "" = none')
-    group: str = _key("filterd-trainer", Stream("a consumer group name"), "consumer group on label_stream")
+    group: str = _key("filterd-trainer", _stream("a consumer group name"), "consumer group on label_stream")
 
 
 @dataclass(frozen=True)
@@ -644,6 +675,8 @@ def _build(cls: type, raw: Mapping[str, Any], where: Where, origin_of: OriginOf)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         at = where + (key,)
+        if key not in spec and not where and not isinstance(value, dict):
+            raise ConfigError(f"{origin_of(at).label}: {key}: {_unknown_top_level(key)}")
         if key not in spec:
             raise _error(origin_of(at), at, _unknown(key, spec, where))
         kind: Kind = spec[key].metadata["kind"]
@@ -673,6 +706,12 @@ def _unknown(key: str, spec: Mapping[str, Any], where: Where) -> str:
         return f"unknown {noun} (it belongs in [{home[0]}])" if where else f"unknown section (set it in [{home[0]}])"
     known = ", ".join(spec)
     return f"unknown {noun} (known: {known})"
+
+
+def _unknown_top_level(key: str) -> str:
+    home = [w[0] for w in _all_keys(Config) if w[-1] == key]
+    hint = f"set it in [{home[0]}]" if home else "settings go in a section such as [model]"
+    return f"unknown top-level key ({hint})"
 
 
 def _all_keys(cls: type, where: Where = ()) -> list[Where]:
@@ -772,7 +811,7 @@ Problem = tuple[Where, str] | None
 
 def _check_ingress(cfg: Config) -> Problem:
     if not cfg.smtp.enabled and not cfg.redis.enabled:
-        return ("smtp", "enabled"), "[smtp] and [redis] are both disabled: nothing would be filtered; enable at least one"
+        return ("smtp", "enabled"), "both ingresses ([smtp] and [redis]) are disabled: nothing would be filtered; enable one"
     return None
 
 
@@ -832,7 +871,12 @@ def _check_read_count(cfg: Config) -> Problem:
 
 
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
-    _check_ingress, _check_quarantine, _check_smtp_loop, _check_listen_clash, _check_streams, _check_read_count,
+    _check_ingress,
+    _check_quarantine,
+    _check_smtp_loop,
+    _check_listen_clash,
+    _check_streams,
+    _check_read_count,
 )
 
 
@@ -871,12 +915,18 @@ def _warn_redis_plaintext(cfg: Config) -> str | None:
 def _warn_reject(cfg: Config) -> str | None:
     if not cfg.smtp.enabled or cfg.smtp.action != "reject":
         return None
-    return ('[smtp] action = "reject" suits a before-queue filter (smtpd_proxy_filter) only: after the queue, '
-            "Postfix turns the 550 into a bounce to a usually forged sender (backscatter)")
+    return (
+        '[smtp] action = "reject" suits a before-queue filter (smtpd_proxy_filter) only: after the queue, '
+        "Postfix turns the 550 into a bounce to a usually forged sender (backscatter)"
+    )
 
 
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
-    _warn_smtp_listen, _warn_metrics_listen, _warn_trainer_listen, _warn_redis_plaintext, _warn_reject,
+    _warn_smtp_listen,
+    _warn_metrics_listen,
+    _warn_trainer_listen,
+    _warn_redis_plaintext,
+    _warn_reject,
 )
 
 
@@ -918,7 +968,8 @@ def config_reference() -> str:
         f = _field_at(where)
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = _toml_scalar(f.metadata["kind"].dump(default)).replace("|", "\\|")
-        rows.append(f"| `{_label(where)}` | `{shown}` | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
+        doc = f.metadata["doc"].replace("|", "\\|")
+        rows.append(f"| `{_label(where)}` | `{shown}` | {doc} |")
     return "\n".join(rows) + "\n"
 
 
@@ -927,6 +978,3 @@ def _field_at(where: Where) -> Any:
     for part in where[:-1]:
         cls = {f.name: f for f in fields(cls)}[part].metadata["kind"].cls
     return {f.name: f for f in fields(cls)}[where[-1]]
-
-
-assert all(is_dataclass(f.metadata["kind"].cls) for f in fields(Config))  # every section is a dataclass

@@ -28,7 +28,7 @@ async def length_score(text: str) -> FakeScored:
 
 def cfg(url: str, **kw):
     base = dict(url=url, in_stream="filterd:in", out_stream="filterd:out", dead_stream="filterd:dead", group="filterd",
-                block_ms=100, count=64, claim_idle_ms=500, max_text_bytes=65536, out_maxlen=0, routes={})  # fmt: skip
+                block_ms=100, count=64, claim_idle_ms=500, max_text_bytes=65536, out_maxlen=0, routes={}, max_deliveries=5)  # fmt: skip
     return SimpleNamespace(**(base | kw))
 
 
@@ -137,3 +137,20 @@ def test_redis_restart_mid_run_loses_nothing(redis_server):
     run_until(ingress, finished, timeout=60, during=restart_when_busy)
     out_ids = [f[b"id"] for _, f in redis_server.client().xrange("filterd:out")]
     assert set(out_ids) == {str(i).encode() for i in range(n)}
+
+
+def test_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(redis_server):
+    r = redis_server.client()
+    for text in ("fine", "poison", "also fine"):
+        r.xadd("filterd:in", {"text": text})
+
+    async def flaky(text: str) -> FakeScored:
+        if text == "poison":
+            raise RuntimeError("model failed")
+        return await length_score(text)
+
+    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=50, max_deliveries=3), "c1", flaky)
+    run_until(ingress, lambda: r.xlen("filterd:dead") >= 1 and r.xlen("filterd:out") >= 2)
+    dead = r.xrange("filterd:dead")
+    assert len(dead) == 1 and dead[0][1][b"text"] == b"poison" and dead[0][1][b"error"] == b"classify-failed"
+    assert r.xpending("filterd:in", "filterd")["pending"] == 0

@@ -26,7 +26,10 @@ log = logging.getLogger("filterd.redis")
 # Failures that mean "Redis is away": reconnect with backoff, the entries stay pending.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
-MAX_CHUNKS_IN_FLIGHT = 2  # one chunk scoring while the next is read keeps the batcher fed
+# Reads are small when traffic trickles in, so many chunks may wait in the batcher at once, which is
+# what lets it build large batches; the batcher's bounded queue is the real backpressure. This cap
+# bounds entries read but not acknowledged (re-scored after a crash) to 32 x COUNT.
+MAX_CHUNKS_IN_FLIGHT = 32
 
 
 class Scorer(Protocol):
@@ -180,9 +183,22 @@ class RedisIngress:
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
         return Outcome(entry_id, fields, result=result, seconds=time.perf_counter() - t0)
 
+    async def _give_up_on_poison(self, client: aioredis.Redis, outcomes: list[Outcome]) -> list[Outcome]:
+        """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""
+        out = []
+        for o in outcomes:
+            if o.failed:
+                info = await client.xpending_range(self.cfg.in_stream, self.cfg.group, o.entry_id, o.entry_id, 1)
+                if info and info[0]["times_delivered"] >= self.cfg.max_deliveries:
+                    o = Outcome(o.entry_id, o.fields, error="classify-failed", seconds=o.seconds)
+            out.append(o)
+        return out
+
     async def _write(self, client: aioredis.Redis, outcomes: list[Outcome]) -> None:
         """Results, route copies, dead letters and acknowledgements in one MULTI/EXEC."""
         cfg = self.cfg
+        if any(o.failed for o in outcomes):
+            outcomes = await self._give_up_on_poison(client, outcomes)
         maxlen = {"maxlen": cfg.out_maxlen, "approximate": True} if cfg.out_maxlen else {}
         acked = [o for o in outcomes if not o.failed]
         async with client.pipeline(transaction=True) as tx:

@@ -1,0 +1,146 @@
+"""`filterd serve`: the model, the batcher, the ingresses and the metrics endpoint in one event loop.
+
+Start: load the model (a failure is a one-line exit), warm it up, start the batcher, the Redis
+ingress and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
+channel, or the model path changing) reloads the model in the background. SIGTERM/SIGINT: stop
+reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from typing import Any
+
+from .batcher import Batcher, Scored
+from .engine import Engine
+from .errors import ConfigError
+from .ingress.redis_streams import TRANSIENT, RedisIngress
+from .metrics import FilterdMetrics, MetricsServer
+from .notify import sd_notify
+from .reload import ModelHolder
+
+log = logging.getLogger("filterd")
+
+
+def warm_up(engine: Engine) -> float:
+    """One short and one long forward pass, so the first real message does not pay for lazy init."""
+    t0 = time.perf_counter()
+    engine.tokenizer.encode("warm up the tokenizer")  # tiktoken loads its tables on first use
+    engine.score_tokens([[50256] * 8, [50256] * 4])
+    engine.score_tokens([[50256] * min(engine.meta.max_length, 256)])
+    return time.perf_counter() - t0
+
+
+class Daemon:
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.metrics = FilterdMetrics()
+        self.stop = asyncio.Event()
+        self.holder = ModelHolder(cfg.model.path, self._load, self.metrics)
+        self.batcher: Batcher | None = None
+        self.redis: RedisIngress | None = None
+        self.server: MetricsServer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def _load(self, path: Any) -> Engine:
+        engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        if self.cfg.model.threshold is not None:  # the operator's threshold overrides the model's own
+            engine.threshold = self.cfg.model.threshold
+        warm_up(engine)
+        return engine
+
+    async def score_text(self, text: str) -> Scored:
+        """What an ingress calls: tokenize with the live model's tokenizer, then wait for a batch."""
+        assert self.batcher is not None
+        return await self.batcher.submit(self.holder.current().tokenizer.encode(text))
+
+    def health(self) -> tuple[bool, str]:
+        if not self.holder.loaded:
+            return False, "no model loaded"
+        if self.redis is not None and not self.redis.up:
+            return False, "redis ingress is not connected"
+        return True, "ok"
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        if cfg.smtp.enabled:
+            raise ConfigError("the SMTP ingress is not in this build yet: set smtp.enabled = false")
+        t0 = time.perf_counter()
+        engine = await asyncio.to_thread(self.holder.load_initial)
+        log.info(
+            "model %s (%s) loaded on %s/%s in %.1fs",
+            engine.version, engine.meta.base, engine.device.type, engine.dtype, time.perf_counter() - t0,
+        )  # fmt: skip
+        b = cfg.batching
+        self.batcher = Batcher(
+            self.holder.current, max_batch_size=b.max_batch_size, max_batch_tokens=b.max_batch_tokens,
+            max_wait_ms=b.max_wait_ms, max_queue=b.max_queue, observer=self.metrics,
+        )  # fmt: skip
+        await self.batcher.start()
+        sources = []
+        if cfg.redis.enabled:
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics)
+            self._tasks.append(asyncio.create_task(self.redis.run(self.stop), name="redis-ingress"))
+            self._tasks.append(asyncio.create_task(self._model_channel(), name="model-channel"))
+            sources.append("redis")
+        self.metrics.prime(sources)
+        listen = cfg.metrics.listen
+        self.server = MetricsServer((listen.host, listen.port), self.metrics.registry, self.health)
+        try:
+            await self.server.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {listen} for metrics: {e.strerror or e}") from None
+        watcher = asyncio.create_task(self.holder.watch(self.stop, cfg.model.poll_interval), name="model-watch")
+        self._install_signals()
+        sd_notify("READY=1\nSTATUS=serving")
+        log.info("serving: ingress %s, metrics on http://%s:%d/metrics", ",".join(sources) or "none", listen.host, self.server.port)
+
+        await self.stop.wait()
+        sd_notify("STOPPING=1")
+        log.info("stopping: finishing in-flight messages")
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # ingresses finish and acknowledge
+        await self.batcher.stop(drain=True)
+        watcher.cancel()
+        await self.server.stop()
+        log.info("stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.holder.reload("SIGHUP")))
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        log.info("%s received", sig.name)
+        self.stop.set()
+
+    async def _model_channel(self) -> None:
+        """Reload when the trainer announces a new model on the pub/sub channel."""
+        import redis.asyncio as aioredis
+
+        backoff = 0.1
+        while not self.stop.is_set():
+            client = aioredis.from_url(self.cfg.redis.url)
+            try:
+                async with client.pubsub() as ps:
+                    await ps.subscribe(self.cfg.redis.model_channel)
+                    backoff = 0.1
+                    while not self.stop.is_set():
+                        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                        if msg is not None:
+                            await self.holder.reload(f"announced on {self.cfg.redis.model_channel}")
+            except TRANSIENT:
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                await client.aclose()
+
+
+def serve(cfg: Any) -> int:
+    """Run the daemon until SIGTERM; startup failures raise FilterdError (one line, exit 1)."""
+    return asyncio.run(Daemon(cfg).run())
