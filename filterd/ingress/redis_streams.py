@@ -26,10 +26,11 @@ log = logging.getLogger("filterd.redis")
 # Failures that mean "Redis is away": reconnect with backoff, the entries stay pending.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
-# Reads are small when traffic trickles in, so many chunks may wait in the batcher at once, which is
-# what lets it build large batches; the batcher's bounded queue is the real backpressure. This cap
-# bounds entries read but not acknowledged (re-scored after a crash) to 32 x COUNT.
-MAX_CHUNKS_IN_FLIGHT = 32
+# Entries read but not yet acknowledged, in units of COUNT. Reads are small when traffic trickles
+# in, so many of them may wait in the batcher at once, which is what lets it build large batches.
+# This bound keeps one consumer from taking the whole stream from the others in its group, and
+# limits what a crash leaves to be scored again.
+IN_FLIGHT_READS = 8
 
 
 class Scorer(Protocol):
@@ -71,7 +72,9 @@ class RedisIngress:
         self.metrics = metrics
         self.up = False  # for /healthz
         self._in_flight: set[asyncio.Task] = set()
-        self._slots = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
+        self._entries_in_flight = 0
+        self._ids_in_flight: set[bytes] = set()  # never claimed back while being scored here
+        self._room = asyncio.Condition()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -135,31 +138,36 @@ class RedisIngress:
         await self._wait_in_flight()
 
     async def _claim_idle(self, client: aioredis.Redis) -> None:
-        """Take over entries that another (dead) consumer left pending for too long."""
-        cursor = "0-0"
-        while True:
-            res = await client.xautoclaim(
-                self.cfg.in_stream, self.cfg.group, self.consumer, self.cfg.claim_idle_ms, start_id=cursor, count=self.cfg.count
-            )
-            cursor, claimed = res[0], [(i, f) for i, f in res[1] if f]
-            if claimed:
-                log.info("redis: claimed %d idle pending entries", len(claimed))
-                await self._dispatch(client, claimed)
-            if cursor in (b"0-0", "0-0"):
-                return
+        """Take over pending entries idle for too long: a dead consumer's, or our own that failed.
+
+        Entries being scored here right now are skipped: claiming them would score them twice.
+        """
+        cfg = self.cfg
+        pending = await client.xpending_range(cfg.in_stream, cfg.group, "-", "+", cfg.count, idle=cfg.claim_idle_ms)
+        ids = [p["message_id"] for p in pending if p["message_id"] not in self._ids_in_flight]
+        if not ids:
+            return
+        claimed = await client.xclaim(cfg.in_stream, cfg.group, self.consumer, cfg.claim_idle_ms, ids)
+        claimed = [(i, f) for i, f in claimed if f]
+        if claimed:
+            log.info("redis: claimed %d idle pending entries", len(claimed))
+            await self._dispatch(client, claimed)
 
     # -- one chunk of entries ---------------------------------------------------------------
     async def _dispatch(self, client: aioredis.Redis, entries: list) -> None:
         if not entries:
             return
-        await self._slots.acquire()  # backpressure: at most MAX_CHUNKS_IN_FLIGHT chunks scoring
+        limit = IN_FLIGHT_READS * self.cfg.count
+        async with self._room:  # backpressure: stop reading while enough entries are in flight
+            await self._room.wait_for(lambda: self._entries_in_flight == 0 or self._entries_in_flight + len(entries) <= limit)
+            self._entries_in_flight += len(entries)
+            self._ids_in_flight.update(i for i, _ in entries)
         task = asyncio.create_task(self._process(client, entries))
         self._in_flight.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)
-        self._slots.release()
         if not task.cancelled() and task.exception() and not isinstance(task.exception(), TRANSIENT):
             log.error("redis: chunk failed: %r", task.exception())
 
@@ -168,8 +176,14 @@ class RedisIngress:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
     async def _process(self, client: aioredis.Redis, entries: list) -> None:
-        outcomes = await asyncio.gather(*(self._classify(entry_id, fields) for entry_id, fields in entries))
-        await self._write(client, outcomes)
+        try:
+            outcomes = await asyncio.gather(*(self._classify(entry_id, fields) for entry_id, fields in entries))
+            await self._write(client, outcomes)
+        finally:
+            async with self._room:
+                self._entries_in_flight -= len(entries)
+                self._ids_in_flight.difference_update(i for i, _ in entries)
+                self._room.notify_all()
 
     async def _classify(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Outcome:
         t0 = time.perf_counter()
