@@ -225,7 +225,8 @@ def build_model(base: Base, *, seed: int = 123) -> GPT2Classifier:
     model.reset_parameters(seed=seed)
     if base.state is not None:
         result = model.load_state_dict(base.state, strict=False)
-        assert not result.unexpected_keys and set(result.missing_keys) == {"head.weight", "head.bias"}, result
+        if result.unexpected_keys or set(result.missing_keys) != {"head.weight", "head.bias"}:
+            raise ModelError(f"{base.source}: weights do not match the model ({result})")
     return model
 
 
