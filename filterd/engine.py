@@ -61,6 +61,21 @@ def length_batches(lengths: Sequence[int], max_batch_size: int = 64, max_batch_t
         yield batch
 
 
+def score_in_length_batches(
+    model: GPT2Classifier,
+    sequences: Sequence[Sequence[int]],
+    device: torch.device,
+    max_batch_size: int = 64,
+    max_batch_tokens: int = 8192,
+) -> list[float]:
+    """P(spam) per sequence, in input order, scored in batches of similar length."""
+    out = [0.0] * len(sequences)
+    for batch in length_batches([len(t) for t in sequences], max_batch_size, max_batch_tokens):
+        for i, s in zip(batch, spam_scores(model, [sequences[i] for i in batch], device)):
+            out[i] = s
+    return out
+
+
 class Engine:
     """A model directory loaded for inference on one device."""
 
@@ -103,8 +118,5 @@ class Engine:
         """Verdicts in input order; batches grouped by length within the token budget."""
         thr = self.threshold if threshold is None else threshold
         tokens = self.tokenizer.encode_batch(texts)
-        scores: list[float] = [0.0] * len(tokens)
-        for batch in length_batches([len(t) for t in tokens], max_batch_size, max_batch_tokens):
-            for i, s in zip(batch, self.score_tokens([tokens[i] for i in batch])):
-                scores[i] = s
+        scores = score_in_length_batches(self.model, tokens, self.device, max_batch_size, max_batch_tokens)
         return [Verdict("spam" if s >= thr else "ham", s, len(t)) for s, t in zip(scores, tokens)]

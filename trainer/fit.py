@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from filterd.engine import Engine, length_batches, pick_device, spam_scores
+from filterd.engine import Engine, pick_device, score_in_length_batches
 from filterd.errors import ConfigError, DataError
 from filterd.model import LABELS, GPT2Classifier
 from filterd.tokenizer import Tokenizer, max_length_from, pad_batch
@@ -108,12 +108,8 @@ def _encode(examples: Sequence[Example], tokenizer: Tokenizer) -> _Encoded:
 @torch.inference_mode()
 def score(model: GPT2Classifier, tokens: Sequence[Sequence[int]], device: torch.device, batch_tokens: int = 8192) -> list[float]:
     """P(spam) per sequence, batched by length (the engine's code path)."""
-    out = [0.0] * len(tokens)
-    for batch in length_batches([len(t) for t in tokens], 64, batch_tokens):
-        with _autocast(device):
-            for i, s in zip(batch, spam_scores(model, [tokens[i] for i in batch], device)):
-                out[i] = s
-    return out
+    with _autocast(device):
+        return score_in_length_batches(model, tokens, device, 64, batch_tokens)
 
 
 def _autocast(device: torch.device):  # type: ignore[no-untyped-def]
