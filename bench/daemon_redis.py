@@ -1,11 +1,15 @@
 """Daemon throughput and latency over a real redis-server, next to a one-message-at-a-time loop.
 
-    python -m bench.daemon_redis --base random:gpt2 --messages 2000 --single 300 --json bench/results/daemon_redis.json
+    python -m bench.daemon_redis --base random:gpt2 --messages 2000 --single 300 --steady 600 \
+        --json bench/results/daemon_redis.json
 
-Both contenders use the same model directory (random weights are fine for speed) and the same UCI
-messages. `daemon`: `filterd serve` as a process, all messages added to the stream at once;
-latency is end to end, from the input entry's id to the result entry's id (both Redis clock).
-`single`: Engine.score_tokens on one message at a time, in process.
+All contenders use the same model directory (random weights are fine for speed) and the same UCI
+messages. `daemon`: `filterd serve` as a process, all messages added to the stream at once (a
+flood: latency there is mostly time spent queued). `daemon-steady`: the same daemon fed at a fixed
+arrival rate, `--load` times the flood's throughput (open loop: the producer does not wait for
+results), which is the latency a gateway below saturation sees. Latency is end to end, from the
+input entry's id to the result entry's id (both Redis clock). `single`: Engine.score_tokens on one
+message at a time, in process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,16 +53,22 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
 
 
-def bench_daemon(model: Path, texts: list[str], work: Path) -> dict:
+def run_daemon(model: Path, texts: list[str], work: Path, rate: float | None) -> dict:
+    """Feed `texts` to a fresh filterd + redis-server: all at once (rate None) or `rate` per second."""
     redis = RedisServer(work / "redis").start()
     try:
         d = FilterdProcess(model, redis.url, work / "filterd.log").start(timeout=300)
         r = redis.client()
-        pipe = r.pipeline(transaction=False)
-        for i, t in enumerate(texts):
-            pipe.xadd("filterd:in", {"text": t, "id": str(i)})
         t0 = time.perf_counter()
-        pipe.execute()
+        if rate is None:
+            pipe = r.pipeline(transaction=False)
+            for i, t in enumerate(texts):
+                pipe.xadd("filterd:in", {"text": t, "id": str(i)})
+            pipe.execute()
+        else:
+            for i, t in enumerate(texts):  # open loop: arrival i is due at t0 + i/rate, whatever the results do
+                time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+                r.xadd("filterd:in", {"text": t, "id": str(i)})
         while r.xlen("filterd:out") < len(texts):
             time.sleep(0.02)
         wall = time.perf_counter() - t0
@@ -67,10 +78,11 @@ def bench_daemon(model: Path, texts: list[str], work: Path) -> dict:
         d.stop()
     finally:
         redis.stop()
+        shutil.rmtree(work / "redis", ignore_errors=True)
     lat = [(entry_ms(oid) - entry_ms(f[b"entry"])) / 1000 for oid, f in out]
     return {"messages": len(texts), "seconds": wall, "messages_per_s": len(texts) / wall,
-            "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99), "mean_batch_size": mean_batch,
-            "mean_padding_ratio": padding}  # fmt: skip
+            "arrival_rate": rate, "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
+            "mean_batch_size": mean_batch, "mean_padding_ratio": padding}  # fmt: skip
 
 
 def bench_single(model: Path, texts: list[str]) -> dict:
@@ -93,6 +105,8 @@ def main() -> None:
     ap.add_argument("--base", default="random:gpt2")
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--single", type=int, default=300, help="messages for the one-at-a-time loop")
+    ap.add_argument("--steady", type=int, default=600, help="messages for the steady-rate run (0: skip)")
+    ap.add_argument("--load", type=float, default=0.5, help="steady arrival rate as a share of the flood's messages/s")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, help="keep the model, Redis data and filterd log here (default: a temp dir)")
     args = ap.parse_args()
@@ -102,14 +116,18 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         model = make_model(args.base, work / "model", max_length)
-        results = {"single": bench_single(model, texts[: args.single]), "daemon": bench_daemon(model, texts, work)}
+        results = {"single": bench_single(model, texts[: args.single]), "daemon": run_daemon(model, texts, work, None)}
+        if args.steady:
+            rate = args.load * results["daemon"]["messages_per_s"]
+            results["daemon-steady"] = run_daemon(model, texts[: args.steady], work, rate)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "base": args.base, "max_length": max_length}  # fmt: skip
     print(f"{args.base} on {machine['cores']} cores, torch {machine['torch']}")
-    print("| contender | messages | messages/s | p50 ms | p99 ms | mean batch | padding |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| contender | messages | arrivals/s | messages/s | p50 ms | p99 ms | mean batch | padding |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
-        print(f"| {name} | {r['messages']} | {r['messages_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+        arrivals = {"single": "one at a time", "daemon": "all at once"}.get(name) or f"{r['arrival_rate']:.1f}"
+        print(f"| {name} | {r['messages']} | {arrivals} | {r['messages_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
               f"{r['mean_batch_size']:.1f} | {r['mean_padding_ratio']:.3f} |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

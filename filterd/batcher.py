@@ -85,6 +85,7 @@ class Scored:
     tokens: int
     queued_s: float  # arrival to the start of its batch
     inference_s: float  # the forward pass it was part of
+    threshold: float = 0.5  # the threshold `verdict` was decided by (SMTP headers report it)
 
 
 @dataclass(eq=False)
@@ -344,6 +345,6 @@ class Batcher:
             for req, score in zip(batch.requests, scores):
                 if not req.future.done():  # a cancelled caller must not break the others
                     verdict = "spam" if score >= threshold else "ham"
-                    req.future.set_result(Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds))
+                    req.future.set_result(Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds, threshold))
         finally:
             self._slot.release()

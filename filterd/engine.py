@@ -7,6 +7,8 @@ every path scores a message with the same code. Batches are padded to their long
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,6 +20,8 @@ from .model import LABELS, GPT2Classifier
 from .tokenizer import Tokenizer, pad_batch
 from .weights import ModelMeta, load_model_dir
 
+log = logging.getLogger("filterd")
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -27,6 +31,57 @@ class Verdict:
 
 
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# bf16 keeps fp32's exponent but only 8 bits of mantissa: scores move a little. A model whose
+# probe scores move more than this is served in fp32 instead (a wrong verdict costs more than speed).
+BF16_MAX_SCORE_DIFF = 0.02
+PROBES = 24
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """How bf16 scores compared with fp32 on probe inputs when the model was loaded."""
+
+    dtype: str  # what the engine serves in after the check
+    probes: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    reason: str  # why bf16 was kept or refused, for the log
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def probe_sequences(max_length: int, n: int = PROBES, seed: int = 0) -> list[list[int]]:
+    """Deterministic token sequences of spread-out lengths: the same probes for every model and machine."""
+    g = torch.Generator().manual_seed(seed)
+    top = max(2, min(max_length, 256))
+    lengths = torch.linspace(1, top, n).round().int().tolist()
+    return [torch.randint(0, 50256, (length,), generator=g).tolist() for length in lengths]
+
+
+def check_bf16(model: GPT2Classifier, max_length: int, device: torch.device) -> tuple[GPT2Classifier, PrecisionCheck]:
+    """Score the probes with the fp32 model and a bf16 copy; the model to serve and why.
+
+    The copy (not an in-place cast) matters: casting back to fp32 would not restore the rounded weights.
+    """
+    if device.type == "cpu" and not cpu_supports_bf16():
+        return model, PrecisionCheck("float32", 0, 0.0, 0.0, "this CPU has no native bf16 (AVX512-BF16/AMX): serving float32")
+    probes = probe_sequences(max_length)
+    ref = torch.tensor(score_in_length_batches(model, probes, device))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    diff = (torch.tensor(score_in_length_batches(half, probes, device)) - ref).abs()
+    worst, mean = float(diff.max()), float(diff.mean())
+    if worst > BF16_MAX_SCORE_DIFF:
+        reason = f"bf16 scores differ from fp32 by up to {worst:.4f} (> {BF16_MAX_SCORE_DIFF}): serving float32"
+        return model, PrecisionCheck("float32", len(probes), worst, mean, reason)
+    return half, PrecisionCheck("bfloat16", len(probes), worst, mean, f"bf16 agrees with fp32 within {worst:.4f} on {len(probes)} probes")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -79,23 +134,39 @@ def score_in_length_batches(
 class Engine:
     """A model directory loaded for inference on one device."""
 
-    def __init__(self, model: GPT2Classifier, meta: ModelMeta, device: torch.device, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT2Classifier,
+        meta: ModelMeta,
+        device: torch.device,
+        path: Path | None = None,
+        precision: PrecisionCheck | None = None,
+    ) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = device
         self.path = path
+        self.precision = precision
         self.tokenizer = Tokenizer(meta.max_length)
         self.threshold = meta.threshold
 
     @classmethod
     def load(cls, path: Path | str, device: str = "auto", dtype: str = "auto") -> "Engine":
-        """`dtype` auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU only when asked for)."""
+        """`dtype` auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU only when asked for).
+
+        bf16 is checked against fp32 on probe inputs first and refused (fp32 served, a warning
+        logged) where scores drift or the CPU lacks native bf16.
+        """
         dev = pick_device(device)
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         model, meta = load_model_dir(Path(path))
-        chosen = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        return cls(model.to(device=dev, dtype=chosen), meta, dev, Path(path))
+        model = model.to(device=dev, dtype=torch.float32).eval()
+        precision = None
+        if (DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)) == torch.bfloat16:
+            model, precision = check_bf16(model, meta.max_length, dev)
+            (log.info if precision.dtype == "bfloat16" else log.warning)("model %s: %s", meta.version, precision.reason)
+        return cls(model, meta, dev, Path(path), precision)
 
     @property
     def version(self) -> str:
