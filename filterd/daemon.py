@@ -1,7 +1,7 @@
 """`filterd serve`: the model, the batcher, the ingresses and the metrics endpoint in one event loop.
 
-Start: load the model (a failure is a one-line exit), warm it up, start the batcher, the Redis
-ingress and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
+Start: load the model (a failure is a one-line exit), warm it up, start the batcher, the SMTP and
+Redis ingresses and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
 channel, or the model path changing) reloads the model in the background. SIGTERM/SIGINT: stop
 reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1, exit 0.
 """
@@ -19,6 +19,7 @@ from .batcher import Batcher, Scored
 from .engine import Engine
 from .errors import ConfigError
 from .ingress.redis_streams import TRANSIENT, RedisIngress
+from .ingress.smtp import SmtpIngress
 from .metrics import FilterdMetrics, MetricsServer
 from .notify import sd_notify
 from .reload import ModelHolder
@@ -43,6 +44,7 @@ class Daemon:
         self.holder = ModelHolder(cfg.model.path, self._load, self.metrics)
         self.batcher: Batcher | None = None
         self.redis: RedisIngress | None = None
+        self.smtp: SmtpIngress | None = None
         self.server: MetricsServer | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -58,17 +60,23 @@ class Daemon:
         assert self.batcher is not None
         return await self.batcher.submit(self.holder.current().tokenizer.encode(text))
 
+    async def score_text_or_busy(self, text: str) -> Scored:
+        """For SMTP: a full queue raises QueueFull at once (the client gets 451 and retries later),
+        where Redis simply stops reading."""
+        assert self.batcher is not None
+        return await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
+
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
             return False, "no model loaded"
         if self.redis is not None and not self.redis.up:
             return False, "redis ingress is not connected"
+        if self.smtp is not None and not self.smtp.up:
+            return False, "smtp ingress is not listening"
         return True, "ok"
 
     async def run(self) -> int:
         cfg = self.cfg
-        if cfg.smtp.enabled:
-            raise ConfigError("the SMTP ingress is not in this build yet: set smtp.enabled = false")
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(self.holder.load_initial)
         log.info(
@@ -82,6 +90,14 @@ class Daemon:
         )  # fmt: skip
         await self.batcher.start()
         sources = []
+        if cfg.smtp.enabled:
+            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics)
+            try:
+                await self.smtp.start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {e.strerror or e}") from None
+            self._tasks.append(asyncio.create_task(self.smtp.run(self.stop), name="smtp-ingress"))
+            sources.append("smtp")
         if cfg.redis.enabled:
             self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics)
             self._tasks.append(asyncio.create_task(self.redis.run(self.stop), name="redis-ingress"))
