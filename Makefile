@@ -11,12 +11,18 @@ export TIKTOKEN_CACHE_DIR ?= $(FILTERD_SHARED)/tiktoken
 
 install: $(VENV)/.installed services
 
-# Real services for the tests and the demo (Debian packages): redis-server, and promtool from prometheus.
+# Real services for the tests and the demo (Debian packages): redis-server, promtool from prometheus,
+# and postfix (installed unconfigured: the tests run private instances, never the one on port 25).
 services:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q redis-server prometheus >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q redis-server prometheus >/dev/null; }; }
+	@test -x /usr/sbin/postfix || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get install -y -q postfix >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q postfix >/dev/null; }; }
 
 # The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml

@@ -1,0 +1,151 @@
+"""The Postfix harness and the shipped deploy/postfix snippets, with a pass-through filter in filterd's
+place: mail goes through the filter hop and re-injection, waits in the queue while the filter is
+down, and is delivered exactly once after it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import smtplib
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from ..postfix import PostfixServer, postfix_available
+from ..services import free_port
+from ..smtp_sink import SmtpSink
+
+pytestmark = pytest.mark.skipif(not postfix_available(), reason="needs root and /usr/sbin/postfix (make services installs it)")
+
+
+class PassThrough:
+    """What filterd does at its simplest: relay the exact bytes to the re-injection port, and only
+    then say 250; a 451 when that fails, so the message stays queued in Postfix."""
+
+    def __init__(self, port: int, next_port: int) -> None:
+        self.port, self.next_port = port, next_port
+        self.controller: Controller | None = None
+        self.relayed = 0
+
+    def start(self) -> "PassThrough":
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False, enable_SMTPUTF8=True)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or envelope.content
+        options = [o for o in envelope.mail_options if o.upper().startswith(("BODY=", "SMTPUTF8"))]
+        try:
+            await asyncio.to_thread(self._relay, envelope.mail_from, list(envelope.rcpt_tos), data, options)
+        except (OSError, smtplib.SMTPException) as e:
+            return f"451 4.3.0 next hop failed: {e}"
+        self.relayed += 1
+        return "250 2.0.0 OK: relayed"
+
+    def _relay(self, mail_from: str, rcpt_tos: list[str], data: bytes, options: list[str]) -> None:
+        with smtplib.SMTP("127.0.0.1", self.next_port, timeout=30) as c:
+            c.sendmail(mail_from, rcpt_tos, data, mail_options=options)
+
+
+def corpus_messages(root: Path, n: int) -> list[bytes]:
+    """n distinct real messages (ham and spam alternately), mbox From_ line removed, CRLF line ends.
+    Only messages whose lines fit in 998 bytes: Postfix folds longer ones on final delivery."""
+    pools = [sorted((root / d).iterdir()) for d in ("easy_ham", "spam")]
+    out: list[bytes] = []
+    seen: set[bytes] = set()
+    for files in zip(*pools):
+        for f in files:
+            raw = re.sub(rb"\r?\n", b"\r\n", re.sub(rb"\AFrom [^\n]*\n", b"", f.read_bytes()))
+            mid = message_id(raw)
+            if mid and mid not in seen and b"\r\n\r\n" in raw and max(map(len, raw.split(b"\r\n"))) <= 990:
+                seen.add(mid)
+                out.append(raw)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"fewer than {n} usable messages in {root}")
+
+
+def message_id(raw: bytes) -> bytes | None:
+    mid = BytesHeaderParser().parsebytes(raw).get("Message-ID")
+    return str(mid).strip().encode() if mid else None
+
+
+def body(raw: bytes) -> bytes:
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+POSTFIX_DROPS = (b"bcc", b"content-length", b"resent-bcc", b"return-path")  # message_drop_headers
+
+
+def headers(raw: bytes, drop: tuple[bytes, ...] = ()) -> bytes:
+    """The header block, without the named fields (each with its continuation lines)."""
+    fields: list[bytes] = []
+    for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return b"\r\n".join(f for f in fields if f.split(b":", 1)[0].strip().lower() not in drop)
+
+
+@pytest.fixture
+def sink():
+    s = SmtpSink().start()
+    yield s
+    s.stop()
+
+
+def test_postfix_filters_queues_while_filter_down_and_delivers_once(tmp_path, sink, spamassassin_dir):
+    messages = corpus_messages(spamassassin_dir, 8)
+    filter_port, reinject_port = free_port(), free_port()
+    flt = PassThrough(filter_port, reinject_port).start()
+    pf = PostfixServer(tmp_path / "postfix", filter_port=filter_port, reinject_port=reinject_port, relay_port=sink.port)
+    try:
+        pf.start()
+        rcpts = lambda i: (f"user{i}@example.com", f"list{i}@example.net")  # noqa: E731
+        for i, raw in enumerate(messages[:5]):
+            pf.submit(raw, f"sender{i}@example.org", rcpts(i))
+        got = sink.wait_for(5, timeout=15)
+        assert flt.relayed == 5  # every message went through the filter hop, none around it
+        by_id = {message_id(r.data): r for r in got}
+        for i, raw in enumerate(messages[:5]):
+            r = by_id[message_id(raw)]
+            assert (r.mail_from, r.rcpt_tos) == (f"sender{i}@example.org", rcpts(i))
+            assert body(r.data) == body(raw)  # the body, byte for byte
+            # Postfix's Received: headers, one per pass (submission, re-injection), above the original ones
+            assert r.data.count(b"by mx.filterd.test (Postfix)") == 2
+            assert headers(r.data).endswith(headers(raw, drop=POSTFIX_DROPS))
+
+        flt.stop()  # filter down: Postfix keeps the mail queued and retries
+        for i, raw in enumerate(messages[5:], start=5):
+            pf.submit(raw, f"sender{i}@example.org", rcpts(i))
+        refused = f"127.0.0.1[127.0.0.1]:{filter_port}: Connection refused"
+        pf.wait_queue(
+            lambda q: (
+                len(q) == 3
+                and all(m["queue_name"] in ("deferred", "active") for m in q)
+                and any(refused in r.get("delay_reason", "") for m in q for r in m["recipients"])
+            ),
+            timeout=10,
+        )
+        assert len(sink.messages) == 5 and flt.relayed == 5
+
+        flt.start()
+        pf.flush()
+        sink.wait_for(8, timeout=15)
+        pf.wait_queue(lambda q: not q, timeout=10)  # nothing left to deliver, so nothing more can arrive
+        ids = [message_id(r.data) for r in sink.messages]
+        assert len(ids) == 8 and set(ids) == {message_id(m) for m in messages}, ids
+        assert flt.relayed == 8
+    finally:
+        pf.stop()
+        flt.stop()
+    assert pf.master_pid() is None
