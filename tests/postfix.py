@@ -21,6 +21,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from .services import free_port
@@ -379,3 +380,26 @@ def _wait_reaped(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _state(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def corpus_messages(root: Path, n: int) -> list[bytes]:
+    """n distinct real messages (ham and spam alternately), mbox From_ line removed, CRLF line ends.
+    Only messages whose lines fit in 998 bytes: Postfix folds longer ones on final delivery."""
+    pools = [sorted((root / d).iterdir()) for d in ("easy_ham", "spam")]
+    out: list[bytes] = []
+    seen: set[bytes] = set()
+    for files in zip(*pools):
+        for f in files:
+            raw = re.sub(rb"\r?\n", b"\r\n", re.sub(rb"\AFrom [^\n]*\n", b"", f.read_bytes()))
+            mid = message_id(raw)
+            if mid and mid not in seen and b"\r\n\r\n" in raw and max(map(len, raw.split(b"\r\n"))) <= 990:
+                seen.add(mid)
+                out.append(raw)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"fewer than {n} usable messages in {root}")
+
+
+def message_id(raw: bytes) -> bytes | None:
+    mid = BytesHeaderParser().parsebytes(raw).get("Message-ID")
+    return str(mid).strip().encode() if mid else None

@@ -48,10 +48,10 @@ class FilterdProcess:
             return e.code, e.read().decode()
 
     def metric(self, name: str) -> float:
-        """Sum of every series of one metric name (e.g. filterd_batch_size_sum)."""
+        """Sum of every series of one metric name (filterd_batch_size_sum), or one series (name{label="v"})."""
         total = 0.0
         for line in self.get("/metrics")[1].splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 

@@ -5,16 +5,13 @@ down, and is delivered exactly once after it comes back."""
 from __future__ import annotations
 
 import asyncio
-import re
 import smtplib
-from email.parser import BytesHeaderParser
-from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..postfix import PostfixServer, postfix_available
+from ..postfix import PostfixServer, corpus_messages, message_id, postfix_available
 from ..services import free_port
 from ..smtp_sink import SmtpSink
 
@@ -53,29 +50,6 @@ class PassThrough:
     def _relay(self, mail_from: str, rcpt_tos: list[str], data: bytes, options: list[str]) -> None:
         with smtplib.SMTP("127.0.0.1", self.next_port, timeout=30) as c:
             c.sendmail(mail_from, rcpt_tos, data, mail_options=options)
-
-
-def corpus_messages(root: Path, n: int) -> list[bytes]:
-    """n distinct real messages (ham and spam alternately), mbox From_ line removed, CRLF line ends.
-    Only messages whose lines fit in 998 bytes: Postfix folds longer ones on final delivery."""
-    pools = [sorted((root / d).iterdir()) for d in ("easy_ham", "spam")]
-    out: list[bytes] = []
-    seen: set[bytes] = set()
-    for files in zip(*pools):
-        for f in files:
-            raw = re.sub(rb"\r?\n", b"\r\n", re.sub(rb"\AFrom [^\n]*\n", b"", f.read_bytes()))
-            mid = message_id(raw)
-            if mid and mid not in seen and b"\r\n\r\n" in raw and max(map(len, raw.split(b"\r\n"))) <= 990:
-                seen.add(mid)
-                out.append(raw)
-            if len(out) == n:
-                return out
-    raise AssertionError(f"fewer than {n} usable messages in {root}")
-
-
-def message_id(raw: bytes) -> bytes | None:
-    mid = BytesHeaderParser().parsebytes(raw).get("Message-ID")
-    return str(mid).strip().encode() if mid else None
 
 
 def body(raw: bytes) -> bytes:
