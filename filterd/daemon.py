@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import time
@@ -77,6 +78,19 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
+        # Ports first: a port in use fails in a second, not after a model load.
+        if cfg.smtp.enabled:
+            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics)
+            try:
+                await self.smtp.start(serving=False)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
+        listen = cfg.metrics.listen
+        self.server = MetricsServer((listen.host, listen.port), self.metrics.registry, self.health)
+        try:
+            await self.server.start()  # /healthz answers 503 until the model is loaded
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {listen} for metrics: {_why(e)}") from None
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(self.holder.load_initial)
         log.info(
@@ -90,12 +104,7 @@ class Daemon:
         )  # fmt: skip
         await self.batcher.start()
         sources = []
-        if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics)
-            try:
-                await self.smtp.start()
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {e.strerror or e}") from None
+        if self.smtp is not None:
             self._tasks.append(asyncio.create_task(self.smtp.run(self.stop), name="smtp-ingress"))
             sources.append("smtp")
         if cfg.redis.enabled:
@@ -104,12 +113,6 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._model_channel(), name="model-channel"))
             sources.append("redis")
         self.metrics.prime(sources)
-        listen = cfg.metrics.listen
-        self.server = MetricsServer((listen.host, listen.port), self.metrics.registry, self.health)
-        try:
-            await self.server.start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {listen} for metrics: {e.strerror or e}") from None
         watcher = asyncio.create_task(self.holder.watch(self.stop, cfg.model.poll_interval), name="model-watch")
         self._install_signals()
         sd_notify("READY=1\nSTATUS=serving")
@@ -155,6 +158,10 @@ class Daemon:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 await client.aclose()
+
+
+def _why(e: OSError) -> str:
+    return os.strerror(e.errno).lower() if e.errno else str(e)
 
 
 def serve(cfg: Any) -> int:

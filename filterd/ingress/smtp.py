@@ -233,14 +233,22 @@ class SmtpIngress:
             decode_data=False, hostname="filterd", ident="filterd", timeout=self.cfg.timeout,
         )  # fmt: skip
 
-    async def start(self) -> None:
-        """Bind now, so a port in use is a startup error rather than a silent dead ingress."""
+    async def start(self, serving: bool = True) -> None:
+        """Bind now, so a port in use is a startup error rather than a silent dead ingress.
+
+        `serving=False` binds without accepting yet: the daemon binds before the (slow) model load
+        and accepts once it can classify.
+        """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._session, host=self.cfg.listen.host, port=self.cfg.listen.port)
+        self._server = await loop.create_server(
+            self._session, host=self.cfg.listen.host, port=self.cfg.listen.port, start_serving=serving
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._server is None:
             await self.start()
+        assert self._server is not None
+        await self._server.start_serving()
         await stop.wait()
         await self.close()
 
