@@ -7,7 +7,9 @@
 split (the split's ids are the corpus-relative file names) goes in its own SMTP session, at most
 `--concurrency` at a time (Postfix's `scan` maxproc plays this role in production). The verdict is
 read back from the relayed message's X-Spam-Flag and X-Spam-Score headers, and compared with the
-split's labels and with the in-process engine scoring the same split's text.
+split's labels and with the in-process engine scoring the same split's text. (SMTP carries lines
+ending in CRLF: a file with stray bare CRs reaches filterd with extra line breaks, and its text,
+hence its score, can differ a little from the file's.)
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def main() -> None:
             d.stop()
         relayed = {r.rcpt_tos[0]: email.message_from_bytes(r.data, policy=email.policy.default) for r in sink.messages}
 
+    missing = [i for i in range(len(rows)) if f"m{i}@example.net" not in relayed]
+    if missing:
+        raise SystemExit(f"{len(missing)} not relayed, e.g. {rows[missing[0]].id}: reply {codes[missing[0]]}; replies {sorted(set(codes))}")
     scores = [float(relayed[f"m{i}@example.net"]["X-Spam-Score"]) for i in range(len(rows))]
     flags = [relayed[f"m{i}@example.net"]["X-Spam-Flag"] for i in range(len(rows))]
     threshold = float(relayed["m0@example.net"]["X-Spam-Status"].split("threshold=")[1].split()[0])
@@ -99,6 +104,7 @@ def main() -> None:
         "session_p99_ms": 1000 * pct(session_s, 0.99), "mean_batch_size": mean_batch,
         "smtp": smtp.to_dict(), "engine_on_split_text": direct_m.to_dict(),
         "max_abs_score_diff_vs_engine": max(abs(a - b.score) for a, b in zip(scores, direct)),
+        "differing_vs_engine": [r.id for a, b, r in zip(scores, direct, rows) if abs(a - b.score) > 1e-4],
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
     }  # fmt: skip
     print(f"{result['base']} ({result['model']}), {len(rows)} {args.split} messages, concurrency {args.concurrency}")
@@ -108,7 +114,8 @@ def main() -> None:
           f"{result['messages_per_s']:.1f} | {result['session_p50_ms']:.0f} ms | {result['session_p99_ms']:.0f} ms | {mean_batch:.1f} |")
     print(f"| engine on the split's text | {100 * direct_m.accuracy:.2f}% | {100 * direct_m.spam_recall:.2f}% | "
           f"{100 * direct_m.ham_fpr:.2f}% | | | | |")  # fmt: skip
-    print(f"replies {result['replies']}; max |score diff| SMTP vs engine {result['max_abs_score_diff_vs_engine']:.2e}")
+    print(f"replies {result['replies']}; max |score diff| SMTP vs engine {result['max_abs_score_diff_vs_engine']:.2e}; "
+          f"differing by > 1e-4: {result['differing_vs_engine']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,15 @@ class Received:
     data: bytes
 
 
+class _LongLines(SMTP):
+    line_length_limit = 1 << 20  # like Postfix, take lines over RFC 5321's 1000 bytes rather than 500 them
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _LongLines(self.handler, **self.SMTP_kwargs)
+
+
 class _Handler:
     def __init__(self, sink: "SmtpSink") -> None:
         self.sink = sink
@@ -60,7 +69,7 @@ class SmtpSink:
         if self._controller is not None:
             return self
         # A new Controller each time: a stopped one has closed its event loop.
-        controller = Controller(
+        controller = _Controller(
             _Handler(self),
             hostname="127.0.0.1",  # not "localhost": that may resolve to ::1 first
             port=self.port,

@@ -284,3 +284,14 @@ def test_corpus_messages_relay_exactly(sink, spamassassin_dir: Path):
         wire = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         wire = wire if wire.endswith(b"\r\n") else wire + b"\r\n"
         assert r.data.split(b"\r\n", 3)[3] == strip_spam_headers(wire)
+
+
+def test_lines_longer_than_rfc_limit_are_relayed_unchanged(sink):
+    """Real mail has lines over 1000 bytes (24 SpamAssassin messages); a 500 would make Postfix bounce them."""
+    raw = message("long line", "x" * 5000)
+
+    async def body(ingress):
+        return await send(ingress.port, raw)
+
+    assert serve(smtp_cfg(sink))(body)[0] == 250
+    assert sink.wait_for(1)[0].data.endswith(raw)

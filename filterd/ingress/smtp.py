@@ -34,6 +34,7 @@ TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 BUSY = "451 4.3.2 filterd is busy, try again later"
 NEXT_HOP_DOWN = "451 4.3.0 Next hop unavailable, try again later"
 SHUTTING_DOWN = "421 4.3.2 filterd shutting down"
+LONGEST_LINE = 1 << 20
 # Parsing a large mail takes long enough to stall every other session: do it in a thread.
 THREAD_PARSE_BYTES = 256 * 1024
 
@@ -93,6 +94,11 @@ class Relay:
 
 class _Server(SMTP):
     """aiosmtpd's SMTP session with enhanced status codes on its own size refusals."""
+
+    # RFC 5321 says 1000 bytes a line, but real mail breaks it (24 of the 6,046 SpamAssassin
+    # messages do) and Postfix passes such lines on. aiosmtpd would answer 500, and Postfix would
+    # bounce the message: a filter must not lose mail over line length.
+    line_length_limit = LONGEST_LINE
 
     def __init__(self, handler: "FilterHandler", sessions: set["_Server"], **kw: Any) -> None:
         super().__init__(handler, **kw)
