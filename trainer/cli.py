@@ -1,4 +1,4 @@
-"""`filterd-trainer` command line: prepare, fit, evaluate, generate."""
+"""`filterd-trainer` command line: prepare, fit, evaluate, generate, learn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from filterd.cli import run_main, safe_text
+from filterd.cli import _config_args, run_main, safe_text
 from filterd.errors import FilterdError
 
 
@@ -82,6 +82,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from filterd.config import load_config
+
+    from .learn import LearnReport, learn
+    from .store import LabelStore
+
+    if not args.sources:
+        raise FilterdError("learn needs --spam PATH... and/or --ham PATH...")
+    cfg = load_config(args.config, args.set)
+    for _, paths in args.sources:  # a typo on the command line: say so before writing anything
+        for path in paths:
+            if not Path(path).exists():
+                raise FilterdError(f"{safe_text(path)}: no such file or directory")
+    reports: dict[str, LearnReport] = {}
+    with LabelStore(cfg.trainer.store) as store:
+        for label, paths in args.sources:  # in command-line order: for a message given twice, the later option wins
+            report = learn(store, paths, label)
+            for where, reason in report.skipped:
+                print(f"skipped {safe_text(where)}: {reason}", file=sys.stderr)
+            reports.setdefault(label, LearnReport(label)).merge(report)
+        counts = store.counts()
+    for report in reports.values():
+        print(report.summary())
+    print(f"store {safe_text(str(cfg.trainer.store))}: {counts['spam']} spam, {counts['ham']} ham")
+    return 0
+
+
+class _LabelledPaths(argparse.Action):
+    """--spam/--ham PATH...: collect (label, paths) in the order given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+        sources = list(getattr(namespace, self.dest) or [])
+        sources.append((self.const, list(values)))  # type: ignore[call-overload]
+        setattr(namespace, self.dest, sources)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterd-trainer", description="prepare data, fine-tune and evaluate filterd models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="print the generated token ids as a JSON list")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("learn", help="add labelled messages to the label store: files, directories, mbox, Maildir")
+    _config_args(p, required=True)
+    for label in ("spam", "ham"):
+        p.add_argument(f"--{label}", dest="sources", nargs="+", metavar="PATH", action=_LabelledPaths, const=label,
+                       help=f"{label}: message files, mbox files, Maildirs or directories of them")  # fmt: skip
+    p.set_defaults(func=cmd_learn, sources=[])
     return parser
 
 
