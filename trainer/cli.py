@@ -112,7 +112,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 class _LabelledPaths(argparse.Action):
     """--spam/--ham PATH...: collect (label, paths) in the order given."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None
+    ) -> None:
         sources = list(getattr(namespace, self.dest) or [])
         sources.append((self.const, list(values)))  # type: ignore[call-overload]
         setattr(namespace, self.dest, sources)
