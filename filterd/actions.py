@@ -1,33 +1,89 @@
-"""What happens to one classified mail: headers to add, recipients, bytes to relay, the SMTP reply.
+"""What happens to one classified mail: the headers it gets, who receives it, the bytes relayed, the SMTP reply.
 
-Pure functions on bytes, so every rule is testable without sockets. The message is never parsed
-and re-serialised (that would change bytes): incoming `X-Spam-*` header fields are cut out of the
-header block, our fields are prepended, and everything else is relayed as it came.
+Pure functions on bytes, so every rule is testable without sockets; `ingress/smtp.py` only carries
+the `Outcome` out. The message is never parsed and re-serialised with the email package (that
+changes bytes): our fields are prepended, incoming fields in our namespaces (`X-Spam-*`,
+`X-Filterd-*`) are cut out of the header block so a sender cannot forge them, and every other byte
+is relayed as it came.
+
+Readers disagree on where a header block ends, and a forged field must be gone for all of them, so
+the block is read as leniently as the most lenient common reader: Python's email package (a bare CR
+ends a line, `From ` lines and nameless `:x` lines do not end the block) and Postfix (blanks allowed
+before the colon). Continuation lines with no field above them are dropped as well: once our
+fields are prepended they would fold into ours.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .config import SmtpConfig
 
 ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
+ON_ERROR = ("accept", "tempfail")
 
-_FIELD = re.compile(rb"^[!-9;-~]+:")  # a header field name (printable ASCII except ':') and its colon
-_SPAM_FIELD = re.compile(rb"^x-spam-[!-9;-~]*:", re.IGNORECASE)
-_SUBJECT = re.compile(rb"^subject:[ \t]*", re.IGNORECASE)
-_UNSAFE = re.compile(r"[^\x21-\x7e]")  # anything that could break a header line: controls, spaces, non-ASCII
+TEMPFAIL_REPLY = "451 4.3.0 Temporary failure classifying message, try again later"
+REPLIES = {  # RFC 3463 enhanced codes; relayed outcomes are answered only once the next hop took the message
+    "pass": "250 2.0.0 Ok: queued as ham",
+    "tag": "250 2.0.0 Ok: tagged spam",
+    "subject": "250 2.0.0 Ok: tagged spam, subject marked",
+    "quarantine": "250 2.0.0 Ok: spam quarantined",
+    "discard": "250 2.0.0 Ok: discarded as spam",  # the client must believe it was delivered
+    "reject": "550 5.7.1 Message rejected as spam",
+    "accept-unknown": "250 2.0.0 Ok: queued unclassified",
+    "tempfail": TEMPFAIL_REPLY,
+}
+
+# Header lines, as regular expressions: the block can be megabytes, and `decide` runs on the event loop,
+# so it is cut with a few C-level passes rather than a Python loop over lines.
+# A line ends as the email package ends it (a bare CR too); atomic, so no match can split a CRLF; the last line may have no ending.
+_EOL = rb"(?>\r\n|\r|\n|\Z)"
+_AT_LINE_START = rb"(?<![^\r\n])"
+_CONT = rb"[ \t][^\r\n]*+" + _EOL  # a continuation line
+_ENVELOPE = rb"From [^\r\n]*+" + _EOL  # an mbox From_ line
+_FIELD = rb"[!-9;-~]*+[ \t]*+:[^\r\n]*+" + _EOL  # name (printable ASCII but ':', may be empty), Postfix's blanks, colon
+_OURS = rb"(?i:x-spam-|x-filterd-)[^\r\n]*+" + _EOL  # names only filterd may write (in the block, such a line is a field)
+
+_BLOCK = re.compile(rb"(?:%b|%b|%b)*+" % (_CONT, _ENVELOPE, _FIELD))
+_TOP = re.compile(rb"(?:%b|%b)*+" % (_CONT, _ENVELOPE))  # what comes before the first field
+_ORPHAN = re.compile(_AT_LINE_START + _CONT)  # (used on _TOP only) continues no field
+_OUR_FIELD = re.compile(_AT_LINE_START + _OURS + rb"(?:%b)*+(?!From )" % _CONT)
+# The email package folds a continuation line into the last field even across a From_ line.
+_OUR_FIELD_ACROSS_FROM = re.compile(_AT_LINE_START + _OURS + rb"(?:%b|%b)*+" % (_CONT, _ENVELOPE))
+_ENVELOPE_LINE = re.compile(_AT_LINE_START + _ENVELOPE)
+_SUBJECT = re.compile(_AT_LINE_START + rb"(?i:subject)[ \t]*+:[ \t]*+(?P<rest>[^\r\n]*+)%b(?:%b)*+" % (_EOL, _CONT))
+_FIRST_EOL = re.compile(rb"\r\n|\r|\n")
+_LEADING_FWS = re.compile(rb"(?:[ \t]|(?:\r\n|\r|\n)(?=[ \t]))*+")  # blanks and folds before a value
+_UNSAFE = re.compile(r"[^!-~]")  # in a token: spaces, controls, line breaks, non-ASCII
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PLAIN = re.compile(r"[!-~]+")  # a word that can go into a header as is
+_MAX_LINE = 998  # RFC 5322, without the line ending
+_FOLD_AT = 78  # RFC 5322's recommended width for the lines we write
 
 
 @dataclass(frozen=True)
 class Policy:
-    action: str = "tag"
+    """What to do with spam, and with mail that could not be classified."""
+
+    action: str = "tag"  # tag | subject | quarantine | discard | reject
     quarantine_rcpt: str = ""
     subject_prefix: str = "[SPAM] "
-    on_error: str = "accept"
+    on_error: str = "accept"  # accept | tempfail
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {self.action!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if self.action == "quarantine" and not self.quarantine_rcpt:
+            raise ValueError('quarantine_rcpt is required when action = "quarantine"')
 
     @classmethod
-    def from_config(cls, smtp_cfg: Any) -> "Policy":
+    def from_config(cls, smtp_cfg: SmtpConfig) -> Policy:
         return cls(smtp_cfg.action, smtp_cfg.quarantine_rcpt, smtp_cfg.subject_prefix, smtp_cfg.on_error)
 
 
@@ -42,121 +98,168 @@ class Classification:
 @dataclass(frozen=True)
 class Outcome:
     relay: bool  # send `data` to the next hop for `recipients`; answer `reply` only once it accepted
-    recipients: tuple[str, ...]
-    data: bytes
-    reply: str
+    recipients: tuple[str, ...]  # () when nothing is relayed
+    data: bytes  # b"" when nothing is relayed
+    reply: str  # the SMTP reply line for the client
     action: str  # tag | subject | quarantine | discard | reject | pass | accept-unknown | tempfail
 
 
-def _header_end(raw: bytes) -> int:
-    """Offset where the header block ends (its blank line excluded); 0 when the message has no headers."""
-    pos = 0
-    while pos < len(raw):
-        nl = raw.find(b"\n", pos)
-        line = raw[pos:] if nl < 0 else raw[pos : nl + 1]
-        bare = line.rstrip(b"\r\n")
-        if not bare:  # the blank line between header and body
-            return pos
-        if not (_FIELD.match(bare) or (pos and line[:1] in (b" ", b"\t"))):
-            return pos  # not a header line (a body without a blank line, an mbox From_ line): stop here
-        if nl < 0:
-            return len(raw)
-        pos = nl + 1
-    return pos
+# --- the header block ----------------------------------------------------------------
 
 
-def _split_fields(block: bytes) -> list[bytes]:
-    """Header fields, each with its continuation lines and line endings, exactly as in the block."""
-    fields: list[bytes] = []
-    for line in block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
+def _header_block(raw: bytes) -> int:
+    """Where the header block ends: its blank line, or a body's first line, belongs to the rest."""
+    return _BLOCK.match(raw).end()
+
+
+def _without_ours(block: bytes) -> bytes:
+    """The block minus our namespaces' fields and continuation lines of no field (they would fold into ours)."""
+    top = _TOP.match(block).end()
+    rest = _OUR_FIELD.sub(b"", block[top:])
+    rest = _OUR_FIELD_ACROSS_FROM.sub(lambda m: b"".join(_ENVELOPE_LINE.findall(m[0])), rest)  # keep From_ lines
+    return _ORPHAN.sub(b"", block[:top]) + rest
 
 
 def _eol(raw: bytes) -> bytes:
-    nl = raw.find(b"\n")
-    return b"\r\n" if nl > 0 and raw[nl - 1 : nl] == b"\r" else b"\n"
+    """The message's own line ending, for the lines we add: CRLF if its first line has one."""
+    m = _FIRST_EOL.search(raw)
+    return b"\r\n" if m and m[0] == b"\r\n" else b"\n"
 
 
 def strip_spam_headers(raw: bytes) -> bytes:
-    """The message without any X-Spam-* header field (so a sender cannot forge ours); the rest unchanged."""
-    end = _header_end(raw)
-    kept = [f for f in _split_fields(raw[:end]) if not _SPAM_FIELD.match(f)]
-    return b"".join(kept) + raw[end:]
+    """The message without incoming X-Spam-* (and X-Filterd-*) fields; every other byte unchanged."""
+    raw = bytes(raw)
+    end = _header_block(raw)
+    return _without_ours(raw[:end]) + raw[end:]
 
 
-def safe_value(text: str, limit: int = 200) -> str:
-    """A token fit for a header value: no spaces, controls or line breaks (a version or error cannot inject a field)."""
-    return _UNSAFE.sub("_", text)[:limit] or "unknown"
+# --- fields we write -----------------------------------------------------------------
 
 
-def spam_headers(c: Classification | None, error: str = "") -> list[tuple[str, str]]:
-    """Our X-Spam-* fields, in the order they are prepended."""
-    if c is None:
-        return [("X-Spam-Status", f"Unknown, reason={safe_value(error or 'classification-failed')}")]
+def _token(text: str, limit: int) -> str:
+    """One header word: a model version or an error cannot add a line, a field or even a space."""
+    return _UNSAFE.sub("_", str(text))[:limit] or "unknown"
+
+
+def spam_headers(c: Classification | None) -> list[tuple[str, str]]:
+    """Our X-Spam-* fields for a verdict, in the order they are prepended; None: not classified."""
+    return _spam_fields(c, "")
+
+
+def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
+    if c is None:  # no Flag and no Score: nothing was measured
+        return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]
     spam = c.verdict == "spam"
+    score = f"{c.score:.4f}"
     return [
         ("X-Spam-Flag", "YES" if spam else "NO"),
-        ("X-Spam-Score", f"{c.score:.4f}"),
-        ("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={c.score:.4f} threshold={c.threshold:.4f} model={safe_value(c.model)}"),
+        ("X-Spam-Score", score),
+        ("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={score} threshold={c.threshold:.4f} model={_token(c.model, 200)}"),
     ]
 
 
-def _fold_list(name: str, items: Sequence[str], eol: bytes, width: int = 78) -> bytes:
-    """`name: a, b, c` folded at the commas so no line gets near the 998-byte limit."""
+def _field_bytes(fields: list[tuple[str, str]], eol: bytes) -> bytes:
+    return b"".join(f"{name}: {value}".encode("ascii") + eol for name, value in fields)
+
+
+def _encoded_words(text: str) -> list[str]:
+    """RFC 2047 words for text that cannot go into a header as is; each stays within 75 characters."""
+    chunks, chunk = [], ""
+    for char in text:
+        if len((chunk + char).encode("utf-8", "replace")) > 45:  # 45 bytes are 60 base64 characters
+            chunks.append(chunk)
+            chunk = ""
+        chunk += char
+    chunks.append(chunk)
+    return [f"=?utf-8?b?{base64.b64encode(c.encode('utf-8', 'replace')).decode()}?=" for c in chunks if c]
+
+
+def _folded(name: str, words: list[str], eol: bytes) -> bytes:
+    """`name: w1 w2 ...` folded between words (RFC 5322: a line break before the blank)."""
     lines, line = [], f"{name}:"
-    for i, item in enumerate(items):
-        piece = f" {item}" + ("," if i < len(items) - 1 else "")
-        if len(line) + len(piece) > width and line != f"{name}:":
+    for word in words:
+        if len(line) + 1 + len(word) > _FOLD_AT and line != f"{name}:":
             lines.append(line)
             line = ""
-        line += piece
+        line += f" {word}"
     lines.append(line)
-    return eol.join(x.encode("utf-8") for x in lines) + eol
+    return eol.join(text.encode("ascii") for text in lines) + eol
 
 
-def _with_subject_prefix(raw: bytes, prefix: str) -> tuple[bytes, bool]:
-    """Prefix the Subject's value (raw bytes, folding and encoded-words kept); (message, found a Subject)."""
-    end = _header_end(raw)
-    fields = _split_fields(raw[:end])
-    pre = prefix.encode("utf-8")
-    for i, f in enumerate(fields):
-        m = _SUBJECT.match(f)
-        if m:
-            if not f[m.end() :].startswith(pre.rstrip()):
-                fields[i] = f[: m.end()] + pre + f[m.end() :]
-            return b"".join(fields) + raw[end:], True
-    return raw, False
+def _recipients_field(recipients: Sequence[str], eol: bytes) -> bytes:
+    """X-Filterd-Original-Recipients, folded after the commas; non-ASCII addresses as encoded words."""
+    words: list[str] = []
+    for i, rcpt in enumerate(recipients):
+        item = rcpt + ("," if i < len(recipients) - 1 else "")
+        words += [item] if _PLAIN.fullmatch(item) and "=?" not in item else _encoded_words(item)
+    return _folded("X-Filterd-Original-Recipients", words, eol)
+
+
+# --- the Subject ---------------------------------------------------------------------
+
+
+def _prefix_bytes(prefix: str) -> bytes:
+    """The Subject prefix as header bytes: ASCII as is, anything else as encoded words."""
+    prefix = _CONTROL.sub("", prefix)
+    if prefix.isascii():
+        return prefix.encode("ascii")
+    return " ".join(_encoded_words(prefix)).encode("ascii") + b" "  # the blank keeps the last word apart
+
+
+def _mark_subjects(block: bytes, prefix: bytes, eol: bytes) -> bytes:
+    """Every Subject field with `prefix` in front of its value (readers differ on which one they show)."""
+    return _SUBJECT.sub(lambda m: _with_prefix(m, prefix, eol), block)
+
+
+def _with_prefix(m: re.Match[bytes], prefix: bytes, eol: bytes) -> bytes:
+    """The field with the prefix right after "Subject:" and its blanks; folding, encoded words
+    and 8-bit bytes of the value stay as they are."""
+    field, at = m[0], m.start("rest") - m.start()
+    value = _LEADING_FWS.match(field, at).end()
+    if field[value : value + len(prefix.rstrip())].lower() == prefix.rstrip().lower():
+        return field  # already marked (by us on an earlier pass, or upstream)
+    lead = b"" if field[at - 1 : at] in (b" ", b"\t") else b" "  # "Subject:x" still gets "Subject: [SPAM] x"
+    if field[at : at + 2] == b"=?" and not prefix.endswith((b" ", b"\t")):
+        prefix += b" "  # an encoded word is only one when blanks set it apart
+    if m.end("rest") - m.start() + len(lead + prefix) > _MAX_LINE:  # fold after the prefix, not an overlong line
+        prefix = prefix.rstrip() + eol + b" "
+    return field[:at] + lead + prefix + field[at:]
+
+
+# --- the decision --------------------------------------------------------------------
+
+
+def _skip(action: str) -> Outcome:
+    return Outcome(False, (), b"", REPLIES[action], action)
 
 
 def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, policy: Policy, error: str = "") -> Outcome:
-    """The outcome for one message. Ham is always relayed; spam gets the configured action;
-    a failed classification (c None) is relayed untagged or deferred, as `on_error` says."""
-    rcpts = tuple(recipients)
+    """The outcome for one message. Ham is always relayed, tagged; spam gets `policy.action`; a failed
+    classification (c is None, `error` says why) is relayed with an Unknown status or deferred, as
+    `policy.on_error` says."""
+    if c is None and policy.on_error == "tempfail":
+        return _skip("tempfail")
+    spam = c is not None and c.verdict == "spam"
+    if spam and policy.action in ("discard", "reject"):
+        return _skip(policy.action)
+
+    raw = bytes(raw)
     eol = _eol(raw)
-    body = strip_spam_headers(raw)
-    if c is None:
-        if policy.on_error == "tempfail":
-            return Outcome(False, rcpts, b"", "451 4.3.0 Temporary failure classifying message, try again later", "tempfail")
-        added = b"".join(f"{k}: {v}".encode() + eol for k, v in spam_headers(None, error))
-        return Outcome(True, rcpts, added + body, "250 2.0.0 Ok: relayed unclassified", "accept-unknown")
-    added = b"".join(f"{k}: {v}".encode() + eol for k, v in spam_headers(c))
-    if c.verdict != "spam":
-        return Outcome(True, rcpts, added + body, "250 2.0.0 Ok: relayed as ham", "pass")
-    action = policy.action
-    if action == "discard":
-        return Outcome(False, (), b"", "250 2.0.0 Ok: discarded as spam", action)
-    if action == "reject":
-        return Outcome(False, (), b"", "550 5.7.1 Message rejected as spam", action)
-    if action == "subject":
-        body, found = _with_subject_prefix(body, policy.subject_prefix)
-        if not found:
-            added += b"Subject: " + policy.subject_prefix.strip().encode("utf-8") + eol
-        return Outcome(True, rcpts, added + body, "250 2.0.0 Ok: relayed as spam, subject marked", action)
-    if action == "quarantine":
-        added += _fold_list("X-Filterd-Original-Recipients", rcpts, eol)
-        return Outcome(True, (policy.quarantine_rcpt,), added + body, "250 2.0.0 Ok: spam quarantined", action)
-    return Outcome(True, rcpts, added + body, "250 2.0.0 Ok: relayed as spam, tagged", "tag")
+    end = _header_block(raw)
+    block = _without_ours(raw[:end])
+    added = _field_bytes(_spam_fields(c, error), eol)
+    rcpts = tuple(recipients)
+    action = "accept-unknown" if c is None else policy.action if spam else "pass"
+
+    prefix = _prefix_bytes(policy.subject_prefix)
+    if action == "subject" and prefix.strip():
+        if _SUBJECT.search(block):
+            block = _mark_subjects(block, prefix, eol)
+        else:
+            added += b"Subject: " + prefix.rstrip() + eol
+    elif action == "quarantine":
+        added += _recipients_field(rcpts, eol)
+        rcpts = (policy.quarantine_rcpt,)
+
+    data = added + block + raw[end:]
+    return Outcome(True, rcpts, data, REPLIES[action], action)

@@ -35,7 +35,7 @@ BUSY = "451 4.3.2 filterd is busy, try again later"
 NEXT_HOP_DOWN = "451 4.3.0 Next hop unavailable, try again later"
 SHUTTING_DOWN = "421 4.3.2 filterd shutting down"
 LONGEST_LINE = 1 << 20
-# Parsing a large mail takes long enough to stall every other session: do it in a thread.
+# Parsing or rewriting a large mail takes long enough to stall every other session: do it in a thread.
 THREAD_PARSE_BYTES = 256 * 1024
 
 
@@ -172,7 +172,8 @@ class FilterHandler:
             log.warning("smtp: batcher queue full, message from <%s> deferred", envelope.mail_from)
             return BUSY
         self._observe(c.verdict if c else "error", c.score if c else None, t0)
-        outcome = decide(raw, envelope.rcpt_tos, c, self.policy, error)
+        args = (raw, envelope.rcpt_tos, c, self.policy, error)
+        outcome = await asyncio.to_thread(decide, *args) if len(raw) > THREAD_PARSE_BYTES else decide(*args)
         if outcome.relay:
             try:
                 await self.relay.send(

@@ -1,0 +1,460 @@
+"""filterd.actions: what is relayed, to whom, with which reply, on real SpamAssassin mail.
+
+The invariant everywhere: the relayed bytes are our prepended fields followed by the original
+message minus its X-Spam-* header fields, byte for byte. `expected_rest` states that the simple
+way (line by line) so the module is not checked against itself, and the email package, the
+reader downstream tools use, must see exactly one of each of our fields.
+
+Corpus examples are fixed file numbers; `test_examples_are_what_they_claim` asserts each premise
+first, so a changed corpus fails loudly rather than testing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import re
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from filterd.actions import (
+    Classification,
+    Outcome,
+    Policy,
+    decide,
+    spam_headers,
+    strip_spam_headers,
+)
+from filterd.config import SmtpConfig
+from filterd.mail import extract_text
+
+FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
+SPAM = Classification("spam", 0.98712, 0.5, "gpt2-20240101-abc")
+HAM = Classification("ham", 0.01234, 0.5, "gpt2-20240101-abc")
+RCPTS = ("alice@example.net", "bob@example.org")
+
+EXAMPLES = {  # name: corpus file, checked by test_examples_are_what_they_claim
+    "multipart": "spam/00024",  # multipart/alternative, text/plain + text/html
+    "html-only": "spam/00001",  # a single text/html part
+    "koi8-r": "spam/00089",  # text/plain; charset="koi8-r"
+    "korean-8bit-headers": "spam/00035",  # ks_c_5601-1987 HTML, raw 8-bit bytes in From: and Subject:
+    "gb2312": "spam/00500",  # 8-bit GB2312 HTML body
+    "broken-boundary": "spam/00467",  # boundary="=Multipart Boundary ..." but the parts use "--= Multipart ..."
+    "no-close-boundary": "spam/00022",  # multipart/mixed whose closing boundary is missing
+    "encoded-subject": "spam/00252",  # Subject: =?big5?Q?...?=
+    "own-x-spam-level": "spam_2/00752",  # arrives with an (empty) X-Spam-Level field of its own
+    "no-from-line": "easy_ham/01416",  # starts with a header, no mbox From_ line
+    "no-subject": "hard_ham/00175",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(spamassassin_dir: Path) -> Path:
+    if not all((spamassassin_dir / folder).is_dir() for folder in FOLDERS):
+        pytest.skip(f"SpamAssassin corpus not found under {spamassassin_dir}")
+    return spamassassin_dir
+
+
+def message(corpus: Path, name: str, eol: bytes = b"\n") -> bytes:
+    """Corpus message "folder/NNNNN" (LF on disk), with CRLF line endings if asked."""
+    folder, number = name.split("/")
+    (path,) = (corpus / folder).glob(f"{number}.*")
+    raw = path.read_bytes()
+    return raw.replace(b"\n", b"\r\n") if eol == b"\r\n" else raw
+
+
+def parse(data: bytes) -> EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def header_and_body(raw: bytes) -> tuple[bytes, bytes]:
+    eol = b"\r\n" if b"\r\n" in raw[:200] else b"\n"
+    head, sep, body = raw.partition(eol + eol)
+    return head + eol, eol + body if sep else b""
+
+
+def expected_rest(raw: bytes) -> bytes:
+    """The contract for ordinary mail, line by line: the message minus header fields named X-Spam-*."""
+    out, dropping, in_header = [], False, True
+    for line in raw.splitlines(keepends=True):
+        if in_header and line[:1] in (b" ", b"\t"):
+            pass  # a continuation line goes wherever its field goes
+        elif in_header and re.match(rb"[!-9;-~]+:", line):
+            dropping = line.lower().startswith(b"x-spam-")
+        elif in_header and line.startswith(b"From "):
+            dropping = False
+        else:
+            in_header = dropping = False  # the blank line, or the first body line
+        if not dropping:
+            out.append(line)
+    return b"".join(out)
+
+
+def ours(c: Classification | None, eol: bytes) -> bytes:
+    return b"".join(f"{k}: {v}".encode() + eol for k, v in spam_headers(c))
+
+
+def assert_tagged(out: Outcome, raw: bytes, c: Classification = SPAM) -> EmailMessage:
+    """Relayed, byte-exact after our fields, and the email package sees each of ours exactly once."""
+    eol = b"\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
+    assert out.relay
+    assert out.data == ours(c, eol) + expected_rest(raw)
+    msg = parse(out.data)
+    flag = "YES" if c.verdict == "spam" else "NO"
+    assert msg.get_all("X-Spam-Flag") == [flag]
+    assert msg.get_all("X-Spam-Score") == [f"{c.score:.4f}"]
+    assert msg.get_all("X-Spam-Status") == [
+        f"{flag.capitalize()}, score={c.score:.4f} threshold={c.threshold:.4f} model={c.model}"
+    ]
+    return msg
+
+
+def original_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The header fields the email package reads from the original, minus X-Spam-*."""
+    return [(k, v) for k, v in parse(raw).raw_items() if not k.lower().startswith("x-spam-")]
+
+
+# --- the corpus examples ------------------------------------------------------------
+
+
+def test_examples_are_what_they_claim(corpus: Path) -> None:
+    ex = {name: message(corpus, path) for name, path in EXAMPLES.items()}
+    compat = {name: email.message_from_bytes(raw) for name, raw in ex.items()}
+    assert compat["multipart"].get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in compat["multipart"].get_payload()] == ["text/plain", "text/html"]
+    assert compat["html-only"].get_content_type() == "text/html" and not compat["html-only"].is_multipart()
+    assert compat["koi8-r"].get_content_charset() == "koi8-r"
+    head, _ = header_and_body(ex["korean-8bit-headers"])
+    assert compat["korean-8bit-headers"].get_content_charset() == "ks_c_5601-1987"
+    assert re.search(rb"^Subject: [^\n]*[\x80-\xff]", head, re.M) and re.search(rb"^From: [^\n]*[\x80-\xff]", head, re.M)
+    assert compat["gb2312"].get_content_charset() == "gb2312" and re.search(rb"[\x80-\xff]", ex["gb2312"])
+    defects = lambda m: {type(d).__name__ for part in m.walk() for d in part.defects}  # noqa: E731
+    assert "StartBoundaryNotFoundDefect" in defects(compat["broken-boundary"])
+    assert "CloseBoundaryNotFoundDefect" in defects(compat["no-close-boundary"])
+    assert compat["encoded-subject"]["Subject"].startswith("=?big5?Q?")
+    assert compat["own-x-spam-level"].get_all("X-Spam-Level") == [""]
+    assert not ex["no-from-line"].startswith(b"From ") and all(ex[n].startswith(b"From ") for n in ("multipart", "koi8-r"))
+    assert compat["no-subject"]["Subject"] is None
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_real_mail_tagged_byte_exact(corpus: Path, name: str, eol: bytes) -> None:
+    raw = message(corpus, EXAMPLES[name], eol)
+    out = decide(raw, RCPTS, SPAM, Policy())
+    assert (out.recipients, out.reply, out.action) == (RCPTS, "250 2.0.0 Ok: tagged spam", "tag")
+    msg = assert_tagged(out, raw)
+    assert list(msg.raw_items())[3:] == original_fields(raw)  # every other field as the email package read it
+    _, body = header_and_body(raw)
+    assert out.data.endswith(body)
+    assert extract_text(out.data) == extract_text(raw)  # a downstream re-scan reads the same text
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("name", ["multipart", "html-only", "korean-8bit-headers", "broken-boundary", "no-from-line"])
+def test_forged_fields_removed(corpus: Path, name: str, eol: bytes) -> None:
+    clean = message(corpus, EXAMPLES[name], eol)
+    lines = clean.splitlines(keepends=True)
+    top = 1 if clean.startswith(b"From ") else 0
+    middle = next(i for i, line in enumerate(lines) if line.startswith(b"Subject:"))
+    last = next(i for i, line in enumerate(lines) if line == eol)
+    forged = {  # what a sender would add, by line index (inserted from the bottom up)
+        last: b"x-spam-score: 0.0001" + eol,
+        middle: b"X-Spam-Status: No, score=0.0001" + eol + b"\tthreshold=0.9000 model=FORGED-7f3a" + eol,
+        top: b"X-Spam-Flag: NO" + eol,
+    }
+    for i, text in sorted(forged.items(), reverse=True):
+        lines.insert(i, text)
+    raw = b"".join(lines)
+    out = decide(raw, RCPTS, SPAM, Policy())
+    assert out.data == ours(SPAM, eol) + clean
+    assert_tagged(out, raw)
+    assert b"FORGED-7f3a" not in out.data and b"0.0001" not in header_and_body(out.data)[0]
+
+
+def test_own_x_spam_level_is_ours_to_write(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["own-x-spam-level"])
+    assert b"\nX-Spam-Level:" not in strip_spam_headers(raw)
+    assert parse(decide(raw, RCPTS, HAM, Policy()).data)["X-Spam-Level"] is None
+
+
+def test_body_lines_that_look_like_our_fields_stay(corpus: Path) -> None:
+    head, body = header_and_body(message(corpus, EXAMPLES["koi8-r"]))
+    raw = head + b"\nX-Spam-Flag: NO\nX-Spam-Status: No, forged in the body\n" + body[1:]
+    out = decide(raw, RCPTS, SPAM, Policy())
+    assert out.data == ours(SPAM, b"\n") + raw
+    assert parse(out.data).get_all("X-Spam-Flag") == ["YES"]
+    assert parse(out.data).get_content().startswith("X-Spam-Flag: NO\nX-Spam-Status: No, forged in the body\n")
+
+
+# --- odd shapes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("final_eol", [True, False], ids=["ends-with-eol", "ends-mid-line"])
+def test_headers_only_no_blank_line(corpus: Path, eol: bytes, final_eol: bool) -> None:
+    head, _ = header_and_body(message(corpus, EXAMPLES["multipart"], eol))
+    raw = head + b"X-Spam-Flag: NO" + eol + b"X-Trailing: last, unterminated"
+    raw = raw + eol if final_eol else raw
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert (
+        out.data
+        == ours(SPAM, eol) + head.replace(b"Subject: ", b"Subject: [SPAM] ", 1) + raw[len(head + b"X-Spam-Flag: NO" + eol) :]
+    )
+    msg = parse(out.data)
+    assert msg.get_all("X-Spam-Flag") == ["YES"] and msg["X-Trailing"] == "last, unterminated"
+    assert msg["Subject"] == "[SPAM] Save 84% on CE Credits"
+
+
+def test_empty_message() -> None:
+    out = decide(b"", RCPTS, SPAM, Policy())
+    assert out.data == ours(SPAM, b"\n") and parse(out.data).get_all("X-Spam-Flag") == ["YES"]
+    assert strip_spam_headers(b"") == b""
+    assert decide(b"", RCPTS, SPAM, Policy(action="subject")).data == ours(SPAM, b"\n") + b"Subject: [SPAM]\n"
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_body_without_headers_is_not_stripped(eol: bytes) -> None:
+    raw = b"Hello, this is all body." + eol + b"X-Spam-Flag: NO" + eol + eol + b"more" + eol
+    out = decide(raw, RCPTS, SPAM, Policy())
+    assert out.data == ours(SPAM, eol) + raw
+    assert parse(out.data).get_all("X-Spam-Flag") == ["YES"]  # the email package sees a body there too
+    assert strip_spam_headers(raw) == raw
+
+
+def test_blank_first_line_means_no_headers() -> None:
+    raw = b"\nX-Spam-Flag: NO\n"
+    assert decide(raw, RCPTS, HAM, Policy()).data == ours(HAM, b"\n") + raw
+
+
+def test_mbox_from_line_kept_as_is(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["multipart"])
+    from_line = raw.split(b"\n", 1)[0] + b"\n"
+    assert from_line.startswith(b"From iq@insurancemail.net ")
+    forged = from_line + b"X-Spam-Flag: NO\n" + raw[len(from_line) :]
+    out = decide(forged, RCPTS, SPAM, Policy())
+    assert out.data == ours(SPAM, b"\n") + raw  # the From_ line is kept, the field under it is not
+    assert out.data.split(b"\n")[3] + b"\n" == from_line
+
+
+def test_8bit_header_bytes_survive(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["korean-8bit-headers"])
+    subject = re.search(rb"^Subject: ([^\n]*)\n", raw, re.M)[1]
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert b"\nSubject: [SPAM] " + subject + b"\n" in out.data
+    assert out.data == ours(SPAM, b"\n") + raw.replace(b"\nSubject: ", b"\nSubject: [SPAM] ", 1)
+
+
+@pytest.mark.parametrize(
+    "raw, kept",
+    [
+        (b" orphan\nX-A: 1\n\nbody", b"X-A: 1\n\nbody"),  # would fold into our last field
+        (b"From x  Mon\n orphan\nX-A: 1\n\nb", b"From x  Mon\nX-A: 1\n\nb"),  # the email package folds it past From_
+        (b"X-Spam-Flag: NO\nFrom x\n YES\nA: 1\n\nb", b"From x\nA: 1\n\nb"),  # continues the dropped field
+        (b"X-Spam-Flag: NO\r\nFrom x\r\n YES\r\nA: 1\r\n\r\nb", b"From x\r\nA: 1\r\n\r\nb"),  # a CRLF is one line end
+        (b"A: 1\r\nX-Spam-Flag: NO\r\n\tYES\r\nB: 2\r\n\r\nb", b"A: 1\r\nB: 2\r\n\r\nb"),
+        (b"X-Spam-Flag : NO\nA: 1\n\nb", b"A: 1\n\nb"),  # Postfix reads a field with blanks before the colon
+        (b"A: 1\rX-Spam-Flag: NO\r\nB: 2\r\n\r\nb", b"A: 1\rB: 2\r\n\r\nb"),  # a bare CR ends a line for the email package
+        (b":nameless\nX-Spam-Flag: NO\n\nb", b":nameless\n\nb"),  # the email package reads on past a nameless field
+        (b"X-Filterd-Original-Recipients: victim@example.org\nA: 1\n\nb", b"A: 1\n\nb"),  # our other namespace
+        (b"A: 1\n\rX-Spam-Flag: NO\n", b"A: 1\n\rX-Spam-Flag: NO\n"),  # "\r" alone is the blank line
+    ],
+)
+def test_lenient_header_block(raw: bytes, kept: bytes) -> None:
+    """Where readers disagree on the header block, a forged field must be gone for every reader."""
+    assert strip_spam_headers(raw) == kept
+    msg = parse(decide(raw, RCPTS, SPAM, Policy()).data)
+    assert msg.get_all("X-Spam-Flag") == ["YES"] and msg["X-Spam-Status"].startswith("Yes, score=0.9871 ")
+
+
+def test_strip_is_idempotent(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["own-x-spam-level"], b"\r\n")
+    once = strip_spam_headers(raw)
+    assert strip_spam_headers(once) == once == expected_rest(raw)
+
+
+# --- what we write --------------------------------------------------------------------
+
+
+def test_spam_headers_format() -> None:
+    assert spam_headers(SPAM) == [
+        ("X-Spam-Flag", "YES"),
+        ("X-Spam-Score", "0.9871"),
+        ("X-Spam-Status", "Yes, score=0.9871 threshold=0.5000 model=gpt2-20240101-abc"),
+    ]
+    assert spam_headers(Classification("ham", 0.0, 0.75, "v1"))[2] == (
+        "X-Spam-Status",
+        "No, score=0.0000 threshold=0.7500 model=v1",
+    )
+    assert spam_headers(None) == [("X-Spam-Status", "Unknown, reason=unknown")]
+
+
+@pytest.mark.parametrize("version", ["v1\r\nX-Spam-Flag: NO", "v1\nX-Spam-Flag: NO", "v1\rX-Spam-Flag: NO", "v 1\x00\x7fé"])
+def test_model_version_cannot_inject(corpus: Path, version: str) -> None:
+    raw = message(corpus, EXAMPLES["multipart"], b"\r\n")
+    out = decide(raw, RCPTS, dataclasses.replace(SPAM, model=version), Policy())
+    msg = parse(out.data)
+    assert msg.get_all("X-Spam-Flag") == ["YES"]
+    assert re.fullmatch(r"Yes, score=0\.9871 threshold=0\.5000 model=v[!-~]+", msg["X-Spam-Status"])
+    assert out.data.split(b"\r\n", 3)[3] == expected_rest(raw)
+    assert out.data[: out.data.index(b"From ")].isascii()
+
+
+# --- actions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["tag", "subject", "quarantine", "discard", "reject"])
+def test_ham_is_always_relayed(corpus: Path, action: str) -> None:
+    raw = message(corpus, EXAMPLES["no-from-line"], b"\r\n")
+    out = decide(raw, RCPTS, HAM, Policy(action=action, quarantine_rcpt="trap@example.com"))
+    assert (out.recipients, out.reply, out.action) == (RCPTS, "250 2.0.0 Ok: queued as ham", "pass")
+    assert_tagged(out, raw, HAM)
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_subject_prefixed(corpus: Path, eol: bytes) -> None:
+    raw = message(corpus, EXAMPLES["html-only"], eol)
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert (out.relay, out.recipients, out.action) == (True, RCPTS, "subject")
+    assert out.reply.startswith("250 2.0.0 ")
+    assert out.data == ours(SPAM, eol) + raw.replace(eol + b"Subject: ", eol + b"Subject: [SPAM] ", 1)
+    assert parse(out.data)["Subject"] == "[SPAM] " + parse(raw)["Subject"]
+    again = decide(out.data, RCPTS, SPAM, Policy(action="subject"))  # a second filter pass adds no second prefix
+    assert again.data == out.data
+
+
+def test_subject_already_prefixed_by_sender(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["koi8-r"]).replace(b"\nSubject: ", b"\nSubject: [spam] ", 1)
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert out.data == ours(SPAM, b"\n") + raw
+
+
+def test_encoded_word_subject(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["encoded-subject"])
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert b"\nSubject: [SPAM] =?big5?Q?=A4=A3=AC=DD=B7|=AB=E1=AE=AC?=\n" in out.data
+    assert parse(out.data)["Subject"] == "[SPAM] " + parse(raw)["Subject"] == "[SPAM] 不看會後悔"
+    tight = decide(raw, RCPTS, SPAM, Policy(action="subject", subject_prefix="[SPAM]"))
+    assert parse(tight.data)["Subject"] == "[SPAM] 不看會後悔"  # a blank keeps the encoded word one
+
+
+def test_folded_subject_keeps_its_folding(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["koi8-r"], b"\r\n").replace(b"Subject: Email", b"Subject:\r\n  Email", 1)
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert b"\r\nSubject: [SPAM] \r\n  Email Marketing\r\n" in out.data
+    assert parse(out.data)["Subject"] == "[SPAM]   Email Marketing"
+
+
+def test_subject_added_when_missing(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["no-subject"])
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert out.data == ours(SPAM, b"\n") + b"Subject: [SPAM]\n" + raw
+    assert parse(out.data)["Subject"] == "[SPAM]"
+
+
+def test_non_ascii_subject_prefix(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["html-only"])
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject", subject_prefix="[ПОДОЗРЕНИЕ] "))
+    subject = re.search(rb"^Subject: .*$", out.data, re.M)[0]
+    assert subject.isascii() and re.match(rb"Subject: =\?utf-8\?b\?[A-Za-z0-9+/=]+\?= ", subject)  # an encoded word
+    assert parse(out.data)["Subject"].startswith("[ПОДОЗРЕНИЕ] ")
+
+
+def test_long_subject_line_folded_not_overlong() -> None:
+    raw = b"Subject: " + b"x" * 985 + b"\nA: 1\n\nbody\n"
+    out = decide(raw, RCPTS, SPAM, Policy(action="subject"))
+    assert all(len(line) <= 998 for line in out.data.split(b"\n"))
+    assert parse(out.data)["Subject"] == "[SPAM] " + "x" * 985
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+def test_quarantine(corpus: Path, eol: bytes) -> None:
+    raw = message(corpus, EXAMPLES["gb2312"], eol)
+    out = decide(raw, RCPTS, SPAM, Policy(action="quarantine", quarantine_rcpt="spamtrap@example.com"))
+    assert (out.relay, out.recipients, out.action) == (True, ("spamtrap@example.com",), "quarantine")
+    field = b"X-Filterd-Original-Recipients: alice@example.net, bob@example.org" + eol
+    assert out.data == ours(SPAM, eol) + field + expected_rest(raw)
+    msg = parse(out.data)
+    assert msg.get_all("X-Filterd-Original-Recipients") == ["alice@example.net, bob@example.org"]
+    assert msg.get_all("X-Spam-Flag") == ["YES"]
+
+
+def test_quarantine_folds_long_recipient_lists(corpus: Path) -> None:
+    rcpts = [f"user{i:03d}.with.a.longish.name@department{i % 7}.example.org" for i in range(300)] + ["jörg@exämple.de"]
+    raw = message(corpus, EXAMPLES["multipart"], b"\r\n")
+    out = decide(raw, rcpts, SPAM, Policy(action="quarantine", quarantine_rcpt="q@example.com"))
+    head, _ = header_and_body(out.data)
+    assert head.isascii() and max(map(len, head.split(b"\r\n"))) <= 998
+    field = re.search(rb"^X-Filterd-Original-Recipients:.*?\r\n(?![ \t])", head, re.M | re.S)[0]
+    first, *folded = field.split(b"\r\n")[:-1]
+    assert len(folded) > 100 and max(map(len, folded)) <= 78  # the first line carries the name and one address
+    value = parse(out.data)["X-Filterd-Original-Recipients"]
+    assert [r.strip() for r in value.split(",")] == rcpts
+
+
+def test_quarantine_strips_forged_original_recipients(corpus: Path) -> None:
+    raw = message(corpus, EXAMPLES["no-from-line"])
+    forged = b"X-Filterd-Original-Recipients: ceo@example.com\n" + raw
+    out = decide(forged, RCPTS, SPAM, Policy(action="quarantine", quarantine_rcpt="q@example.com"))
+    assert parse(out.data).get_all("X-Filterd-Original-Recipients") == ["alice@example.net, bob@example.org"]
+
+
+@pytest.mark.parametrize(
+    "action, reply",
+    [("discard", "250 2.0.0 Ok: discarded as spam"), ("reject", "550 5.7.1 Message rejected as spam")],
+)
+def test_spam_not_relayed(corpus: Path, action: str, reply: str) -> None:
+    out = decide(message(corpus, EXAMPLES["html-only"]), RCPTS, SPAM, Policy(action=action))
+    assert out == Outcome(False, (), b"", reply, action)
+
+
+def test_unclassified_accepted_with_unknown_status(corpus: Path) -> None:
+    clean = message(corpus, EXAMPLES["broken-boundary"], b"\r\n")
+    raw = clean.replace(b"\r\nSubject: ", b"\r\nX-Spam-Flag: NO\r\nSubject: ", 1)
+    out = decide(raw, RCPTS, None, Policy(action="reject"), "RuntimeError: CUDA out of memory\r\nX-Spam-Flag: NO")
+    assert (out.relay, out.recipients, out.action) == (True, RCPTS, "accept-unknown")
+    assert out.reply.startswith("250 2.0.0 ")
+    status = b"X-Spam-Status: Unknown, reason=RuntimeError:_CUDA_out_of_memory__X-Spam-Flag:_NO\r\n"
+    assert out.data == status + clean
+    msg = parse(out.data)
+    assert msg["X-Spam-Flag"] is None and msg["X-Spam-Score"] is None and len(msg.get_all("X-Spam-Status")) == 1
+
+
+def test_unclassified_tempfail(corpus: Path) -> None:
+    out = decide(message(corpus, EXAMPLES["html-only"]), RCPTS, None, Policy(on_error="tempfail"), "busy")
+    assert out == Outcome(False, (), b"", "451 4.3.0 Temporary failure classifying message, try again later", "tempfail")
+
+
+# --- policy ---------------------------------------------------------------------------
+
+
+def test_policy_from_config() -> None:
+    cfg = SmtpConfig(action="quarantine", quarantine_rcpt="q@example.com", subject_prefix="[S] ", on_error="tempfail")
+    assert Policy.from_config(cfg) == Policy("quarantine", "q@example.com", "[S] ", "tempfail")
+    assert Policy.from_config(SmtpConfig()) == Policy()
+
+
+@pytest.mark.parametrize("kw", [{"action": "bounce"}, {"on_error": "drop"}, {"action": "quarantine"}])
+def test_policy_rejects_nonsense(kw: dict) -> None:
+    with pytest.raises(ValueError):
+        Policy(**kw)
+
+
+# --- the corpus as a whole ------------------------------------------------------------
+
+
+def test_corpus_sample_byte_exact_and_one_flag(corpus: Path) -> None:
+    files = sorted(p for folder in FOLDERS for p in (corpus / folder).iterdir() if re.match(r"\d{5}\.", p.name))
+    sample = files[::30]
+    assert len(sample) > 190
+    for path in sample:
+        raw = path.read_bytes()
+        for c, policy in ((SPAM, Policy()), (HAM, Policy(action="reject"))):
+            out = decide(raw, RCPTS, c, policy)
+            assert out.data == ours(c, b"\n") + expected_rest(raw), path.name
+            msg = parse(out.data)
+            assert len(msg.get_all("X-Spam-Flag")) == 1, path.name
+            assert list(msg.raw_items())[3:] == original_fields(raw), path.name
