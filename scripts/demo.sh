@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job end to end on this machine: prepare the UCI SMS data, fine-tune, evaluate, classify.
+# The main job end to end on this machine: prepare the UCI SMS data, fine-tune, evaluate, classify,
+# then run `filterd serve` with Redis and SMTP and push real SMS and mail through it.
 # Uses pretrained GPT-2 when a checkpoint can be found (local Hugging Face cache, $FILTERD_GPT2_DIR,
 # or a download); otherwise says so and trains a small model from random initialisation.
 set -euo pipefail
@@ -46,3 +47,10 @@ if [ -d "$CORPUS" ]; then
   done
 fi
 echo "== model directory: $WORK/model (report: $WORK/model/report.md, plots: $WORK/model/plots/)"
+
+echo "== 6. filterd serve: SMS through a Redis stream, mail through SMTP"
+MAIL=()
+if [ -d "$CORPUS" ]; then
+  MAIL=("$CORPUS"/spam/00001.* "$CORPUS"/spam/00002.* "$CORPUS"/easy_ham/00001.* "$CORPUS"/easy_ham/00002.*)
+fi
+python scripts/demo_serve.py --model "$WORK/model" --work "$WORK" --mail "${MAIL[@]}"

@@ -1,0 +1,160 @@
+"""The daemon part of `make demo`: filterd serve with Redis and SMTP, real messages through both.
+
+Starts a private redis-server and an SMTP sink standing in for Postfix's re-injection port (all on
+loopback ports picked free), writes a filterd.toml, runs `filterd serve`, sends SMS through the
+Redis stream and mail through SMTP, prints the verdicts and a few metrics, and stops everything it
+started, also on failure.
+
+    python scripts/demo_serve.py --model work/demo/model --work work/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+from aiosmtpd.controller import Controller
+
+SMS = [
+    "WINNER!! As a valued customer you have been selected to receive a £900 prize reward! Call 09061701461",
+    "Are we still on for dinner tonight? I'll be there at 7",
+    "URGENT! Your mobile number has won a 2000 bonus caller prize. Text CLAIM to 81010 now",
+    "Sorry, I'll call you later, in a meeting",
+    "FREE entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121",
+    "Ok lar... Joking wif u oni...",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """Stands in for Postfix's re-injection listener: keeps what filterd relays."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[tuple[str, ...], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # aiosmtpd hook
+        with self.lock:
+            self.received.append((tuple(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 Ok: delivered"
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"filterd exited early:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"filterd not healthy after {timeout:.0f}s:\n{log.read_text()[-2000:]}")
+
+
+def metric_lines(port: int, prefixes: tuple[str, ...]) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return [ln for ln in text.splitlines() if ln.startswith(prefixes) and not ln.endswith(" 0.0")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--mail", type=Path, nargs="*", default=[], help="raw RFC 822 files to send through SMTP")
+    args = ap.parse_args()
+    work = args.work.resolve()
+    redis_port, smtp_port, sink_port, metrics_port = (free_port() for _ in range(4))
+    started: list[subprocess.Popen] = []
+    sink = Sink()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink_port, decode_data=False, enable_SMTPUTF8=True)
+    try:
+        (work / "redis").mkdir(parents=True, exist_ok=True)
+        started.append(subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(work / "redis"),
+             "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL))  # fmt: skip
+        controller.start()
+        config = work / "filterd.toml"
+        config.write_text(
+            f'[model]\npath = "{args.model.resolve()}"\ndevice = "cpu"\n'
+            f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n'
+            f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nnext_hop = "127.0.0.1:{sink_port}"\naction = "tag"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        )
+        log = work / "filterd.log"
+        print(f"config {config}; filterd log {log}")
+        with open(log, "wb") as out:
+            started.append(subprocess.Popen([shutil.which("filterd") or "filterd", "serve", "--config", str(config)],
+                                            stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 120, started[-1], log)
+        print(f"filterd serving: SMTP 127.0.0.1:{smtp_port} -> next hop 127.0.0.1:{sink_port}, "
+              f"Redis 127.0.0.1:{redis_port} filterd:in -> filterd:out")  # fmt: skip
+
+        r = redis.Redis(port=redis_port)
+        for i, text in enumerate(SMS):
+            r.xadd("filterd:in", {"text": text, "id": f"sms-{i}"})
+        r.xadd("filterd:in", {"id": "sms-bad"})  # no text: goes to the dead-letter stream
+        deadline = time.monotonic() + 60
+        while r.xlen("filterd:out") < len(SMS) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print("\n-- SMS through Redis (filterd:in -> filterd:out)")
+        results = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange("filterd:out")]
+        for f in sorted(results, key=lambda f: f["id"]):
+            text = SMS[int(f["id"].split("-")[1])]
+            print(f"{f['verdict']:4s}  {float(f['score']):.4f}  {f['latency_ms']:>6s} ms  {text[:70]}")
+        for _, f in r.xrange("filterd:dead"):
+            print(f"dead  ({f[b'error'].decode()})  id={f.get(b'id', b'').decode()}")
+
+        print("\n-- mail through SMTP (filterd as a Postfix content filter; the model was trained on SMS, not mail)")
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as c:
+            for i, path in enumerate(args.mail):
+                raw = path.read_bytes()
+                if raw.startswith(b"From "):  # an mbox From_ line is not part of the message
+                    raw = raw.split(b"\n", 1)[1]
+                c.sendmail("demo@example.org", [f"user{i}@example.net"], raw)
+        for rcpts, data in sink.received:
+            msg = email.message_from_bytes(data, policy=email.policy.default)
+            name = args.mail[int(rcpts[0][4:].split("@")[0])]
+            print(f"{msg['X-Spam-Flag']:3s}  {msg['X-Spam-Status']}\n     {name.parent.name}/{name.name[:5]}  "
+                  f"Subject: {str(msg['Subject'])[:60]}")  # fmt: skip
+
+        print(f"\n-- metrics: http://127.0.0.1:{metrics_port}/metrics (health: /healthz); a few of them:")
+        for line in metric_lines(metrics_port, ("filterd_messages_total", "filterd_smtp_replies_total", "filterd_dead_letters_total",
+                                                "filterd_model_info", "filterd_batch_size_count")):  # fmt: skip
+            print("  " + line)
+        print(f"(the demo stops these services now; `filterd serve --config {config}` runs them again)")
+        return 0
+    finally:
+        for p in reversed(started):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(started):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        controller.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
