@@ -1,0 +1,188 @@
+"""trainer.refit: one refit cycle (balance, hash split, fit, evaluate, gate, publish) and the periodic service."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+
+from filterd.config import load_config
+from filterd.metrics import TrainerMetrics
+from filterd.tokenizer import Tokenizer, pad_batch
+from filterd.weights import load_model_dir
+from trainer.data import Example, balance, read_sms, write_split
+from trainer.evaluate import compute_metrics
+from trainer.publish import ModelStore
+from trainer.refit import RefitService, gate, refit_once, split_of
+from trainer.store import LabelStore
+
+
+@pytest.fixture(scope="module")
+def uci(sms_file):
+    """200 spam + 200 ham UCI messages for the store, and 50 + 50 others for the golden set."""
+    examples = read_sms(sms_file)
+    spam = [e for e in examples if e.label == "spam"]
+    ham = [e for e in examples if e.label == "ham"]
+    return spam[:200] + ham[:200], spam[300:350] + ham[300:350]
+
+
+def config(tmp_path, *extra: str):
+    golden = tmp_path / "golden.csv"
+    return load_config(
+        None,
+        [
+            f"trainer.store={tmp_path / 'labels.sqlite'}",
+            f"trainer.models_dir={tmp_path / 'models'}",
+            f"trainer.golden_set={golden if golden.is_file() else ''}",
+            "trainer.max_ham_fpr=0.15",  # the 2-epoch tiny model's own ham FPR is several %
+            "trainer.max_regression=0.02",  # the test split is ~80 messages: one message is 1.2%
+            "redis.enabled=false",
+            "model.device=cpu",
+            *extra,
+        ],
+    )
+
+
+def fill(tmp_path, examples, *, flip: bool = False) -> LabelStore:
+    store = LabelStore(tmp_path / "labels.sqlite")
+    swap = {"spam": "ham", "ham": "spam"}
+    store.add_many([(e.text, swap[e.label] if flip else e.label, "test") for e in examples])
+    return store
+
+
+def test_split_of_is_stable_and_70_10_20():
+    assert [split_of(i) for i in ("a", "b", "c", "d", "e", "f")] == [split_of(i) for i in ("a", "b", "c", "d", "e", "f")]
+    assert split_of("0123456789abcdef0123456789abcdef") == "train"  # fixed forever: a message never changes split
+    counts = Counter(split_of(f"{i:032x}") for i in range(20000))
+    assert abs(counts["train"] / 20000 - 0.7) < 0.02 and abs(counts["val"] / 20000 - 0.1) < 0.01
+    assert abs(counts["test"] / 20000 - 0.2) < 0.015
+
+
+def metrics(acc: float, fpr: float):
+    m = compute_metrics([0, 1], [0.0, 1.0])
+    m.accuracy, m.ham_fpr = acc, fpr
+    return m
+
+
+def test_gate():
+    cur = {"test": metrics(0.95, 0.01), "golden": metrics(0.90, 0.01)}
+    assert gate({"test": metrics(0.94, 0.02), "golden": metrics(0.90, 0.0)}, cur, 0.01, 0.02)[0]
+    ok, why = gate({"test": metrics(0.93, 0.0), "golden": metrics(0.99, 0.0)}, cur, 0.01, 0.02)
+    assert not ok and why.startswith("test accuracy 93.00% < current 95.00%")
+    ok, why = gate({"test": metrics(0.99, 0.0), "golden": metrics(0.99, 0.03)}, cur, 0.01, 0.02)
+    assert not ok and why == "golden ham-FPR 3.00% > max 2.00%"
+
+
+def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled)
+    cfg = config(tmp_path)
+    metrics = TrainerMetrics()
+    out = refit_once(cfg, store, metrics=metrics, base_model_dir=tiny_model.model_dir)
+
+    assert out.outcome == "promoted", out.reason
+    cand, cur = out.candidate["test"], out.current["test"]
+    assert cand.accuracy >= cur.accuracy - cfg.trainer.max_regression and cand.ham_fpr <= cfg.trainer.max_ham_fpr
+    assert cand.n == cur.n == sum(out.counts["test"].values()) > 50
+    assert out.counts["balanced"]["spam"] == out.counts["balanced"]["ham"]  # undersampled
+    assert out.current_version == tiny_model.meta.version and out.mode == "head"
+
+    models = ModelStore(cfg.trainer.models_dir)
+    assert models.current().name == out.version and models.versions() == [out.version]
+    model, meta = load_model_dir(cfg.trainer.models_dir / "current")
+    assert meta.extra["refit"]["parent"] == tiny_model.meta.version and meta.threshold == tiny_model.meta.threshold
+    assert meta.metrics["test"]["accuracy"] == cand.accuracy and meta.data_manifest_sha256
+    old, _ = load_model_dir(tiny_model.model_dir)
+    for name, p in model.state_dict().items():  # head mode: the backbone is the current one's
+        assert torch.equal(p, old.state_dict()[name]) != name.startswith("head."), name
+
+    assert store.meta_get("last_refit_seq") == store.last_seq()
+    scrape = metrics.registry.get_sample_value
+    assert scrape("filterd_trainer_refits_total", {"outcome": "promoted"}) == 1
+    assert scrape("filterd_trainer_eval_accuracy", {"split": "test", "model": "candidate"}) == cand.accuracy
+    assert scrape("filterd_trainer_dataset_size", {"label": "spam"}) == out.counts["balanced"]["spam"]
+
+    # The gate judged scores computed from cached (float16) features: the published model, run on the texts, agrees.
+    rows = [Example(r.id, r.label, r.text) for r in store.rows()]
+    test = [e for e in balance(rows, "undersample", 123)[0] if split_of(e.id) == "test"]
+    ids, lengths = pad_batch(Tokenizer(meta.max_length).encode_batch([e.text for e in test]))
+    with torch.inference_mode():
+        p_spam = torch.softmax(model(ids, lengths), -1)[:, 1].tolist()
+    served = compute_metrics([int(e.label == "spam") for e in test], p_spam, meta.threshold)
+    assert served.n == cand.n and abs(served.accuracy - cand.accuracy) <= 1 / cand.n
+
+    again = refit_once(cfg, store)  # from the published model now; features of the same backbone are cached
+    assert again.current_version == out.version and again.outcome in ("promoted", "rejected")
+
+
+def test_flipped_labels_are_rejected_by_the_golden_set(tmp_path, tiny_model, uci):
+    labelled, golden = uci
+    write_split(tmp_path / "golden.csv", golden)
+    models = ModelStore(tmp_path / "models")
+    live = models.publish(*load_model_dir(tiny_model.model_dir), [], None)  # a live model to protect
+    store = fill(tmp_path, labelled, flip=True)
+    out = refit_once(config(tmp_path), store)
+
+    assert out.outcome == "rejected" and out.reason.startswith("golden accuracy"), out.reason
+    assert out.candidate["test"].accuracy > out.current["test"].accuracy  # it did learn the flipped labels...
+    assert out.candidate["golden"].accuracy < 0.5 < out.current["golden"].accuracy  # ...which the golden set exposes
+    assert models.current() == live.resolve() and models.versions() == [live.name]  # current unchanged
+    assert store.meta_get("last_refit_seq") == store.last_seq()
+
+
+def test_too_few_labels_is_skipped_not_failed(tmp_path, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled[:5] + labelled[200:260])
+    metrics = TrainerMetrics()
+    out = refit_once(config(tmp_path), store, metrics=metrics)
+    assert out.outcome == "skipped" and out.reason == "too few labels: 5 spam, 60 ham (min_per_class 20)"
+    assert store.meta_get("last_refit_seq") is None  # nothing was tried: the next labels still count as new
+    assert metrics.registry.get_sample_value("filterd_trainer_refits_total", {"outcome": "failed"}) == 0
+
+
+def test_no_model_to_refit_from_fails_with_one_line(tmp_path, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled[:30] + labelled[200:230])
+    out = refit_once(config(tmp_path), store)
+    assert out.outcome == "failed" and "no current model to refit from" in out.reason and "\n" not in out.reason
+
+
+def test_last_block_mode(tmp_path, tiny_model, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled[:80] + labelled[200:280])
+    cfg = config(tmp_path, "trainer.mode=last-block", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+    out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted" and out.mode == "last-block", out.reason
+    model, meta = load_model_dir(tmp_path / "models" / "current")
+    old, _ = load_model_dir(tiny_model.model_dir)
+    changed = {n for n, p in model.state_dict().items() if not torch.equal(p, old.state_dict()[n])}
+    assert changed and all(n.startswith(("h.1.", "ln_f.", "head.")) for n in changed)  # tiny has 2 blocks: h.1 is the last
+    assert meta.trainable == "last-block" and (tmp_path / "models" / "current" / "plots" / "loss.png").is_file()
+
+
+def test_service_refits_when_min_new_labels_arrive(tmp_path, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled[200:230])  # ham only: each cycle is a quick "skipped"
+    store.meta_set("last_refit_seq", store.last_seq())  # as a previous cycle leaves it
+    cfg = config(tmp_path, "trainer.interval=1h", "trainer.min_new_labels=3")
+    outcomes = []
+
+    async def run_for(seconds: float, add: list | None = None) -> None:
+        stop = asyncio.Event()
+        service = RefitService(cfg, store, None, None, check_every=0.02, on_outcome=outcomes.append)
+        task = asyncio.create_task(service.run(stop))
+        await asyncio.sleep(seconds / 2)
+        if add:
+            await asyncio.to_thread(store.add_many, add)
+        await asyncio.sleep(seconds / 2)
+        stop.set()
+        await task
+
+    store.meta_set("last_refit_time", 0.0)
+    asyncio.run(run_for(0.3))
+    assert outcomes == []  # the interval is due, but nothing is new since the last cycle
+    store.meta_set("last_refit_time", 1e12)  # the interval far off: only new labels can start a cycle
+    asyncio.run(run_for(1.0, [(e.text, "spam", "test") for e in labelled[:3]]))
+    assert [o.outcome for o in outcomes] == ["skipped"] and "3 spam" in outcomes[0].reason  # once, not every check

@@ -1,0 +1,382 @@
+"""The refit cycle: labels in the store -> a candidate model -> gate against the live one -> publish or not.
+
+One cycle (`refit_once`): read every labelled message, undersample the majority class (seeded),
+split each message by a hash of its id (so a message never moves between train and test as the
+store grows, and the test split never holds a message some earlier refit trained on), train a
+candidate from the live model, and score candidate and live model on the same test split (and the
+fixed golden set, when configured) at the live model's threshold. The candidate is promoted only
+if it loses at most `max_regression` accuracy and keeps the ham false-positive rate within
+`max_ham_fpr` on every evaluated set; a candidate trained on mislabelled data is stopped by the
+golden set, which the labellers cannot touch.
+
+Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
+seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
+the model on the texts with trainer.fit's machinery.
+
+A cycle never raises: a failure is an outcome (`failed`, with a one-line reason), so the
+service's loop keeps running. `RefitService` runs cycles every `interval`, or sooner once
+`min_new_labels` labels arrived, next to the Redis label intake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from filterd.config import Config
+from filterd.engine import pick_device
+from filterd.errors import FilterdError
+from filterd.metrics import TrainerMetrics
+from filterd.model import LABELS, GPT2Classifier
+from filterd.tokenizer import Tokenizer, pad_batch
+from filterd.weights import ModelMeta, load_model_dir
+
+from .data import Example, balance, read_split
+from .evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
+from .features import FeatureCache, features_for, fit_head, spam_probabilities
+from .fit import _autocast, _Encoded, _val_loss_acc, score, set_trainable
+from .publish import ModelStore
+from .store import LabelStore, message_id
+
+log = logging.getLogger("filterd.trainer")
+
+OUTCOMES = ("promoted", "rejected", "skipped", "failed")
+SPLITS = ("train", "val", "test")
+FEATURES_FILE = "features.sqlite"  # in models_dir, beside versions/ and current
+LAST_SEQ_KEY, LAST_TIME_KEY = "last_refit_seq", "last_refit_time"
+EPS = 1e-9  # accuracies are ratios of counts: compare without float noise
+
+
+@dataclass
+class RefitOutcome:
+    outcome: str  # promoted | rejected | skipped | failed
+    reason: str
+    mode: str
+    version: str | None = None  # the new version, when promoted
+    current_version: str | None = None  # the model the candidate was trained from and compared with
+    candidate: dict[str, Metrics] = field(default_factory=dict)  # "test", "golden" (and "train", "val")
+    current: dict[str, Metrics] = field(default_factory=dict)  # "test", "golden"
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # "store", "train", "val", "test", "golden"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["candidate"] = {k: m.to_dict() for k, m in self.candidate.items()}
+        d["current"] = {k: m.to_dict() for k, m in self.current.items()}
+        return d
+
+
+def split_of(msg_id: str) -> str:
+    """Which split a message is in, "train", "val" or "test" (70/10/20), from a hash of its id: the same answer forever."""
+    bucket = int(hashlib.sha256(f"filterd-split:{msg_id}".encode()).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 70 else "val" if bucket < 80 else "test"
+
+
+def gate(
+    candidate: dict[str, Metrics], current: dict[str, Metrics], max_regression: float, max_ham_fpr: float
+) -> tuple[bool, str]:
+    """Promote iff on every evaluated set accuracy >= current - max_regression and ham FPR <= max_ham_fpr."""
+    for name, cand in candidate.items():
+        if name not in current:
+            continue
+        cur = current[name]
+        if cand.accuracy < cur.accuracy - max_regression - EPS:
+            return False, f"{name} accuracy {cand.accuracy:.2%} < current {cur.accuracy:.2%} - {max_regression:.2%}"
+        if cand.ham_fpr > max_ham_fpr + EPS:
+            return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%}"
+    shown = ", ".join(
+        f"{n} acc {candidate[n].accuracy:.2%} (current {current[n].accuracy:.2%}) ham-FPR {candidate[n].ham_fpr:.2%}"
+        for n in candidate
+        if n in current
+    )
+    return True, shown
+
+
+# -- the data ----------------------------------------------------------------------------------
+@dataclass
+class _Data:
+    splits: dict[str, list[Example]]  # train/val/test (+ golden), Example.id = message id
+    counts: dict[str, dict[str, int]]
+
+    def labels(self, name: str) -> list[int]:
+        return [LABELS.index(e.label) for e in self.splits[name]]
+
+    def sha256(self) -> str:
+        """Identifies the training data (the `data_manifest_sha256` of a refit model)."""
+        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in SPLITS for e in self.splits[n])
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _count(examples: list[Example]) -> dict[str, int]:
+    return {label: sum(e.label == label for e in examples) for label in LABELS}
+
+
+def _load_data(cfg: Config, store: LabelStore, seed: int) -> _Data | str:
+    """The balanced, hash-split data set, or the reason there is not enough of it."""
+    tc = cfg.trainer
+    have = store.counts()
+    if min(have.values()) < tc.min_per_class:
+        return f"too few labels: {have['spam']} spam, {have['ham']} ham (min_per_class {tc.min_per_class})"
+    rows = [Example(r.id, r.label, r.text) for r in store.rows()]
+    balanced, _ = balance(rows, "undersample", seed)
+    splits = {name: [e for e in balanced if split_of(e.id) == name] for name in SPLITS}
+    lacking = [label for label, n in _count(splits["train"]).items() if n == 0]
+    if lacking:
+        return f"the train split has no {lacking[0]} messages ({len(splits['train'])} in all)"
+    if tc.golden_set is not None:  # keyed by text like the store; never trained on, whatever the store holds
+        golden = [Example(message_id(e.text), e.label, e.text) for e in read_split(tc.golden_set)]
+        held_out = {e.id for e in golden}
+        splits = {name: [e for e in ex if e.id not in held_out] for name, ex in splits.items()} | {"golden": golden}
+    counts = {"store": have, "balanced": _count(balanced)} | {name: _count(ex) for name, ex in splits.items()}
+    return _Data(splits, counts)
+
+
+# -- training -----------------------------------------------------------------------------------
+Scores = dict[str, list[float]]  # split -> P(spam) per message
+
+
+def _refit_head(
+    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int
+) -> tuple[GPT2Classifier, Scores, Scores]:
+    """A new head on cached features; candidate and current scored from the same features."""
+    names = list(data.splits)
+    rows = [e for name in names for e in data.splits[name]]
+    with FeatureCache(cfg.trainer.models_dir / FEATURES_FILE) as cache:  # one pass: one length-batched forward
+        all_x = features_for(model, rows, cache, device, cfg.batching.max_batch_tokens, max_length=meta.max_length)
+        cache.prune(cfg.trainer.keep)
+    ends = np.cumsum([len(data.splits[name]) for name in names])
+    X = dict(zip(names, np.split(all_x, ends[:-1])))
+    weight, bias = fit_head(X["train"], data.labels("train"), (model.head.weight, model.head.bias), seed=seed)
+    cand = {name: spam_probabilities(x, weight, bias) for name, x in X.items()}
+    cur = {name: spam_probabilities(X[name], model.head.weight, model.head.bias) for name in ("test", "golden") if name in X}
+    with torch.no_grad():  # the loaded copy becomes the candidate: no second copy of the backbone in memory
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    return model, cand, cur
+
+
+def _train_top(model: GPT2Classifier, mode: str, train: _Encoded, val: _Encoded, device: torch.device, seed: int,
+               epochs: int = 2, lr: float = 5e-5, batch_size: int = 8) -> tuple[GPT2Classifier, dict]:  # fmt: skip
+    """Fine-tune the top of a copy of `model` as trainer.fit does; keeps the epoch with the best val accuracy."""
+    candidate = copy.deepcopy(model).to(device=device, dtype=torch.float32)
+    frozen_blocks = set_trainable(candidate, mode)
+    params = [p for p in candidate.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "seconds")}
+    best, best_state = (-1.0, math.inf), {}
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        candidate.train()
+        order = torch.randperm(len(train.labels), generator=gen).tolist()
+        loss_sum = correct = 0.0
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            ids, lengths = pad_batch([train.tokens[i] for i in idx])
+            target = torch.tensor([train.labels[i] for i in idx], device=device)
+            with _autocast(device):
+                logits = candidate(ids.to(device), lengths.to(device), frozen_blocks=frozen_blocks)
+            loss = F.cross_entropy(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(dim=-1) == target).sum().item()
+        candidate.eval()
+        v_loss, v_acc = _val_loss_acc(candidate, val, device) if val.labels else (0.0, 0.0)
+        n = len(train.labels)
+        for k, v in (("epoch", epoch), ("train_loss", loss_sum / n), ("val_loss", v_loss), ("train_acc", correct / n),
+                     ("val_acc", v_acc), ("seconds", time.perf_counter() - t0)):  # fmt: skip
+            history[k].append(v)
+        if (v_acc, -v_loss) > (best[0], -best[1]):
+            best = (v_acc, v_loss)
+            best_state = {k: p.detach().clone() for k, p in candidate.named_parameters() if p.requires_grad}
+        log.info("refit: epoch %d/%d train loss %.4f val acc %.2f%%", epoch, epochs, loss_sum / n, 100 * v_acc)
+    with torch.no_grad():
+        for k, p in candidate.named_parameters():
+            if k in best_state:
+                p.copy_(best_state[k])
+    return candidate.eval(), history
+
+
+def _refit_top(
+    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int
+) -> tuple[GPT2Classifier, Scores, Scores, dict]:
+    """last-block / last-2-blocks / all: fine-tune on the texts; both models scored with forward passes."""
+    tokenizer = Tokenizer(meta.max_length)
+    enc = {name: _Encoded(tokenizer.encode_batch([e.text for e in ex]), data.labels(name)) for name, ex in data.splits.items()}
+    candidate, history = _train_top(model, cfg.trainer.mode, enc["train"], enc["val"], device, seed)
+    tokens = cfg.batching.max_batch_tokens
+    cand = {name: score(candidate, e.tokens, device, tokens) for name, e in enc.items()}
+    cur = {name: score(model, enc[name].tokens, device, tokens) for name in ("test", "golden") if name in enc}
+    return candidate.cpu(), cand, cur, history
+
+
+# -- one cycle ----------------------------------------------------------------------------------
+def refit_once(
+    cfg: Config,
+    store: LabelStore,
+    *,
+    seed: int = 123,
+    metrics: TrainerMetrics | None = None,
+    base_model_dir: Path | None = None,
+) -> RefitOutcome:
+    """One refit cycle; never raises (a failure is `outcome == "failed"` with a one-line reason)."""
+    t0 = time.perf_counter()
+    seq = store.last_seq()  # labels arriving during the cycle count as new for the next one
+    try:
+        result = _cycle(cfg, store, seed, base_model_dir)
+    except Exception as e:  # noqa: BLE001 -- a cycle's failure must not end the service's loop
+        reason = " ".join(str(e).split()) or type(e).__name__
+        log.debug("refit failed", exc_info=True)
+        result = RefitOutcome("failed", reason[:500], cfg.trainer.mode)
+    result.seconds = time.perf_counter() - t0
+    if result.outcome != "skipped":
+        try:
+            store.meta_set(LAST_SEQ_KEY, seq)
+            store.meta_set(LAST_TIME_KEY, time.time())
+        except FilterdError as e:
+            log.warning("refit: cannot record the cycle in the store: %s", e)
+    _report(result, metrics)
+    return result
+
+
+def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | None) -> RefitOutcome:
+    tc = cfg.trainer
+    data = _load_data(cfg, store, seed)
+    if isinstance(data, str):
+        return RefitOutcome("skipped", data, tc.mode, counts={"store": store.counts()})
+    models = ModelStore(tc.models_dir)
+    source = models.current() or (Path(base_model_dir) if base_model_dir is not None else None)
+    if source is None:
+        raise FilterdError(f"{tc.models_dir}: no current model to refit from (publish one there, or give a base model directory)")
+    model, meta = load_model_dir(source)
+    device = pick_device(cfg.model.device)
+    model.to(device).eval()
+    sizes = " / ".join(f"{name} {len(ex)}" for name, ex in data.splits.items())
+    log.info("refit: %s from %s on %s: %s", tc.mode, meta.version, device, sizes)
+    history = None
+    if tc.mode == "head":
+        candidate, cand_scores, cur_scores = _refit_head(model, meta, data, cfg, device, seed)
+    else:
+        candidate, cand_scores, cur_scores, history = _refit_top(model, meta, data, cfg, device, seed)
+    threshold = meta.threshold
+    cand = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cand_scores.items()}
+    cur = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cur_scores.items()}
+    for name in cur:
+        log.info("refit: candidate %s | current acc %.2f%%", format_metrics_line(name, cand[name]), 100 * cur[name].accuracy)
+    promote, why = gate({n: cand[n] for n in cur}, cur, tc.max_regression, tc.max_ham_fpr)
+    why += _lacking_note(data)
+    outcome = RefitOutcome("promoted" if promote else "rejected", why, tc.mode, current_version=meta.version,
+                           candidate=cand, current=cur, counts=data.counts)  # fmt: skip
+    if promote:
+        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed)
+    return outcome
+
+
+def _lacking_note(data: _Data) -> str:
+    notes = [f"{name} split has no {label}" for name in ("test", "golden") if name in data.splits
+             for label, n in _count(data.splits[name]).items() if n == 0]  # fmt: skip
+    return f" (note: {'; '.join(notes)})" if notes else ""
+
+
+def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: _Data,
+             cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int) -> str:  # fmt: skip
+    tc = cfg.trainer
+    new = ModelMeta(
+        version="", base=meta.base, base_kind=meta.base_kind, config=meta.config, max_length=meta.max_length,
+        threshold=meta.threshold, trainable=tc.mode, metrics={n: m.to_dict() for n, m in cand.items()},
+        data_manifest_sha256=data.sha256(),
+        extra={"refit": {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts}},
+    )  # fmt: skip
+    reports = [SplitReport(n, cand[n], data.labels(n), cand_scores[n]) for n in cand]
+    path = models.publish(candidate, new, reports, history)
+    try:  # the new model is live: housekeeping trouble is logged, not turned into a failed cycle
+        models.prune(tc.keep)
+    except OSError as e:
+        log.warning("refit: pruning %s failed: %s", models.versions_dir, e)
+    if cfg.redis.enabled:
+        models.announce(cfg.redis.url, cfg.redis.model_channel, path.name)
+    return path.name
+
+
+def _report(result: RefitOutcome, metrics: TrainerMetrics | None) -> None:
+    level = logging.WARNING if result.outcome == "failed" else logging.INFO
+    log.log(level, "refit: %s in %.1fs: %s%s", result.outcome, result.seconds, result.reason,
+            f" -> {result.version}" if result.version else "")  # fmt: skip
+    if metrics is None:
+        return
+    if result.outcome != "skipped":
+        metrics.observe_refit(result.outcome, result.seconds)
+    for model, by_split in (("candidate", result.candidate), ("current", result.current)):
+        for split, m in by_split.items():
+            if split in ("test", "golden"):
+                metrics.set_eval(split, model, m.accuracy, m.ham_fpr, m.spam_recall)
+    for label, n in result.counts.get("balanced", {}).items():
+        metrics.set_dataset_size(label, n)
+
+
+# -- the service --------------------------------------------------------------------------------
+class RefitService:
+    """Runs `refit_once` every `interval`, or sooner once `min_new_labels` labels arrived since the last attempt.
+
+    No cycle runs while nothing changed since the last attempt, whatever the clock says. The label
+    intake (if any) runs beside it on the same event loop; cycles run in a worker thread.
+    `min_new_labels = 0` means the interval alone decides.
+    """
+
+    def __init__(self, cfg: Config, store: LabelStore, intake: Any | None = None, metrics: TrainerMetrics | None = None, *,
+                 check_every: float = 5.0, base_model_dir: Path | None = None,
+                 on_outcome: Callable[[RefitOutcome], None] | None = None) -> None:  # fmt: skip
+        self.cfg, self.store, self.intake, self.metrics = cfg, store, intake, metrics
+        self.check_every = check_every
+        self.base_model_dir = base_model_dir
+        self.on_outcome = on_outcome
+        self.last: RefitOutcome | None = None
+
+    def _due(self, next_time: float, seen_seq: int) -> str | None:
+        new = self.store.new_since(seen_seq)
+        if new == 0:  # nothing to learn: another fit on the same data would only drift (`refit --once` still can)
+            return None
+        if time.time() >= next_time:
+            return f"interval, {new} new labels"
+        n = self.cfg.trainer.min_new_labels
+        return f"{new} new labels" if n and new >= n else None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        intake = asyncio.create_task(self.intake.run(stop), name="label-intake") if self.intake is not None else None
+        seen_seq = int(self.store.meta_get(LAST_SEQ_KEY, 0))
+        next_time = float(self.store.meta_get(LAST_TIME_KEY, 0.0)) + self.cfg.trainer.interval
+        try:
+            while not stop.is_set():
+                if intake is not None and intake.done():
+                    intake.result()  # the intake died: re-raise its error, the service should restart
+                why = await asyncio.to_thread(self._due, next_time, seen_seq)
+                if why:
+                    seen_seq = await asyncio.to_thread(self.store.last_seq)
+                    log.info("refit: starting a cycle (%s)", why)
+                    result = await asyncio.to_thread(refit_once, self.cfg, self.store, metrics=self.metrics,
+                                                     base_model_dir=self.base_model_dir)  # fmt: skip
+                    self.last = result
+                    if self.on_outcome is not None:
+                        self.on_outcome(result)
+                    next_time = time.time() + self.cfg.trainer.interval
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.check_every)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if intake is not None:
+                stop.set()
+                await asyncio.gather(intake, return_exceptions=True)
