@@ -19,6 +19,7 @@ import signal
 import smtplib
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
@@ -67,7 +68,13 @@ class PostfixServer:
             raise PostfixError(f"postfix not installed: {INSTALL_HINT}")
         if os.geteuid() != 0:
             raise PostfixError("a private Postfix instance must be started as root")
-        self.root = Path(tmp).resolve()
+        # The instance lives in its own 0711 directory under /tmp, linked from `tmp`: Postfix's
+        # unprivileged daemons open paths in it by name, and pytest's base temp dir is 0700 (and
+        # reset to 0700 whenever another pytest session starts, which broke a parallel run).
+        self.root = Path(tempfile.mkdtemp(prefix="filterd-postfix-"))
+        self.root.chmod(0o711)
+        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+        Path(tmp).symlink_to(self.root, target_is_directory=True)
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "spool"
         self.data_dir = self.root / "data"
