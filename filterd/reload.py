@@ -41,6 +41,11 @@ class ModelHolder:
         self._seen: Fingerprint | None = None  # loaded, or refused: either way not retried until it changes
         self._lock = asyncio.Lock()
 
+    def _resolved(self) -> Path:
+        """The directory `path` points at now, resolved once: with a `current` symlink swapped during
+        a load, filterd.json and the weights must still come from the same version."""
+        return Path(os.path.realpath(self.path))
+
     def current(self) -> Engine:
         if self._engine is None:
             raise FilterdError("no model loaded")
@@ -53,7 +58,7 @@ class ModelHolder:
     def load_initial(self) -> Engine:
         """At start: a model that does not load is a startup failure (one line), not a retry loop."""
         self._seen = fingerprint(self.path)
-        self._install(self.loader(self.path))
+        self._install(self.loader(self._resolved()))
         return self.current()
 
     async def reload(self, reason: str) -> bool:
@@ -61,7 +66,7 @@ class ModelHolder:
         async with self._lock:
             self._seen = fingerprint(self.path)
             try:
-                engine = await asyncio.to_thread(self.loader, self.path)
+                engine = await asyncio.to_thread(self.loader, self._resolved())
             except Exception as e:  # FilterdError for bad files; anything else is refused the same way
                 log.error("reload (%s) refused: %s; still serving %s", reason, e, self._engine and self._engine.version)
                 if self.metrics:

@@ -109,6 +109,51 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refit(args: argparse.Namespace) -> int:
+    from filterd.config import load_config
+
+    from .service import refit_command
+
+    if not args.once:
+        raise FilterdError("refit runs one cycle and needs --once; `filterd-trainer serve` runs them periodically")
+    cfg = load_config(args.config, args.set)
+    _setup_logging(cfg.logging.level)
+    result = refit_command(cfg, textfile=args.textfile, base_model=args.base_model)
+    print(json.dumps(result.to_dict()))
+    return 1 if result.outcome == "failed" else 0  # promoted, rejected and skipped are all normal outcomes
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from filterd.config import load_config
+
+    from .service import serve
+
+    cfg = load_config(args.config, args.set)
+    _setup_logging(cfg.logging.level)
+    return serve(cfg, args.base_model)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from filterd.config import load_config
+
+    from .publish import ModelStore
+
+    cfg = load_config(args.config, args.set)
+    models = ModelStore(cfg.trainer.models_dir)
+    before = models.current_version()
+    version = models.rollback()
+    if cfg.redis.enabled and ModelStore.announce(cfg.redis.url, cfg.redis.model_channel, version) is None:
+        print(f"warning: could not announce on {cfg.redis.model_channel}; filterd picks the change up by polling", file=sys.stderr)
+    print(f"current: {before} -> {version}")
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 class _LabelledPaths(argparse.Action):
     """--spam/--ham PATH...: collect (label, paths) in the order given."""
 
@@ -171,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{label}", dest="sources", nargs="+", metavar="PATH", action=_LabelledPaths, const=label,
                        help=f"{label}: message files, mbox files, Maildirs or directories of them")  # fmt: skip
     p.set_defaults(func=cmd_learn, sources=[])
+
+    p = sub.add_parser("refit", help="one refit cycle now: take in waiting labels, rebalance, fit, evaluate, gate, publish")
+    _config_args(p, required=True)
+    p.add_argument("--once", action="store_true", help="run one cycle and exit (0: promoted, rejected or skipped)")
+    p.add_argument("--textfile", type=Path, help="also write the trainer metrics here, for node_exporter's textfile collector")
+    p.add_argument("--base-model", type=Path, help="model directory to start from while models_dir has no current model")
+    p.set_defaults(func=cmd_refit)
+
+    p = sub.add_parser("serve", help="the periodic refit service with its label intake and metrics endpoint")
+    _config_args(p, required=True)
+    p.add_argument("--base-model", type=Path, help="model directory to start from while models_dir has no current model")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("rollback", help="point models_dir/current back at the previously published version")
+    _config_args(p, required=True)
+    p.set_defaults(func=cmd_rollback)
     return parser
 
 
