@@ -12,7 +12,8 @@ export TIKTOKEN_CACHE_DIR ?= $(FILTERD_SHARED)/tiktoken
 install: $(VENV)/.installed services
 
 # Real services for the tests and the demo (Debian packages): redis-server, promtool from prometheus,
-# and postfix (installed unconfigured: the tests run private instances, never the one on port 25).
+# postfix (installed unconfigured: the tests run private instances, never the one on port 25), and
+# dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started).
 services:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -23,6 +24,10 @@ services:
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get install -y -q postfix >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q postfix >/dev/null; }; }
+	@command -v sievec >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null; }; }
 
 # The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml
