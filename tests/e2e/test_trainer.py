@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from trainer.data import read_sms
 from trainer.store import LabelStore, message_id
 
+from ..services import free_port
 from .daemon import FilterdProcess
 
 
@@ -46,6 +48,7 @@ def uci(sms_file):
 
 def write_config(tmp: Path, redis_url: str, golden: Path | None = None, **trainer_keys) -> Path:
     keys = {"store": str(tmp / "labels.sqlite"), "models_dir": str(tmp / "models"), "interval": "1h",
+            "metrics_listen": f"127.0.0.1:{free_port()}",
             "min_per_class": 20, "max_regression": 0.02, "max_ham_fpr": 0.10} | trainer_keys  # fmt: skip
     if golden is not None:
         keys["golden_set"] = str(golden)
@@ -151,6 +154,7 @@ def test_labels_refit_hot_swap_poisoned_refit_rejected_and_rollback(tmp_path, re
 def test_intake_survives_kill_9_and_redis_restart(tmp_path, redis_server, uci):
     r = redis_server.client()
     config = write_config(tmp_path, redis_server.url, min_per_class=100000)  # refits skip: only the intake is under test
+    metrics_url = "http://" + next(ln.split('"')[1] for ln in config.read_text().splitlines() if ln.startswith("metrics_listen")) + "/metrics"
     texts = [("spam", t) for t in uci["spam"][:600]] + [("ham", t) for t in uci["ham"][:1400]]
     cmd = [sys.executable, "-m", "trainer", "serve", "--config", str(config)]
     log = open(tmp_path / "trainer.log", "ab")
@@ -177,9 +181,12 @@ def test_intake_survives_kill_9_and_redis_restart(tmp_path, redis_server, uci):
         r = redis_server.client()
         wait_for(lambda: stored() == 2000 and r.xpending("filterd:labels", "filterd-trainer")["pending"] == 0
                  and r.xinfo_groups("filterd:labels")[0]["lag"] == 0, timeout=120, what="all 2000 labels stored")  # fmt: skip
+        with urllib.request.urlopen(metrics_url, timeout=5) as resp:  # the restarted process counted what it took in
+            text = resp.read().decode()
+        assert 'filterd_trainer_labels_total{label="ham"}' in text and "filterd_trainer_refit_seconds" in text
     finally:
         p.send_signal(signal.SIGTERM)
-        p.wait(timeout=30)
+        assert p.wait(timeout=30) == 0
         log.close()
     with LabelStore(store_path) as s:
         assert s.counts() == {"spam": 600, "ham": 1400}
