@@ -57,7 +57,7 @@ def _email_texts(paths: Sequence[str]) -> Iterator[str]:
         yield extract_text(raw)
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for item in items:
         chunk.append(item)
@@ -80,7 +80,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         texts: Iterable[str] = _email_texts(args.text)
     else:
         texts = (safe_text(t) for t in args.text) if args.text else _stdin_lines()
-    for chunk in _chunks(texts, CHUNK):
+    for chunk in chunks(texts, CHUNK):
         for v in engine.classify_texts(chunk, threshold=args.threshold):
             line = {"verdict": v.verdict, "score": round(v.score, 6), "model": engine.version, "tokens": v.tokens}
             sys.stdout.write(json.dumps(line) + "\n")

@@ -116,6 +116,26 @@ def _autocast(device: torch.device):  # type: ignore[no-untyped-def]
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def train_step(
+    model: GPT2Classifier,
+    optimizer: torch.optim.Optimizer,
+    data: _Encoded,
+    idx: list[int],
+    device: torch.device,
+    frozen_blocks: int,
+) -> tuple[float, int]:
+    """One optimiser step on the examples `idx` (padded to their longest); their mean loss and how many were right."""
+    ids, lengths = pad_batch([data.tokens[i] for i in idx])
+    target = torch.tensor([data.labels[i] for i in idx], device=device)
+    with _autocast(device):
+        logits = model(ids.to(device), lengths.to(device), frozen_blocks=frozen_blocks)
+    loss = F.cross_entropy(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), int((logits.argmax(dim=-1) == target).sum().item())
+
+
 def _val_loss_acc(model: GPT2Classifier, enc: _Encoded, device: torch.device) -> tuple[float, float]:
     scores = score(model, enc.tokens, device)
     eps = 1e-7
@@ -180,20 +200,13 @@ def fit(cfg: FitConfig) -> FitResult:
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=_no_bar(cfg), leave=False, file=sys.stderr)
         for b in range(n_batches):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            ids, lengths = pad_batch([train.tokens[i] for i in idx])
-            target = torch.tensor([train.labels[i] for i in idx], device=device)
-            with _autocast(device):
-                logits = model(ids.to(device), lengths.to(device), frozen_blocks=frozen_blocks)
-            loss = F.cross_entropy(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, right = train_step(model, optimizer, train, idx, device, frozen_blocks)
             step += 1
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(dim=-1) == target).sum().item()
+            loss_sum += loss * len(idx)
+            correct += right
             count += len(idx)
-            window.append(loss.item())
+            window.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
             if step % cfg.eval_every == 0:

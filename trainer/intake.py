@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from filterd.config import RedisConfig, TrainerConfig, redact_url
 from filterd.errors import FilterdError
-from filterd.ingress.redis_streams import BACKOFF_MAX_S, BACKOFF_MIN_S, TRANSIENT
+from filterd.ingress.redis_streams import BACKOFF_MAX_S, BACKOFF_MIN_S, TRANSIENT, sleep_or_stop
 from filterd.mail import extract_text
 
 from .data import LABELS
@@ -130,7 +130,7 @@ class LabelIntake:
                     raise
                 log.warning("intake: %s; retrying in %.1fs", _one_line(e), backoff)  # NOGROUP: stream deleted, recreate
                 self.up = False
-                await _sleep_or_stop(stop, backoff * (1 + random.random() / 2))
+                await sleep_or_stop(stop, backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
                 self.up = False
@@ -250,13 +250,6 @@ class LabelIntake:
 
 def _entries(reply: Any) -> list[Entry]:
     return reply[0][1] if reply else []
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        pass
 
 
 def _one_line(e: BaseException) -> str:

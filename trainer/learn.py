@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import mailbox
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filterd.cli import chunks
 from filterd.errors import DataError
 from filterd.mail import extract_text
 
@@ -177,7 +178,7 @@ def learn(store: LabelStore, paths: Sequence[Path | str], label: str, source: st
         log.warning("learn: skipped %s: %s", where, reason)
         report.skipped.append((where, reason))
 
-    for chunk in _chunks(_texts(paths, skip), CHUNK):
+    for chunk in chunks(_texts(paths, skip), CHUNK):
         for result in store.add_many(NewLabel(text, label, source) for text in chunk):
             report.count(result)
     log.info("learn: %s", report.summary())
@@ -193,13 +194,6 @@ def _texts(paths: Sequence[Path | str], skip: OnError) -> Iterator[str]:
             else:
                 skip(where, "no text (empty after extracting subject and body)")
 
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
             chunk = []
     if chunk:
         yield chunk

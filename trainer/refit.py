@@ -32,20 +32,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from filterd.config import Config
 from filterd.engine import pick_device
 from filterd.errors import FilterdError
 from filterd.metrics import TrainerMetrics
 from filterd.model import LABELS, GPT2Classifier
-from filterd.tokenizer import Tokenizer, pad_batch
+from filterd.tokenizer import Tokenizer
 from filterd.weights import ModelMeta, load_model_dir
 
 from .data import Example, balance, read_split
 from .evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
 from .features import FeatureCache, features_for, fit_head, spam_probabilities
-from .fit import _autocast, _Encoded, _val_loss_acc, score, set_trainable
+from .fit import _Encoded, _val_loss_acc, score, set_trainable, train_step
 from .publish import ModelStore
 from .store import LabelStore, message_id
 
@@ -183,16 +182,9 @@ def _train_top(model: GPT2Classifier, mode: str, train: _Encoded, val: _Encoded,
         loss_sum = correct = 0.0
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            ids, lengths = pad_batch([train.tokens[i] for i in idx])
-            target = torch.tensor([train.labels[i] for i in idx], device=device)
-            with _autocast(device):
-                logits = candidate(ids.to(device), lengths.to(device), frozen_blocks=frozen_blocks)
-            loss = F.cross_entropy(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(dim=-1) == target).sum().item()
+            loss, right = train_step(candidate, optimizer, train, idx, device, frozen_blocks)
+            loss_sum += loss * len(idx)
+            correct += right
         candidate.eval()
         v_loss, v_acc = _val_loss_acc(candidate, val, device) if val.labels else (0.0, 0.0)
         n = len(train.labels)

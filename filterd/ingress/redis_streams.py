@@ -21,6 +21,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+
+from ..config import redact_url
+
 log = logging.getLogger("filterd.redis")
 
 # Failures that mean "Redis is away": reconnect with backoff, the entries stay pending.
@@ -85,14 +88,14 @@ class RedisIngress:
             try:
                 await self._ensure_group(client)
                 self.up, backoff = True, BACKOFF_MIN_S
-                log.info("redis: connected to %s, group %s, consumer %s", _safe_url(self.cfg.url), self.cfg.group, self.consumer)
+                log.info("redis: connected to %s, group %s, consumer %s", redact_url(self.cfg.url), self.cfg.group, self.consumer)
                 await self._serve(client, stop)
             except TRANSIENT as e:
                 if self.up:
                     log.warning("redis: connection lost (%s); reconnecting", e)
                 self.up = False
                 await self._wait_in_flight()  # their writes fail too; the entries stay pending for us
-                await _sleep_or_stop(stop, backoff * (1 + random.random() / 2))
+                await sleep_or_stop(stop, backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
                 await self._wait_in_flight()
@@ -247,16 +250,9 @@ class RedisIngress:
                 self.metrics.observe_result(source="redis", verdict=o.result.verdict, score=o.result.score, seconds=o.seconds)
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, returning early when `stop` is set (backoff that does not delay shutdown)."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except asyncio.TimeoutError:
         pass
-
-
-def _safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
