@@ -36,13 +36,17 @@ Metrics
     forward passes of (padded - real) / padded (the daemon's filterd_padding_ratio), and the
     token-weighted 1 - sum(real) / sum(padded) next to it in the JSON.
 
-Useful FLOPs (counted on real tokens only, never on padding; d = n_embd, L = n_layer)
-    per message of n real tokens:  2 * n * 12 * d^2 * L   +   2 * n^2 * d * L
-    The first term is the linear layers (qkv 3d^2 + attention proj d^2 + MLP 4d^2 + 4d^2 = 12 d^2
-    weights per layer, i.e. the non-embedding parameters, 2 FLOPs per multiply-add). The second is
-    causal attention: QK^T and AV each cost 2 * d per (query, key) pair per layer and a query at
-    position i sees i keys, n/2 on average, so 2 * 2 * d * L * n^2 / 2. Layer norms, GELU, softmax,
-    embeddings and the 2-class head are left out (< 1%).
+Useful FLOPs (what classifying needs: counted on real tokens only, never on padding; d = n_embd, L = n_layer)
+    per message of n real tokens:  2 * n * 12 * d^2 * (L - 1)  +  2 * n * 2 * d^2  +  2 * 10 * d^2
+                                   +  2 * n^2 * d * (L - 1)  +  4 * n * d
+    Blocks 1..L-1 run at every position: the linear layers hold 12 d^2 weights per layer (qkv 3d^2,
+    attention proj d^2, MLP 4d^2 + 4d^2), 2 FLOPs per multiply-add, and causal attention costs
+    QK^T + AV = 2 * 2 * d per (query, key) pair with n/2 keys per query on average. Only the last
+    real position of the last block reaches the head, so that block needs keys and values at every
+    position (2 * 2d^2 per token), and the query, attention (n keys) and the rest of its linear layers
+    (d^2 + d^2 + 8 d^2) at one position. Contenders that compute the whole last block (chapter, hf)
+    get no credit for the rest. Layer norms, GELU, softmax, embeddings and the 2-class head are left
+    out (< 1%).
     Useful GFLOP/s is shown as a share of the matrix-multiply peak measured in the same run and dtype:
     torch.matmul of two N x N matrices (N = 4096; 2048 on CPU with --quick), best of several runs,
     2 * N^3 / s, measured before and after the contenders (both kept in the JSON: their spread is a
@@ -87,7 +91,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def useful_flops(n: int, cfg: GPTConfig) -> float:
     """Useful FLOPs of one message of n real tokens (see the module docstring)."""
     d, L = cfg.n_embd, cfg.n_layer
-    return 2.0 * n * 12 * d * d * L + 2.0 * n * n * d * L
+    lower = 2.0 * n * 12 * d * d * (L - 1) + 2.0 * n * n * d * (L - 1)
+    return lower + 2.0 * n * 2 * d * d + 2.0 * 10 * d * d + 4.0 * n * d
 
 
 def sync(device: torch.device) -> None:
@@ -261,6 +266,7 @@ async def _engine_async(engine: Engine, tokens: list[list[int]]) -> tuple[float,
 
 def run_engine(engine: Engine, tokens: list[list[int]]) -> tuple[dict, list[float]]:
     engine.score_tokens([[PAD_TOKEN_ID] * 8])  # warm-up
+    engine.overhead_tokens  # measured before the clock starts, as `filterd serve` does while loading
     wall, scores, lat, observer, config = asyncio.run(_engine_async(engine, tokens))
     summary = summarize(wall, lat, [len(t) for t in tokens], observer.passes, engine.model.config, engine.dtype)
     summary["batching"] = config
@@ -418,6 +424,7 @@ def main() -> None:
             results["engine"], scores["engine"] = run_engine(engine, tokens)
             print(f"  engine: {results['engine']['messages_per_s']:.1f} messages/s", flush=True)
         precision = vars(engine.precision) if engine.precision else None
+        overhead_tokens = engine.__dict__.get("overhead_tokens")  # measured by the engine contender, if it ran
         del engine
         if "daemon" in contenders:
             real = [len(t) for t in tokens]
@@ -459,7 +466,8 @@ def main() -> None:
         "config": {"base": args.base, "messages": len(texts), "quick": args.quick, "device": args.device, "dtype": args.dtype,
                    "hf_dtype": args.hf_dtype, "max_length": max_length, "chapter_length": CHAPTER_LENGTH, "hf_batch": HF_BATCH,
                    "tokenize_s": tokenize_s, "head_bias_abs_max": head_bias, "bf16_load_check": precision,
-                   "useful_flops": "per message of n real tokens: 2*n*12*d^2*L + 2*n^2*d*L"},
+                   "useful_flops": "per message of n real tokens: 2*n*12*d^2*(L-1) + 2*n^2*d*(L-1) + 4*n*d^2 + 20*d^2 + 4*n*d",
+                   "overhead_tokens": overhead_tokens},
         "machine": machine, "matmul_peak": peaks, "results": results, "checks": checks, "table": text,
     }  # fmt: skip
     if args.json:

@@ -12,26 +12,28 @@ When a batch closes
   A message longer than the whole token budget still goes, alone: nothing is ever stuck.
 
 Which messages go in it (`plan_batch`)
-    Padding cost is what grouping saves: a batch is padded to its longest message, so a short message
-    batched with long ones pays for the long ones' length. The batch is seeded with the *oldest* waiting
-    message, then grown one message at a time from the waiting messages sorted by length, always taking
-    the neighbour that adds the least padding: the longest one not longer than the current longest
-    (cost: its own padding) or the shortest longer one (cost: the extra padding of every message
-    already in). It stops when neither fits the size and token budget. When everything waiting fits in
-    one batch this takes everything; grouping only bites when more is waiting than fits.
+    Padding is what grouping saves: a batch is padded to its longest message. The waiting messages
+    (the oldest PLAN_WINDOW of them) are cut, in length order, into the batches that cost least in
+    total (filterd.grouping: each pass costs `overhead + count * longest` tokens, the overhead
+    measured per engine), and the batch holding the *oldest* waiting message goes next. On a CPU the
+    overhead is tens of tokens, so tight groups win; on a GPU it is thousands, so everything waiting
+    that fits goes together. Measured on 2,000 UCI messages arriving at once: 1.1% of computed tokens
+    were padding, against 14.5% when batches grew around the oldest by nearest length.
 
 Starvation
     Seeding with the oldest message means every batch serves the head of the queue, so nobody waits more
     than the batches ahead of them. Optionally (`starve_after_ms`), a message waiting that long is
-    overdue: overdue messages seed the next batch, oldest first, before grouping fills the room left.
+    overdue: overdue messages seed the next batch, oldest first, and the room left is filled with the
+    waiting messages nearest in length (the one adding the least padding at each step).
     It is off by default: under a sustained backlog every message outlives any such limit, batching
     degrades to arrival order and padding returns exactly when it costs the most (measured with 124M
     on 2 CPU cores: padding 0.55 with the limit at 4 forward passes, against a mean of 0.64 with 50 ms).
 
 Pipelining and hot reload
     At most one batch is in the worker thread; the next one fills meanwhile (and so grows larger under
-    load). `engine_ref()` is called once per batch, just before its forward pass, so a hot-reloaded model
-    takes over between batches, never inside one, and each result names the version that scored it.
+    load). `engine_ref()` is called once per batch, as the batch is planned (its `overhead_tokens`
+    guides the plan) right before its forward pass, so a hot-reloaded model takes over between
+    batches, never inside one, and each result names the version that scored it.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from .grouping import group_of
+
 log = logging.getLogger(__name__)
 
+# Planning looks at this many of the oldest waiting messages: enough for tight groups, and the
+# planner's O(window x max_batch_size) stays at a few ms on the event loop.
+PLAN_WINDOW = 1024
+DEFAULT_OVERHEAD_TOKENS = 64.0  # engines that do not measure theirs (see Engine.overhead_tokens)
 
 
 class QueueFull(Exception):
@@ -110,13 +118,26 @@ class _Batch:
         return sum(len(r.tokens) for r in self.requests)
 
 
-def plan_batch(lengths: Sequence[int], overdue: int, max_batch_size: int, max_batch_tokens: int) -> list[int]:
+def plan_batch(
+    lengths: Sequence[int],
+    overdue: int,
+    max_batch_size: int,
+    max_batch_tokens: int,
+    overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
+) -> list[int]:
     """Indices of the next batch among waiting messages (`lengths` in arrival order, the first `overdue` overdue).
 
-    See the module docstring for the policy. Never empty when `lengths` is not.
+    See the module docstring for the policy. Never empty when `lengths` is not; always holds index 0.
     """
     if not lengths:
         return []
+    if overdue <= 0:
+        return group_of(0, lengths[:PLAN_WINDOW], overhead_tokens, max_batch_size, max_batch_tokens)
+    return _seeded(lengths, overdue, max_batch_size, max_batch_tokens)
+
+
+def _seeded(lengths: Sequence[int], overdue: int, max_batch_size: int, max_batch_tokens: int) -> list[int]:
+    """The overdue messages in arrival order, then the nearest in length while the budget allows."""
     fits = lambda count, longest: count <= max_batch_size and count * longest <= max_batch_tokens
     chosen = [0]  # the oldest always goes, alone if it exceeds the budget
     longest = lengths[0]
@@ -277,11 +298,15 @@ class Batcher:
                 break  # closing and drained
             await self._slot.acquire()  # the previous batch leaves the worker thread; this one keeps filling
             await self._wait_until_ready()
-            batch = self._take_batch()
+            try:
+                engine: ScoringEngine | Exception = self._engine_ref()  # once per batch: a hot swap lands between batches
+            except Exception as exc:  # the batch fails with it when it runs; the batcher goes on
+                engine = exc
+            batch = self._take_batch(getattr(engine, "overhead_tokens", DEFAULT_OVERHEAD_TOKENS))
             if batch is None:  # every waiting caller gave up meanwhile
                 self._slot.release()
                 continue
-            self._inflight = asyncio.create_task(self._run_batch(batch))
+            self._inflight = asyncio.create_task(self._run_batch(batch, engine))
         async with self._slot:  # the last batch is done
             pass
 
@@ -309,14 +334,14 @@ class Batcher:
             return True
         return n * max(len(r.tokens) for r in self._pending.values()) > self.max_batch_tokens
 
-    def _take_batch(self) -> _Batch | None:
+    def _take_batch(self, overhead_tokens: float) -> _Batch | None:
         waiting = list(self._pending.values())
         if not waiting:
             return None
         now = time.monotonic()
         limit = self.starve_after_s
         overdue = 0 if limit is None else sum(1 for _ in itertools.takewhile(lambda r: now - r.arrived >= limit, waiting))
-        picks = plan_batch([len(r.tokens) for r in waiting], overdue, self.max_batch_size, self.max_batch_tokens)
+        picks = plan_batch([len(r.tokens) for r in waiting], overdue, self.max_batch_size, self.max_batch_tokens, overhead_tokens)
         batch = _Batch([waiting[i] for i in picks], now)
         for req in batch.requests:
             del self._pending[req.seq]
@@ -324,10 +349,11 @@ class Batcher:
         return batch
 
     # -- one forward pass ---------------------------------------------------------------------------
-    async def _run_batch(self, batch: _Batch) -> None:
+    async def _run_batch(self, batch: _Batch, engine: ScoringEngine | Exception) -> None:
         try:
             try:
-                engine = self._engine_ref()  # once per batch: a hot swap lands between batches
+                if isinstance(engine, Exception):
+                    raise engine
                 version, threshold = engine.version, engine.threshold
                 assert self._executor is not None
                 scores, seconds = await asyncio.get_running_loop().run_in_executor(

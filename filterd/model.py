@@ -80,6 +80,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def forward_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The attention output at one position per sequence (`idx`, shape (B,)), shape (B, C).
+
+        Keys and values are needed at every position, the query only at `idx`: a third of c_attn,
+        all of c_proj and the attention's other queries are skipped.
+        """
+        B, T, C = x.shape
+        hd = C // self.n_head
+        w, b = self.c_attn.weight, self.c_attn.bias
+        k, v = F.linear(x, w[C:], b[C:]).split(C, dim=2)
+        q = F.linear(x[torch.arange(B, device=x.device), idx], w[:C], b[:C])
+        q = q.view(B, self.n_head, 1, hd)
+        k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in (k, v))
+        visible = (torch.arange(T, device=x.device) <= idx[:, None]).view(B, 1, 1, T)  # causal, from idx
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.reshape(B, C)))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -103,6 +120,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The block's output at one position per sequence, shape (B, C): what `forward(x)[arange(B), idx]`
+        gives, for about a sixth of the work (the MLP and projections run on B rows, not B x T)."""
+        rows = x[torch.arange(x.shape[0], device=x.device), idx] + self.attn.forward_at(self.ln_1(x), idx)
+        return rows + self.mlp(self.ln_2(rows))
 
 
 class GPT2Classifier(nn.Module):
@@ -135,8 +158,8 @@ class GPT2Classifier(nn.Module):
                     p.normal_(0.0, std, generator=gen)
 
     # -- backbone ---------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, *, frozen_blocks: int = 0) -> torch.Tensor:
-        """Final-block output (before ln_f), shape (B, T, n_embd).
+    def hidden_states(self, input_ids: torch.Tensor, *, frozen_blocks: int = 0, blocks: int | None = None) -> torch.Tensor:
+        """Final-block output (before ln_f), shape (B, T, n_embd); with `blocks`, the output of the first N.
 
         `frozen_blocks`: the embeddings and the first N blocks run without autograd, which saves
         their activations' memory and backward time when only the top of the model is trained.
@@ -147,7 +170,7 @@ class GPT2Classifier(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks <= 0):
             x = self.drop(self.wte(input_ids) + self.wpe(pos))
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(self.h[:blocks]):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen_blocks):
                 x = block(x)
         return x
@@ -176,12 +199,15 @@ class GPT2Classifier(nn.Module):
         Right padding is assumed (real tokens first); without lengths or a mask every position
         is taken as real, i.e. the last position is pooled.
         """
-        h = self.hidden_states(input_ids, frozen_blocks=frozen_blocks)
+        top = len(self.h) - 1
+        h = self.hidden_states(input_ids, frozen_blocks=frozen_blocks, blocks=top)
         if lengths is None and mask is None:
             lengths = torch.full((h.shape[0],), h.shape[1], device=h.device)
         idx = self.last_token_index(lengths, mask).to(h.device)
-        last = h[torch.arange(h.shape[0], device=h.device), idx]
-        # ln_f is per position, so normalising only the pooled rows gives the same result for less work.
+        # Only the pooled position of the last block reaches the head: the block computes that row alone
+        # (keys and values still at every position). ln_f is per position, so it too runs on those rows.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and top >= frozen_blocks):
+            last = self.h[top].forward_at(h, idx)
         return self.ln_f(last)
 
     def forward(

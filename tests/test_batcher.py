@@ -201,14 +201,17 @@ def test_plan_batch_groups_by_length_and_seeds_with_the_oldest():
     assert sorted(plan_batch(lengths, 0, 64, 200)) == [0, 2, 4]  # the oldest (60) and its neighbours in length
     assert sorted(plan_batch(lengths[1:], 0, 64, 200)) == [0, 2, 4]  # oldest is short: the shorts
     assert plan_batch([500, 1, 1], 0, 64, 100) == [0]  # over the budget: alone, never stuck
-    assert sorted(plan_batch(lengths, 0, 64, 10_000)) == list(range(6))  # everything fits: everything goes
+    # everything fits: cheap passes (a CPU) split shorts from longs, 2*64 + 3*7 + 3*62 < 64 + 6*62 ...
+    assert sorted(plan_batch(lengths, 0, 64, 10_000, overhead_tokens=64)) == [0, 2, 4]
+    # ... costly ones (a GPU) take everything: 200 + 6*62 < 2*200 + 3*7 + 3*62
+    assert sorted(plan_batch(lengths, 0, 64, 10_000, overhead_tokens=200)) == list(range(6))
     assert len(plan_batch([3] * 10, 0, 4, 10_000)) == 4
 
 
 def test_overdue_messages_go_in_the_next_batch():
     # 0 (long) and 1 (short) are overdue; grouping alone would take 0 with the fresh longs and leave 1 behind
     lengths = [60, 5] + [60] * 10
-    assert 1 not in plan_batch(lengths, 0, 64, 600)
+    assert 1 not in plan_batch(lengths, 0, 64, 600, overhead_tokens=10)  # a pass is cheaper than its padding
     batch = plan_batch(lengths, 2, 64, 600)
     assert {0, 1} <= set(batch) and len(batch) == 10
 
