@@ -118,3 +118,23 @@ def test_frozen_blocks_give_the_same_forward_and_no_grad_below():
     assert torch.allclose(full, frozen)
     frozen.sum().backward()
     assert model.h[0].attn.c_attn.weight.grad is None and model.h[1].attn.c_attn.weight.grad is not None
+
+
+def test_last_block_computes_only_the_pooled_row_with_the_same_values_and_gradients():
+    """pooled() runs the last block at the pooled row alone; the full block then indexing must agree."""
+    model = build_model(resolve_base("random:tiny"), seed=4)
+    ids, lengths = pad_batch([[1, 2, 3, 4, 5, 6, 7], [8, 9], [10], list(range(100, 140))])
+    rows = torch.arange(4)
+
+    def grads(out: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast = model.pooled(ids, lengths)
+    slow = model.ln_f(model.hidden_states(ids)[rows, lengths - 1])
+    assert (fast - slow).abs().max().item() <= 1e-6
+    g_fast, g_slow = grads(model.pooled(ids, lengths)), grads(model.ln_f(model.hidden_states(ids)[rows, lengths - 1]))
+    assert g_fast.keys() == g_slow.keys() and "h.1.mlp.c_fc.weight" in g_fast
+    for name in g_fast:
+        assert torch.allclose(g_fast[name], g_slow[name], atol=1e-6, rtol=1e-4), name
