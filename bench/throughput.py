@@ -1,12 +1,13 @@
 """Throughput of four ways to score the same UCI messages with the same GPT-2-124M-shaped weights.
 
-    python -m bench.throughput --json bench/results/throughput.json                      # 2,000 messages, fp32
-    python -m bench.throughput --dtype bfloat16 --json bench/results/throughput_bf16.json
-    python -m bench.throughput --quick --json bench/results/throughput_quick.json        # 200 messages
+    python -m bench.throughput --json bench/results/throughput_2000_fp32.json            # 2,000 messages, fp32
+    python -m bench.throughput --dtype bfloat16 --json bench/results/throughput_2000_bf16.json
+    python -m bench.throughput --quick --json /tmp/throughput_quick.json                 # 200 messages
 
-A full run takes about half an hour on 2 CPU cores, most of it the chapter's one-at-a-time loop (a
---quick run 3 to 7 minutes). Timings on a shared machine swing by up to 2x between runs: the matmul
-peak is measured before and after the contenders in the same run so that the spread shows.
+A full run takes about 12 minutes on 2 CPU cores (fp32), most of it the chapter's one-at-a-time
+loop and hf (a --quick run 1 to 3 minutes). Results and the commands behind them: bench/RESULTS.md.
+Timings on a shared machine swing by up to 2x between runs: the matmul peak is measured before and
+after the contenders in the same run so that the spread shows.
 
 Every contender reads the same random-init weights (`--base random:gpt2`, seed 1; the head's bias is
 zero, which matters because Hugging Face's `score` layer has none) and the same messages, tokenized
