@@ -76,7 +76,12 @@ def main() -> None:
     for name, fn in (("full-last-block", full_last_block), ("pooled-row", pooled_row), ("compiled", compiled)):
         runs = [timed(fn, batches) for _ in range(args.repeats)]
         best = min(r[0] for r in runs)
-        results[name] = {"seconds": best, "messages_per_s": len(tokens) / best, "runs_s": [r[0] for r in runs], "scores": runs[0][1]}
+        results[name] = {
+            "seconds": best,
+            "messages_per_s": len(tokens) / best,
+            "runs_s": [r[0] for r in runs],
+            "scores": runs[0][1],
+        }
     ref = results["pooled-row"]["scores"]
     for r in results.values():
         r["max_abs_score_diff"] = max(abs(a - b) for a, b in zip(r.pop("scores"), ref))
@@ -88,9 +93,13 @@ def main() -> None:
     }  # fmt: skip
     print(f"{len(tokens)} messages in {len(batches)} batches ({len(shapes)} shapes), {engine.dtype}; "
           f"torch.compile's first pass {compile_s:.1f} s\n")  # fmt: skip
-    print("| variant | seconds | messages/s | vs full-last-block | max \\|score diff\\| vs pooled-row |\n| --- | --- | --- | --- | --- |")
+    print(
+        "| variant | seconds | messages/s | vs full-last-block | max \\|score diff\\| vs pooled-row |\n| --- | --- | --- | --- | --- |"
+    )
     for name, r in results.items():
-        print(f"| {name} | {r['seconds']:.2f} | {r['messages_per_s']:.1f} | {r['speedup_vs_full_last_block']:.3f}x | {r['max_abs_score_diff']:.1e} |")
+        print(
+            f"| {name} | {r['seconds']:.2f} | {r['messages_per_s']:.1f} | {r['speedup_vs_full_last_block']:.3f}x | {r['max_abs_score_diff']:.1e} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

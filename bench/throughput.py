@@ -267,7 +267,7 @@ async def _engine_async(engine: Engine, tokens: list[list[int]]) -> tuple[float,
 
 def run_engine(engine: Engine, tokens: list[list[int]]) -> tuple[dict, list[float]]:
     engine.score_tokens([[PAD_TOKEN_ID] * 8])  # warm-up
-    engine.overhead_tokens  # measured before the clock starts, as `filterd serve` does while loading
+    engine.measure_overhead()  # before the clock starts, as `filterd serve` does while loading
     wall, scores, lat, observer, config = asyncio.run(_engine_async(engine, tokens))
     summary = summarize(wall, lat, [len(t) for t in tokens], observer.passes, engine.model.config, engine.dtype)
     summary["batching"] = config

@@ -371,6 +371,8 @@ class Batcher:
             for req, score in zip(batch.requests, scores):
                 if not req.future.done():  # a cancelled caller must not break the others
                     verdict = "spam" if score >= threshold else "ham"
-                    req.future.set_result(Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds, threshold))
+                    req.future.set_result(
+                        Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds, threshold)
+                    )
         finally:
             self._slot.release()

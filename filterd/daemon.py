@@ -34,7 +34,7 @@ def warm_up(engine: Engine) -> float:
     engine.tokenizer.encode("warm up the tokenizer")  # tiktoken loads its tables on first use
     engine.score_tokens([[50256] * 8, [50256] * 4])
     engine.score_tokens([[50256] * min(engine.meta.max_length, 256)])
-    engine.overhead_tokens  # measured here, in the loading thread, rather than on the event loop at the first batch
+    engine.measure_overhead()  # here, in the loading thread, rather than on the event loop at the first batch
     return time.perf_counter() - t0
 
 

@@ -84,7 +84,9 @@ def check_bf16(model: GPT2Classifier, max_length: int, device: torch.device) -> 
     if worst > BF16_MAX_SCORE_DIFF:
         reason = f"bf16 scores differ from fp32 by up to {worst:.4f} (> {BF16_MAX_SCORE_DIFF}): serving float32"
         return model, PrecisionCheck("float32", len(probes), worst, mean, reason)
-    return half, PrecisionCheck("bfloat16", len(probes), worst, mean, f"bf16 agrees with fp32 within {worst:.4f} on {len(probes)} probes")
+    return half, PrecisionCheck(
+        "bfloat16", len(probes), worst, mean, f"bf16 agrees with fp32 within {worst:.4f} on {len(probes)} probes"
+    )
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -219,6 +221,10 @@ class Engine:
         value = measure_overhead_tokens(self.model, self.device, self.meta.max_length)
         log.info("model %s: a forward pass costs %.0f tokens' worth beyond its tokens (batch planning)", self.version, value)
         return value
+
+    def measure_overhead(self) -> float:
+        """Measure `overhead_tokens` now (once): loaders call it so the batcher never pays for it on the event loop."""
+        return self.overhead_tokens
 
     def classify_texts(
         self,

@@ -16,9 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def partition(
-    lengths: Sequence[int], overhead_tokens: float, max_batch_size: int, max_batch_tokens: int
-) -> list[list[int]]:
+def partition(lengths: Sequence[int], overhead_tokens: float, max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Indices of `lengths` grouped into batches, shortest first, minimising the total estimated cost.
 
     Each batch holds at most `max_batch_size` messages and `max_batch_tokens` padded tokens, except

@@ -67,3 +67,18 @@ def test_check_bf16_returns_model_in_chosen_dtype_and_leaves_fp32_untouched():
     served, c = check_bf16(m, 64, torch.device("cpu"))
     assert str(next(served.parameters()).dtype).removeprefix("torch.") == c.dtype
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_overhead_is_measured_once_and_guides_offline_batches(monkeypatch, tiny_model):
+    engine = Engine.load(tiny_model.model_dir, device="cpu")
+    calls = []
+    real = engine_mod.measure_overhead_tokens
+    monkeypatch.setattr(engine_mod, "measure_overhead_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
+    value = engine.measure_overhead()
+    assert 1.0 <= value <= engine_mod.MAX_OVERHEAD_TOKENS and engine.overhead_tokens == value and len(calls) == 1
+    # classify_texts plans with it only when there is more than one batch to plan
+    seen = []
+    monkeypatch.setattr(engine_mod, "partition", lambda lengths, overhead, *a: seen.append(overhead) or [list(range(len(lengths)))])
+    engine.classify_texts(["one", "two"], max_batch_size=64)
+    engine.classify_texts(["short"] * 3 + ["a much longer message " * 5], max_batch_size=2)
+    assert seen == [engine_mod.DEFAULT_OVERHEAD_TOKENS, value]
