@@ -267,10 +267,10 @@ async def _engine_async(engine: Engine, tokens: list[list[int]]) -> tuple[float,
 
 def run_engine(engine: Engine, tokens: list[list[int]]) -> tuple[dict, list[float]]:
     engine.score_tokens([[PAD_TOKEN_ID] * 8])  # warm-up
-    engine.measure_overhead()  # before the clock starts, as `filterd serve` does while loading
+    overhead = engine.measure_overhead()  # before the clock starts, as `filterd serve` does while loading
     wall, scores, lat, observer, config = asyncio.run(_engine_async(engine, tokens))
     summary = summarize(wall, lat, [len(t) for t in tokens], observer.passes, engine.model.config, engine.dtype)
-    summary["batching"] = config
+    summary["batching"] = config | {"overhead_tokens": overhead}
     return summary, scores
 
 
@@ -425,7 +425,6 @@ def main() -> None:
             results["engine"], scores["engine"] = run_engine(engine, tokens)
             print(f"  engine: {results['engine']['messages_per_s']:.1f} messages/s", flush=True)
         precision = vars(engine.precision) if engine.precision else None
-        overhead_tokens = engine.__dict__.get("overhead_tokens")  # measured by the engine contender, if it ran
         del engine
         if "daemon" in contenders:
             real = [len(t) for t in tokens]
@@ -468,7 +467,7 @@ def main() -> None:
                    "hf_dtype": args.hf_dtype, "max_length": max_length, "chapter_length": CHAPTER_LENGTH, "hf_batch": HF_BATCH,
                    "tokenize_s": tokenize_s, "head_bias_abs_max": head_bias, "bf16_load_check": precision,
                    "useful_flops": "per message of n real tokens: 2*n*12*d^2*(L-1) + 2*n^2*d*(L-1) + 4*n*d^2 + 20*d^2 + 4*n*d",
-                   "overhead_tokens": overhead_tokens},
+                   "overhead_tokens": results.get("engine", {}).get("batching", {}).get("overhead_tokens")},
         "machine": machine, "matmul_peak": peaks, "results": results, "checks": checks, "table": text,
     }  # fmt: skip
     if args.json:

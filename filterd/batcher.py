@@ -47,14 +47,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from .grouping import group_of
+from .grouping import DEFAULT_OVERHEAD_TOKENS, group_of
 
 log = logging.getLogger(__name__)
 
 # Planning looks at this many of the oldest waiting messages: enough for tight groups, and planning
 # them takes ~5 ms of the event loop (one vectorised step per message, whatever max_batch_size is).
 PLAN_WINDOW = 1024
-DEFAULT_OVERHEAD_TOKENS = 64.0  # engines that do not measure theirs (see Engine.overhead_tokens)
 
 
 class QueueFull(Exception):

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ConfigError
-from .grouping import partition
+from .grouping import DEFAULT_OVERHEAD_TOKENS, partition
 from .model import LABELS, GPT2Classifier
 from .tokenizer import Tokenizer, pad_batch
 from .weights import ModelMeta, load_model_dir
@@ -107,11 +107,6 @@ def spam_scores(model: GPT2Classifier, sequences: Sequence[Sequence[int]], devic
     return torch.softmax(logits.float(), dim=-1)[:, LABELS.index("spam")].tolist()
 
 
-# What one forward pass costs beyond its tokens, in tokens, where it has not been measured (offline
-# scoring, training): 124M measured 20-60 on 2 CPU cores (fp32, bf16); a GPU's is in the thousands.
-DEFAULT_OVERHEAD_TOKENS = 64.0
-
-
 def length_batches(
     lengths: Sequence[int],
     max_batch_size: int = 64,
@@ -120,6 +115,10 @@ def length_batches(
 ) -> Iterator[list[int]]:
     """Indices grouped by similar length (filterd.grouping); each batch padded to its longest stays within the token budget."""
     yield from partition(lengths, overhead_tokens, max_batch_size, max_batch_tokens)
+
+
+PROBE_TOKEN = 262  # " the": any ordinary token; timing does not depend on which
+MAX_OVERHEAD_TOKENS = 65536.0
 
 
 def measure_overhead_tokens(model: GPT2Classifier, device: torch.device, max_length: int, repeats: int = 2) -> float:
@@ -145,10 +144,6 @@ def measure_overhead_tokens(model: GPT2Classifier, device: torch.device, max_len
     if per_token <= 0:  # the long pass was no slower: overhead dominates (a GPU), group as much as allowed
         return MAX_OVERHEAD_TOKENS
     return float(min(MAX_OVERHEAD_TOKENS, max(1.0, best[0] / per_token - b1 * n1)))
-
-
-PROBE_TOKEN = 262  # " the": any ordinary token; timing does not depend on which
-MAX_OVERHEAD_TOKENS = 65536.0
 
 
 def score_in_length_batches(

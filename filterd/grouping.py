@@ -19,6 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
+# What one forward pass costs beyond its tokens, in tokens, where it has not been measured (offline
+# scoring, training, engines without `overhead_tokens`): 124M measured ~31 on 2 CPU cores (fp32 and
+# bf16); a GPU's runs to thousands.
+DEFAULT_OVERHEAD_TOKENS = 64.0
+
 
 def partition(lengths: Sequence[int], overhead_tokens: float, max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Indices of `lengths` grouped into batches, shortest first, minimising the total estimated cost.
