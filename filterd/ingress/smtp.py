@@ -65,6 +65,7 @@ _QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)")
 _UNPRINTABLE = re.compile(r"[^ -~]")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]{0,250})")
 
 
@@ -324,7 +325,8 @@ def parse_path(arg: str) -> tuple[str | None, str]:
             if not colon:
                 return None, ""
     if address:
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+        unquoted = _QUOTED.sub("", address)
+        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in unquoted) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
             return None, ""
         try:
             _, left = get_addr_spec(address)
