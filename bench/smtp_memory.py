@@ -25,7 +25,8 @@ from pathlib import Path
 import aiosmtplib
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(1, str(REPO))
+if str(REPO) not in sys.path:  # run as a file (e.g. with an older checkout first on PYTHONPATH)
+    sys.path.append(str(REPO))
 
 from tests.e2e.daemon import FilterdProcess  # noqa: E402
 from tests.services import free_port  # noqa: E402

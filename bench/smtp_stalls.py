@@ -35,7 +35,8 @@ def corpus_files(root: Path) -> list[Path]:
 
 def _drive(files: list[str], concurrency: int, conn) -> None:
     """Child process: the next hop (a sink) and the SMTP client."""
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
     import aiosmtplib
 
     from tests.smtp_sink import SmtpSink
@@ -117,6 +118,8 @@ def main() -> None:
     files = [str(p) for p in corpus_files(args.corpus)]
     files = files[: args.limit] if args.limit else files
 
+    if str(REPO) not in sys.path:  # run as a file (e.g. with an older checkout first on PYTHONPATH)
+        sys.path.append(str(REPO))
     import filterd
 
     from tests.services import free_port

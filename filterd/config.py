@@ -543,6 +543,9 @@ class SmtpConfig:
     session_timeout: float = _key(1800.0, Duration(), "a client session is closed (421) after this long, busy or idle")
     max_connections: int = _key(400, Int(1), "sessions at once; more get 421 4.7.0 (lowered to fit the open files limit)")
     max_connections_per_client: int = _key(200, Int(1), "sessions at once from one client address; more get 421 4.7.0")
+    max_scan_bytes: int = _key(
+        1048576, Int(1024), "only this much of a message is parsed for the classifier's text (all of it is relayed)"
+    )
     max_inflight_bytes: int = _key(
         268435456, Int(1), "message bytes held by all sessions together; beyond it 452 4.3.1 (Postfix retries)"
     )
