@@ -343,3 +343,22 @@ def test_rset_and_client_loss_close_the_next_hop_transaction(sink):
 
     rset, sessions = serve(smtp_cfg(sink))(body)
     assert rset[0] == 250 and sessions == 0 and sink.messages == []
+
+
+def test_next_hop_connection_lost_before_data_is_replayed_once(sink):
+    """The next hop hangs up while the client is still uploading (its own idle timeout): nothing was
+    delivered on that connection, so filterd opens a new one with the same envelope."""
+
+    async def body(ingress):
+        c, _ = await Raw.connect(ingress.port)
+        await c.cmd("EHLO client.test")
+        await c.cmd("MAIL FROM:<a@example.org>")
+        await c.cmd("RCPT TO:<b@example.net>")
+        await c.cmd("RCPT TO:<c@example.net>")
+        await asyncio.to_thread(sink.restart)  # cuts filterd's connection to it
+        return await c.data(message("hello", "after a reconnect"))
+
+    code, text = serve(smtp_cfg(sink))(body)
+    assert code == 250, text
+    got = sink.wait_for(1)
+    assert len(sink.messages) == 1 and got[0].rcpt_tos == ("b@example.net", "c@example.net")

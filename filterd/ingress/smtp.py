@@ -131,11 +131,12 @@ class NextHopConnection:
     def supports(self, keyword: str) -> bool:
         return keyword.upper() in self.extensions
 
-    async def reply(self, timeout: float | None = -1.0) -> Reply:
-        """One (possibly multi-line) reply; `timeout` None waits for as long as the caller's deadline allows."""
+    async def reply(self, final: bool = False) -> Reply:
+        """One (possibly multi-line) reply within `timeout`; the `final` reply to a message is awaited
+        for as long as the caller's deadline allows (giving up early would risk a duplicate)."""
         lines: list[str] = []
         try:
-            async with asyncio.timeout(self.timeout if timeout == -1.0 else timeout):
+            async with asyncio.timeout(None if final else self.timeout):
                 while True:
                     line = (await self.reader.readuntil(b"\n")).rstrip(b"\r\n").decode("utf-8", "replace")
                     if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
@@ -160,15 +161,11 @@ class NextHopConnection:
         return await self.reply()
 
     async def send_message(self, data: bytes) -> Reply:
-        """DATA, the message, the final dot; the final reply is awaited without a timeout of its own
-        (the caller's deadline bounds it: giving up early would risk a duplicate)."""
-        r = await self.command(b"DATA")
-        if r.code != 354:
-            return r
+        """The message after a 354 to DATA, the final dot, and the final reply."""
         for chunk in _wire_chunks(data):
             await self.write(chunk)
         await self.write(b".\r\n")
-        return await self.reply(timeout=None)
+        return await self.reply(final=True)
 
     async def quit(self) -> None:
         try:
@@ -736,6 +733,10 @@ class FilterHandler:
             log.warning("smtp: %s from=<%s> rcpts=%d: no verdict and next-hop reply within data_done_timeout; answered 451",
                         origin, txn.mail_from, len(txn.rcpts))  # fmt: skip
             reply = TIMED_OUT
+        except Exception:  # a bug must not become aiosmtpd's 500: Postfix would bounce the mail
+            txn.abort()
+            log.exception("smtp: %s from=<%s>: failed, answered 451", origin, txn.mail_from)
+            reply = NEXT_HOP_DOWN
         finally:
             await txn.finish()
             # The reply is written right after this returns, with no await in between: a shutdown
@@ -778,28 +779,27 @@ class FilterHandler:
     async def _relay(self, txn: Transaction, outcome: Outcome) -> Reply:
         """DATA on the transaction the client built; for other recipients (quarantine) a new one.
         A connection the next hop dropped before DATA (its idle timeout during a slow upload) is
-        replayed once: nothing was delivered on it."""
+        replayed once: nothing was delivered on it. Anything but the final reply failing is 451."""
         try:
-            if outcome.recipients != tuple(txn.rcpts):
-                r = await txn.replay(self.relay, outcome.recipients)
-                if not r.ok:  # the quarantine address refused: an operator's problem, keep the mail queued
-                    return Reply(451, f"4.3.0 quarantine: {r.code} {r.text}")
+            replayed = False
+            if outcome.recipients != tuple(txn.rcpts) or txn.upstream is None:
+                r, replayed = await txn.replay(self.relay, outcome.recipients), True
+                if not r.ok:
+                    return Reply(451, f"4.3.0 new transaction for {outcome.action}: {r.code} {r.text}")
             assert txn.upstream is not None
             try:
                 r = await txn.upstream.command(b"DATA")
             except NextHopError:
-                r = Reply(421, "connection lost")
-            if r.code == 421:
+                r = Reply(421, "4.4.2 connection lost")
+            if r.code == 421 and not replayed:
                 r = await txn.replay(self.relay, outcome.recipients)
                 if not r.ok:
                     return Reply(451, f"4.3.0 after reconnecting: {r.code} {r.text}")
+                assert txn.upstream is not None
                 r = await txn.upstream.command(b"DATA")
-            if r.code != 354:
-                return r
-            for chunk in _wire_chunks(outcome.data):
-                await txn.upstream.write(chunk)
-            await txn.upstream.write(b".\r\n")
-            return await txn.upstream.reply(timeout=None)
+            if r.code != 354:  # a 503 here is a confused next hop, not a reason to bounce
+                return r if r.code != 503 else Reply(451, f"4.3.0 {r.code} {r.text}")
+            return await txn.upstream.send_message(outcome.data)
         except NextHopError as e:
             txn.abort()
             return Reply(451, f"4.3.0 {e}")
