@@ -540,7 +540,7 @@ class SmtpConfig:
     data_done_timeout: float = _key(
         540.0, Duration(), "end of DATA to our reply (classify + relay); keep below Postfix's smtp_data_done_timeout (10m)"
     )
-    session_timeout: float = _key(1800.0, Duration(), "a client session is closed (421) after this long, busy or idle")
+    session_timeout: float = _key(1800.0, Duration(), "total session deadline: then 421 4.4.2 and close (a message being filtered is answered first)")
     max_connections: int = _key(400, Int(1), "sessions at once; more get 421 4.7.0 (lowered to fit the open files limit)")
     max_connections_per_client: int = _key(200, Int(1), "sessions at once from one client address; more get 421 4.7.0")
     max_scan_bytes: int = _key(

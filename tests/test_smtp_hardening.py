@@ -362,3 +362,19 @@ def test_next_hop_connection_lost_before_data_is_replayed_once(sink):
     assert code == 250, text
     got = sink.wait_for(1)
     assert len(sink.messages) == 1 and got[0].rcpt_tos == ("b@example.net", "c@example.net")
+
+
+def test_inflight_budget_below_message_size_is_a_config_error(tmp_path):
+    from filterd.config import check_config
+    from filterd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_inflight_bytes: must be >= max_message_bytes"):
+        check_config(None, ["smtp.max_message_bytes=1000000", "smtp.max_inflight_bytes=999999"])
+    assert check_config(None, []).smtp.max_inflight_bytes >= check_config(None, []).smtp.max_message_bytes
+
+
+def test_unit_gives_room_for_connections():
+    from .conftest import REPO
+
+    unit = (REPO / "systemd" / "filterd.service").read_text()
+    assert "\nLimitNOFILE=65536\n" in unit
