@@ -9,15 +9,14 @@ import email
 import email.policy
 import logging
 import time
-from dataclasses import replace
 
 import aiosmtplib
 import pytest
 
-from filterd.ingress.smtp import SmtpIngress, parse_path
+from filterd.ingress.smtp import parse_path
 
 from .smtp_sink import SmtpSink
-from .test_smtp_ingress import message, send, serve, smtp_cfg, word_score
+from .test_smtp_ingress import message, send, serve, smtp_cfg
 
 
 @pytest.fixture

@@ -231,11 +231,8 @@ class Transaction:
 
     def mail_command(self, upstream: NextHopConnection) -> bytes:
         """MAIL FROM for this next hop: parameters it does not offer are left out (BODY, SIZE)."""
-        params = []
-        for p in self.params:
-            key = p.split("=", 1)[0].upper()
-            if key == "SMTPUTF8" or (key == "BODY" and upstream.supports("8BITMIME")) or (key == "SIZE" and upstream.supports("SIZE")):
-                params.append(p)
+        needs = {"SMTPUTF8": "SMTPUTF8", "BODY": "8BITMIME", "SIZE": "SIZE"}  # parameter -> EHLO keyword
+        params = [p for p in self.params if upstream.supports(needs[p.split("=", 1)[0].upper()])]
         return b" ".join([b"MAIL FROM:<" + _wire(self.mail_from) + b">", *(p.encode() for p in params)])
 
     def xforward_commands(self, upstream: NextHopConnection) -> list[bytes]:
@@ -433,13 +430,6 @@ class _Server(SMTP):
             self.transport.close()
 
     # -- replies
-
-    async def push(self, status: Any) -> None:
-        # aiosmtpd answers an oversize SIZE= at MAIL itself without an RFC 3463 code.
-        if isinstance(status, str) and status.startswith("552 Error"):
-            status = TOO_BIG
-            self._filter.count_reply(status)
-        await super().push(status)
 
     async def _busy_call(self, call: Awaitable[str]) -> str:
         self._busy = True
@@ -679,7 +669,9 @@ class FilterHandler:
         self.count_reply(reply)
         return reply
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         return responses[:-1] + ["250-XFORWARD " + " ".join(XFORWARD_ATTRS), responses[-1]]
 
@@ -852,7 +844,9 @@ def raise_fd_limit() -> int:
 class SmtpIngress:
     """The listening socket and its sessions; `run(stop)` serves until `stop` is set, then drains."""
 
-    def __init__(self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None) -> None:
+    def __init__(
+        self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None
+    ) -> None:
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
         self.handler = FilterHandler(cfg, score, metrics, relay, self.budget)
