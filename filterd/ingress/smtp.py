@@ -591,7 +591,7 @@ class _Server(SMTP):
     def xforward_for_log(self, txn: Transaction) -> str:
         x = txn.xforward
         client = f" client={x.get('NAME', '?')}[{x.get('ADDR', '?')}]" if "ADDR" in x or "NAME" in x else ""
-        return f"queue_id={_xtext_decoded(x.get('IDENT', '-'))}{client}"
+        return _UNPRINTABLE.sub("?", f"queue_id={_xtext_decoded(x.get('IDENT', '-'))}{client}")
 
     async def _read_message(self) -> tuple[bytes, str]:
         """The message (dot-unstuffed, CRLF as sent) and "" , or b"" and the reply for a refusal.
