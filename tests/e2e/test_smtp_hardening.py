@@ -93,6 +93,34 @@ def test_postfix_bounces_only_the_refused_recipient_and_delivers_the_other_once(
     assert "gone@example.com" in text and "550 5.1.1" in text and "ok@example.com" not in text.split("Content-Description: Undelivered Message")[0]
 
 
+@needs_postfix
+def test_slow_next_hop_through_postfix_gets_exactly_one_copy(tmp_path, tiny_model):
+    """The next hop stores the message and answers 4 s later, twice filterd's idle timeout. The
+    idle timer (aiosmtpd's, started at DATA) used to close Postfix's connection first: Postfix
+    deferred the message and delivered it again on retry."""
+    filter_port = free_port()
+    final = SmtpSink().start()
+    hop = SmtpSink().start()
+    hop.data_delay = 4.0
+    d = daemon(tiny_model.model_dir, tmp_path, filter_port, hop.address, smtp__timeout="2s")
+    pf = PostfixServer(tmp_path / "postfix", filter_port=filter_port, relay_port=final.port)
+    try:
+        d.start()
+        pf.start()
+        pf.submit(MESSAGE, "sender@example.org", ["ok@example.com"])
+        hop.wait_for(1, timeout=30)
+        pf.wait_queue(lambda q: not q, timeout=30)
+        time.sleep(3)  # Postfix retries deferred mail within 1-2 s here: a second copy would be in by now
+        maillog = pf.maillog.read_text(errors="replace")
+    finally:
+        pf.stop()
+        d.stop()
+        final.stop()
+        hop.stop()
+    assert len(hop.messages) == 1 and final.messages == []
+    assert "status=sent" in maillog and "status=deferred" not in maillog
+
+
 def _lower_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
