@@ -44,6 +44,21 @@ def big_message(i: int, size: int) -> bytes:
     return head + body + b"--b1--\r\n"
 
 
+def children(pid: int) -> list[int]:
+    """The daemon's descendants (e.g. parser worker processes), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").iterdir():
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                kids = []
+            out += kids
+            todo += kids
+    return out
+
+
 def vm(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -95,6 +110,7 @@ def main() -> None:
             codes = asyncio.run(send_all(port, raws))
             seconds = time.perf_counter() - t0
             peak = vm(d.proc.pid, "VmHWM")
+            helpers = sum(vm(p, "VmHWM") for p in children(d.proc.pid))
         finally:
             d.stop()
         relayed = len(sink.messages)
@@ -104,13 +120,14 @@ def main() -> None:
         "label": args.label, "messages": args.count, "size_mib": args.size_mib, "codes": codes, "relayed": relayed,
         "relayed_byte_exact": exact, "seconds": seconds, "rss_before_mib": base_rss / mib, "hwm_before_mib": base_hwm / mib,
         "peak_rss_mib": peak / mib, "added_by_messages_mib": (peak - base_hwm) / mib,
+        "child_processes_peak_rss_mib": helpers / mib,
         "per_message_byte_of_mail": (peak - base_hwm) / (args.count * size), "pythonpath": os.environ.get("PYTHONPATH", ""),
         "command": " ".join(["python -m bench.smtp_memory", *sys.argv[1:]]),
     }  # fmt: skip
-    print("| run | messages | replies | seconds | peak RSS | added by the messages | bytes held per byte of mail |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | messages | replies | seconds | peak RSS | added by the messages | bytes held per byte of mail | child processes' peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {args.label} | {args.count} x {args.size_mib} MiB | {codes} | {seconds:.1f} | {result['peak_rss_mib']:.0f} MiB | "
-          f"{result['added_by_messages_mib']:.0f} MiB | {result['per_message_byte_of_mail']:.2f} |")
+          f"{result['added_by_messages_mib']:.0f} MiB | {result['per_message_byte_of_mail']:.2f} | {helpers / mib:.0f} MiB |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

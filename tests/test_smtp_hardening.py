@@ -377,3 +377,24 @@ def test_unit_gives_room_for_connections():
 
     unit = (REPO / "systemd" / "filterd.service").read_text()
     assert "\nLimitNOFILE=65536\n" in unit
+
+
+def test_a_dead_parser_process_costs_one_message_its_verdict_not_the_ingress(sink):
+    """The text is extracted in worker processes; if they die (OOM killer), that message follows
+    on_error and the next one gets new workers."""
+    import os
+    import signal
+
+    async def body(ingress):
+        first = await send(ingress.port, message("winner", "prize"))
+        for pid in list(ingress.handler.parser()._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        second = await send(ingress.port, message("winner", "prize again"))
+        third = await send(ingress.port, message("winner", "prize once more"))
+        return first, second, third
+
+    replies = serve(smtp_cfg(sink))(body)
+    assert [c for c, _ in replies] == [250, 250, 250]
+    flags = [email.message_from_bytes(r.data, policy=email.policy.default)["X-Spam-Status"] for r in sink.wait_for(3)]
+    assert flags[0].startswith("Yes") and flags[1].startswith("Unknown, reason=parser-died") and flags[2].startswith("Yes")
