@@ -851,6 +851,11 @@ def _decide(raw: bytes, rcpts: tuple[str, ...], c: Classification | None, policy
     return decide(raw, rcpts, c, policy, error), message_id or "-"
 
 
+def _log_warm_failure(f: asyncio.Future[str]) -> None:
+    if not f.cancelled() and f.exception() is not None:
+        log.error("smtp: the parser processes failed to start: %r (messages will follow on_error)", f.exception())
+
+
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (a unit's LimitNOFILE, or the shell's); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -946,6 +951,7 @@ class SmtpIngress:
         loop = asyncio.get_running_loop()
         # Start the parser processes now (a fraction of a second), not at the first message.
         self._warm = loop.run_in_executor(self.handler.parser(), extract_text, b"Subject: warm up\r\n\r\nparser\r\n")
+        self._warm.add_done_callback(_log_warm_failure)
         self._server = await loop.create_server(
             self._session, host=self.cfg.listen.host, port=self.cfg.listen.port, start_serving=serving
         )
