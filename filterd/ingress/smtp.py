@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 import logging
+import multiprocessing
 import re
 import resource
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from email._header_value_parser import get_addr_spec
 from email.errors import HeaderParseError
@@ -56,7 +56,7 @@ SHUTTING_DOWN = "421 4.3.2 filterd shutting down"
 TOO_MANY_CONNECTIONS = "421 4.7.0 filterd: too many connections, try again later"
 SESSION_EXPIRED = "421 4.4.2 filterd: session too long, closing"
 IDLE_TIMEOUT = "421 4.4.2 filterd: idle timeout, closing"
-LONGEST_LINE = 1 << 20  # a command line (and the unit in which DATA is read)
+LONGEST_LINE = 1 << 20  # a command line; also about the size of the chunks DATA is read in
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 _XFORWARD_LINE = 500  # Postfix refuses XFORWARD lines over 512 bytes
 _DATA_END = b"\r\n.\r\n"
