@@ -398,3 +398,16 @@ def test_a_dead_parser_process_costs_one_message_its_verdict_not_the_ingress(sin
     assert [c for c, _ in replies] == [250, 250, 250]
     flags = [email.message_from_bytes(r.data, policy=email.policy.default)["X-Spam-Status"] for r in sink.wait_for(3)]
     assert flags[0].startswith("Yes") and flags[1].startswith("Unknown, reason=parser-died") and flags[2].startswith("Yes")
+
+
+def test_only_max_scan_bytes_are_parsed_but_everything_is_relayed(sink):
+    filler = ("quiet line of ordinary text\r\n" * 200).encode()  # ~5.8 kB before the spam words
+    raw = message("notes", "") + filler + b"winner prize free offer click\r\n"
+
+    async def body(ingress):
+        return await send(ingress.port, raw)
+
+    assert serve(smtp_cfg(sink, max_scan_bytes=4096))(body)[0] == 250
+    r = sink.wait_for(1)[0]
+    assert email.message_from_bytes(r.data, policy=email.policy.default)["X-Spam-Flag"] == "NO"  # the words were not read
+    assert r.data.endswith(raw)
