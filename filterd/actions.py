@@ -261,5 +261,5 @@ def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, poli
         added += _recipients_field(rcpts, eol)
         rcpts = (policy.quarantine_rcpt,)
 
-    data = added + block + raw[end:]
+    data = b"".join((added, block, memoryview(raw)[end:]))  # the body is not copied twice (mail can be large)
     return Outcome(True, rcpts, data, REPLIES[action], action)

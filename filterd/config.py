@@ -533,9 +533,21 @@ class SmtpConfig:
     subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject when action = subject")
     max_message_bytes: int = _key(26214400, Int(1), "larger messages get 552 5.3.4")
     max_recipients: int = _key(1000, Int(1), "RCPT TO beyond this get 452 4.5.3")
-    timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for the next hop")
+    timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for each next-hop command")
     on_error: str = _key(
         "accept", Choice(options=ON_ERROR), "when classification fails: accept (relay untagged) | tempfail (451)"
+    )
+    data_done_timeout: float = _key(
+        540.0, Duration(), "end of DATA to our reply (classify + relay); keep below Postfix's smtp_data_done_timeout (10m)"
+    )
+    session_timeout: float = _key(1800.0, Duration(), "total session deadline: then 421 4.4.2 and close (a message being filtered is answered first)")
+    max_connections: int = _key(400, Int(1), "sessions at once; more get 421 4.7.0 (lowered to fit the open files limit)")
+    max_connections_per_client: int = _key(200, Int(1), "sessions at once from one client address; more get 421 4.7.0")
+    max_scan_bytes: int = _key(
+        1048576, Int(1024), "only this much of a message is parsed for the classifier's text (all of it is relayed)"
+    )
+    max_inflight_bytes: int = _key(
+        268435456, Int(1), "message bytes held by all sessions together; beyond it 452 4.3.1 (Postfix retries)"
     )
 
 
@@ -864,6 +876,13 @@ def _check_streams(cfg: Config) -> Problem:
     return None
 
 
+def _check_smtp_budget(cfg: Config) -> Problem:
+    s = cfg.smtp
+    if s.enabled and s.max_inflight_bytes < s.max_message_bytes:
+        return ("smtp", "max_inflight_bytes"), f"must be >= max_message_bytes ({s.max_message_bytes}), got {s.max_inflight_bytes}"
+    return None
+
+
 def _check_read_count(cfg: Config) -> Problem:
     if cfg.redis.enabled and cfg.redis.count > cfg.batching.max_queue:
         return ("redis", "count"), f"must be <= [batching] max_queue ({cfg.batching.max_queue}), got {cfg.redis.count}"
@@ -877,6 +896,7 @@ _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_listen_clash,
     _check_streams,
     _check_read_count,
+    _check_smtp_budget,
 )
 
 

@@ -9,6 +9,7 @@ reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -79,6 +80,13 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
+        # Modules live as long as the process: frozen out of the collector's way, a full collection
+        # no longer holds the GIL, and so the event loop, for ~150 ms (bench/smtp_stalls.py).
+        # torch._dynamo (+ sympy, ~120k objects) is imported by the model's weight init anyway: import
+        # it first so it is frozen too. The model is not frozen (it has cycles; a reload must free it).
+        import torch._dynamo  # noqa: F401
+
+        gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
             self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics)

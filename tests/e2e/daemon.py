@@ -14,7 +14,8 @@ from ..services import free_port
 
 
 class FilterdProcess:
-    def __init__(self, model: Path, redis_url: str, log: Path, **overrides: object) -> None:
+    def __init__(self, model: Path, redis_url: str, log: Path, *, preexec_fn=None, **overrides: object) -> None:
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. to lower RLIMIT_NOFILE)
         self.metrics_port = free_port()
         self.sets = {
             "model.path": str(model), "model.device": "cpu", "redis.url": redis_url, "smtp.enabled": "false",
@@ -28,7 +29,8 @@ class FilterdProcess:
         for k, v in self.sets.items():
             argv += ["--set", f"{k}={v}"]
         self._log = open(self.log, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                     preexec_fn=self.preexec_fn)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"filterd exited: {self.log.read_text()[-2000:]}"
