@@ -444,6 +444,7 @@ ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
 ON_ERROR = ("accept", "tempfail")
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")  # as `filterd-trainer fit --trainable`
 LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 GPT2_CONTEXT = 1024  # GPT-2's positions: the longest message a model reads
 
 
@@ -571,6 +572,7 @@ class LoggingConfig:
     """[logging]"""
 
     level: str = _key("info", Choice(options=LEVELS), "debug | info | warning | error")
+    format: str = _key("text", Choice(options=LOG_FORMATS), "text | json (one JSON object per line: time, level, logger, message)")
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,14 @@ def test_console_scripts_installed():
     for script in ("filterd", "filterd-trainer"):
         r = subprocess.run([sys.executable.replace("python", script), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_version_on_both_commands():
+    from importlib.metadata import version
+
+    import filterd
+
+    assert filterd.__version__ == version("filterd")  # one version: the package's
+    for module, prog in (("filterd", "filterd"), ("trainer", "filterd-trainer")):
+        r = run("-m", module, "--version")
+        assert r.returncode == 0 and r.stdout.decode() == f"{prog} {filterd.__version__}\n", r
