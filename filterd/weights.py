@@ -311,6 +311,8 @@ def write_model_files(model: GPT2Classifier, meta: ModelMeta, directory: Path) -
     """Write weights and metadata into `directory` (a staging directory; see publish_directory)."""
     from safetensors.torch import save_file
 
+    if meta.version:  # before writing anything
+        check_version(meta.version, str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE

@@ -89,3 +89,28 @@ def test_version_on_both_commands():
     for module, prog in (("filterd", "filterd"), ("trainer", "filterd-trainer")):
         r = run("-m", module, "--version")
         assert r.returncode == 0 and r.stdout.decode() == f"{prog} {filterd.__version__}\n", r
+
+
+@pytest.mark.parametrize("how", ["io-error", "directory"])
+def test_unreadable_model_directory_exits_1_with_one_line(tiny_model, tmp_path, how):
+    """Root ignores mode bits (these tests run as root), so the read is made to fail another way:
+    filterd.json a link to /proc/self/mem (stat says regular file, read gives EIO), or a directory."""
+    import shutil
+
+    from .services import free_port
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model.model_dir, d)
+    (d / "filterd.json").unlink()
+    if how == "io-error":
+        (d / "filterd.json").symlink_to("/proc/self/mem")
+    else:
+        (d / "filterd.json").mkdir()
+    r = run("-m", "filterd", "serve", "--set", f"model.path={d}", "--set", "model.device=cpu", "--set", "redis.enabled=false",
+            "--set", f"smtp.listen=127.0.0.1:{free_port()}", "--set", f"metrics.listen=127.0.0.1:{free_port()}")  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    last = err.strip().splitlines()[-1]  # log lines of what did start may come first
+    why = "Input/output error" if how == "io-error" else "Is a directory"
+    assert last == f"filterd: error: {d / 'filterd.json'}: cannot read ({why})", err
+    assert "Traceback" not in err and "internal error" not in err
