@@ -457,7 +457,7 @@ class ModelConfig:
     dtype: str = _key("auto", Choice(options=DTYPES), "auto | float32 | bfloat16 (auto: bfloat16 on cuda, float32 on cpu)")
     poll_interval: float = _key(2.0, Duration(), "how often the model path is checked for a new model")
     min_reload_interval: float = _key(
-        5.0, Duration(), "at most one reload per this interval (SIGHUP excepted); an unchanged model is never reloaded"
+        5.0, Duration(positive=False), "at most one reload per this interval (SIGHUP excepted); an unchanged model is never reloaded"
     )
     threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
 
