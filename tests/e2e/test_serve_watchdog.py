@@ -25,3 +25,28 @@ def test_daemon_pings_the_watchdog_while_serving(redis_server, tiny_model, tmp_p
     finally:
         assert d.stop() == 0
         sock.close()
+
+
+def test_trainer_serve_pings_the_watchdog(redis_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .test_trainer import write_config
+
+    config = write_config(tmp_path, redis_server.url, min_per_class=100000)  # refits skip: only the loop matters
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    env = os.environ | {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+    with open(tmp_path / "trainer.log", "ab") as log:
+        p = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        got = [sock.recv(1024) for _ in range(3)]
+        assert got == [b"WATCHDOG=1"] * 3, got
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, (tmp_path / "trainer.log").read_text()
+        sock.close()
