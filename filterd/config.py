@@ -457,7 +457,7 @@ class ModelConfig:
     dtype: str = _key("auto", Choice(options=DTYPES), "auto | float32 | bfloat16 (auto: bfloat16 on cuda, float32 on cpu)")
     poll_interval: float = _key(2.0, Duration(), "how often the model path is checked for a new model")
     min_reload_interval: float = _key(
-        5.0, Duration(positive=False), "at most one reload per this interval (SIGHUP excepted); an unchanged model is never reloaded"
+        5.0, Duration(positive=False), "reloads at most this often (SIGHUP excepted); an unchanged model is never reloaded"
     )
     threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
 
@@ -575,7 +575,7 @@ class LoggingConfig:
     """[logging]"""
 
     level: str = _key("info", Choice(options=LEVELS), "debug | info | warning | error")
-    format: str = _key("text", Choice(options=LOG_FORMATS), "text | json (one JSON object per line: time, level, logger, message)")
+    format: str = _key("text", Choice(options=LOG_FORMATS), "text | json (one object per line: time, level, logger, message)")
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,8 @@ def cached_gpt2_files() -> dict[str, Path]:
             ok = hashlib.sha256(path.read_bytes()).hexdigest() == sha256
         except OSError as e:
             raise ModelError(
-                f"GPT-2 tokenizer file {name} not found in {directory} ({origin}): expected {path.name} "
-                f"({e.strerror}); copy tiktoken's cached GPT-2 files there and set TIKTOKEN_CACHE_DIR (filterd never downloads them)"
+                f"GPT-2 tokenizer file {name} not found in {directory} ({origin}): expected {path.name} ({e.strerror}); "
+                "copy tiktoken's cached GPT-2 files there and set TIKTOKEN_CACHE_DIR (filterd never downloads them)"
             ) from None
         if not ok:
             raise ModelError(f"GPT-2 tokenizer file {name} at {path} does not match its sha256 (corrupt or another file)")
