@@ -87,14 +87,17 @@ class LineFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
+class _LineHandler(logging.StreamHandler):
+    """setup_logging's handler: a later call replaces it and leaves other handlers (pytest's) alone."""
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
     """Send every logger's records to `stream` (stderr) through LineFormatter; replaces an earlier call's handler."""
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler = _LineHandler(stream)
     handler.setFormatter(LineFormatter(fmt, journald=stream_is_journal(stream)))
-    handler._filterd = True  # type: ignore[attr-defined]  # ours: the next call replaces it, others stay
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_filterd", False)]:
+    for old in [h for h in root.handlers if isinstance(h, _LineHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
