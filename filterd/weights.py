@@ -398,7 +398,11 @@ def load_model_dir(path: Path, *, map_location: str | torch.device = "cpu") -> t
 
     path = Path(path)
     meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:  # EACCES on a parent directory, a name too long...: not "missing", and not a crash
+        raise ModelError(f"{path}: cannot open the model directory ({e.strerror or type(e).__name__})") from None
+    if not is_dir:
         raise ModelError(f"{path}: no such model directory")
     try:  # read first: is_file() says False for a file we may not stat, which is not "missing"
         meta_text = meta_path.read_text(errors="replace")

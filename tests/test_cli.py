@@ -91,10 +91,11 @@ def test_version_on_both_commands():
         assert r.returncode == 0 and r.stdout.decode() == f"{prog} {filterd.__version__}\n", r
 
 
-@pytest.mark.parametrize("how", ["io-error", "directory"])
+@pytest.mark.parametrize("how", ["io-error", "directory", "name-too-long"])
 def test_unreadable_model_directory_exits_1_with_one_line(tiny_model, tmp_path, how):
-    """Root ignores mode bits (these tests run as root), so the read is made to fail another way:
-    filterd.json a link to /proc/self/mem (stat says regular file, read gives EIO), or a directory."""
+    """Root ignores mode bits (these tests run as root), so the access is made to fail another way:
+    filterd.json a link to /proc/self/mem (stat says regular file, read gives EIO), a directory, or
+    a path the kernel refuses to look up (ENAMETOOLONG, raised where EACCES on a parent would be)."""
     import shutil
 
     from .services import free_port
@@ -104,15 +105,21 @@ def test_unreadable_model_directory_exits_1_with_one_line(tiny_model, tmp_path, 
     (d / "filterd.json").unlink()
     if how == "io-error":
         (d / "filterd.json").symlink_to("/proc/self/mem")
-    else:
+    elif how == "directory":
         (d / "filterd.json").mkdir()
+    else:
+        d = tmp_path / ("m" * 300)
     r = run("-m", "filterd", "serve", "--set", f"model.path={d}", "--set", "model.device=cpu", "--set", "redis.enabled=false",
             "--set", f"smtp.listen=127.0.0.1:{free_port()}", "--set", f"metrics.listen=127.0.0.1:{free_port()}")  # fmt: skip
     err = r.stderr.decode()
     assert r.returncode == 1, err
     last = err.strip().splitlines()[-1]  # log lines of what did start may come first
-    why = "Input/output error" if how == "io-error" else "Is a directory"
-    assert last == f"filterd: error: {d / 'filterd.json'}: cannot read ({why})", err
+    expect = {
+        "io-error": f"{d / 'filterd.json'}: cannot read (Input/output error)",
+        "directory": f"{d / 'filterd.json'}: cannot read (Is a directory)",
+        "name-too-long": f"{d}: cannot open the model directory (File name too long)",
+    }[how]
+    assert last == f"filterd: error: {expect}", err
     assert "Traceback" not in err and "internal error" not in err
 
 
