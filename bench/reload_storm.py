@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--storm-at", type=float, default=5.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    load_start = os.getloadavg()
     texts = [e.text for e in read_sms(SHARED / "data" / "sms-spam-collection" / "SMSSpamCollection")][:2000]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -75,7 +76,8 @@ def main() -> None:
     code = os.path.realpath(os.getcwd())
     result = {"command": "python -m bench.reload_storm " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                     if k != "json" and v is not None),
-              "code": code, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "runs": runs}  # fmt: skip
+              "code": code, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "runs": runs}  # fmt: skip
     print("| run | publishes | reloads counted | p50 ms | p99 ms | max ms |\n| --- | --- | --- | --- | --- | --- |")
     for name, x in runs.items():
         print(f"| {name} | {x['publishes']} | {x['reloads_ok']:.0f} | {x['p50_ms']} | {x['p99_ms']} | {x['max_ms']} |")
