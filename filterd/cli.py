@@ -11,7 +11,9 @@ import traceback
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from . import __version__
 from .errors import FilterdError
+from .logs import setup_logging
 
 CHUNK = 512  # messages scored per engine call when streaming from stdin
 
@@ -19,6 +21,7 @@ CHUNK = 512  # messages scored per engine call when streaming from stdin
 def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, dispatch to args.func, and turn every failure into one line on stderr."""
     args = parser.parse_args(argv)
+    setup_logging("warning")  # escaped lines from the start; `serve` sets [logging] once it has the config
     try:
         return int(args.func(args) or 0)
     except FilterdError as e:
@@ -88,17 +91,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    # One line per event; journald adds its own timestamp, but plain stderr logs need one.
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import check_config
     from .daemon import serve
 
     cfg = check_config(args.config, args.set)
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level, cfg.logging.format)
     for warning in cfg.warnings():
         logging.getLogger("filterd").warning("config: %s", warning)
     return serve(cfg)
@@ -116,6 +114,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required, help="TOML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
@@ -123,6 +125,7 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterd", description="GPT-2 spam filter for mail and SMS")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("classify", help="classify texts (or raw RFC 822 files with --email); JSON lines out")
     p.add_argument("--model", required=True, help="model directory (filterd.json + model.safetensors)")

@@ -444,6 +444,7 @@ ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
 ON_ERROR = ("accept", "tempfail")
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")  # as `filterd-trainer fit --trainable`
 LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 GPT2_CONTEXT = 1024  # GPT-2's positions: the longest message a model reads
 
 
@@ -455,6 +456,9 @@ class ModelConfig:
     device: str = _key("auto", Choice(options=DEVICES), "auto | cpu | cuda (auto: cuda when available)")
     dtype: str = _key("auto", Choice(options=DTYPES), "auto | float32 | bfloat16 (auto: bfloat16 on cuda, float32 on cpu)")
     poll_interval: float = _key(2.0, Duration(), "how often the model path is checked for a new model")
+    min_reload_interval: float = _key(
+        5.0, Duration(positive=False), "reloads at most this often (SIGHUP excepted); an unchanged model is never reloaded"
+    )
     threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
 
     def resolved_dtype(self, device_type: str) -> str:
@@ -583,6 +587,7 @@ class LoggingConfig:
     """[logging]"""
 
     level: str = _key("info", Choice(options=LEVELS), "debug | info | warning | error")
+    format: str = _key("text", Choice(options=LOG_FORMATS), "text | json (one object per line: time, level, logger, message)")
 
 
 @dataclass(frozen=True)

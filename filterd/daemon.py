@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .ingress.redis_streams import TRANSIENT, RedisIngress
 from .ingress.smtp import SmtpIngress
 from .metrics import FilterdMetrics, MetricsServer
-from .notify import sd_notify
+from .notify import sd_notify, watchdog
 from .reload import ModelHolder
 
 log = logging.getLogger("filterd")
@@ -44,7 +44,7 @@ class Daemon:
         self.cfg = cfg
         self.metrics = FilterdMetrics()
         self.stop = asyncio.Event()
-        self.holder = ModelHolder(cfg.model.path, self._load, self.metrics)
+        self.holder = ModelHolder(cfg.model.path, self._load, self.metrics, min_interval_s=cfg.model.min_reload_interval)
         self.batcher: Batcher | None = None
         self.redis: RedisIngress | None = None
         self.smtp: SmtpIngress | None = None
@@ -124,6 +124,7 @@ class Daemon:
         self.metrics.prime(sources)
         watcher = asyncio.create_task(self.holder.watch(self.stop, cfg.model.poll_interval), name="model-watch")
         self._install_signals()
+        self._watchdog = asyncio.create_task(watchdog(), name="systemd-watchdog")  # ends with the loop
         sd_notify("READY=1\nSTATUS=serving")
         log.info("serving: ingress %s, metrics on http://%s:%d/metrics", ",".join(sources) or "none", listen.host, self.server.port)
 
@@ -141,7 +142,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.holder.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.holder.reload("SIGHUP", force=True)))
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("%s received", sig.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .grouping import DEFAULT_OVERHEAD_TOKENS, partition
 from .model import LABELS, GPT2Classifier
 from .tokenizer import Tokenizer, pad_batch
@@ -160,6 +161,31 @@ def score_in_length_batches(
         for i, s in zip(batch, spam_scores(model, [sequences[i] for i in batch], device)):
             out[i] = s
     return out
+
+
+SANITY_PROBES = 8
+SANITY_TOLERANCE = 1e-3  # two passes over the same probes; bf16 kernels on a GPU may differ in the last bits
+
+
+def sanity_check(engine: "Engine") -> None:
+    """Score probe inputs twice before a model serves; ModelError when the scores cannot be trusted.
+
+    Weights can be finite and still give NaN (an overflow to inf in the head, say); such a model
+    would answer every message with a NaN score. Checked: one score per probe, each finite and in
+    [0, 1], and the same both times.
+    """
+    probes = probe_sequences(engine.meta.max_length, n=SANITY_PROBES)
+    first = score_in_length_batches(engine.model, probes, engine.device)
+    second = score_in_length_batches(engine.model, probes, engine.device)
+    where = f"model {engine.version}" + (f" ({engine.path})" if engine.path else "")
+    if len(first) != len(probes) or len(second) != len(probes):
+        raise ModelError(f"{where}: sanity check: {len(first)} scores for {len(probes)} probe inputs")
+    bad = next((s for s in first if not (math.isfinite(s) and 0.0 <= s <= 1.0)), None)
+    if bad is not None:
+        raise ModelError(f"{where}: sanity check: probe score {bad} is not a probability in [0, 1]")
+    drift = max(abs(a - b) for a, b in zip(first, second))
+    if not drift <= SANITY_TOLERANCE:
+        raise ModelError(f"{where}: sanity check: the same probes scored {drift:.4g} apart on two passes")
 
 
 class Engine:

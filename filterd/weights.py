@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import urllib.error
@@ -33,6 +34,20 @@ WEIGHTS_FILE = "model.safetensors"
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_REPO = {name: f"openai-community/{name}" for name in PRETRAINED_NAMES}
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+
+# A version names a directory (models_dir/versions/<version>), a metric label and a field in
+# filterd:out: one path component of visible ASCII, never "." or "..", no separators or controls.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_version(version: object, source: str) -> str:
+    """`version` if it is safe to use as a directory name and a field value; ModelError otherwise."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise ModelError(
+            f"{source}: invalid version {version!r}: 1-128 characters of A-Z a-z 0-9 . _ + -, starting with a letter or digit"
+        )
+    return version
+
 
 # Hugging Face Conv1D modules whose weight is stored (in, out) and must be transposed.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -282,6 +297,7 @@ class ModelMeta:
             raise ModelError(f"{source}: max_length {meta.max_length} outside 1..{meta.config.n_positions}")
         if not 0.0 <= float(meta.threshold) <= 1.0:
             raise ModelError(f"{source}: threshold {meta.threshold} outside 0..1")
+        check_version(meta.version, source)
         return meta
 
 
@@ -295,13 +311,15 @@ def write_model_files(model: GPT2Classifier, meta: ModelMeta, directory: Path) -
     """Write weights and metadata into `directory` (a staging directory; see publish_directory)."""
     from safetensors.torch import save_file
 
+    if meta.version:  # before writing anything
+        check_version(meta.version, str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     save_file(state, str(weights), metadata={"format": "pt", "filterd": FORMAT})
     os.chmod(weights, 0o644)  # safetensors writes 0600; the daemon may run as another user than the trainer
     meta.weights_sha256 = _sha256_file(weights)
-    meta.version = meta.version or new_version(meta.weights_sha256)
+    meta.version = check_version(meta.version or new_version(meta.weights_sha256), str(directory))
     meta.created = meta.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     (directory / META_FILE).write_text(meta.to_json())
     return meta
@@ -380,13 +398,21 @@ def load_model_dir(path: Path, *, map_location: str | torch.device = "cpu") -> t
 
     path = Path(path)
     meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:  # EACCES on a parent directory, a name too long...: not "missing", and not a crash
+        raise ModelError(f"{path}: cannot open the model directory ({e.strerror or type(e).__name__})") from None
+    if not is_dir:
         raise ModelError(f"{path}: no such model directory")
-    if not meta_path.is_file():
-        raise ModelError(f"{path}: no {META_FILE} (not a filterd model directory)")
+    try:  # read first: is_file() says False for a file we may not stat, which is not "missing"
+        meta_text = meta_path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no {META_FILE} (not a filterd model directory)") from None
+    except OSError as e:  # unreadable (permissions), a directory, a dangling link, an I/O error
+        raise ModelError(f"{meta_path}: cannot read ({e.strerror or type(e).__name__})") from None
     if not weights_path.is_file():
         raise ModelError(f"{path}: no {WEIGHTS_FILE}")
-    meta = ModelMeta.from_json(meta_path.read_text(errors="replace"), str(meta_path))
+    meta = ModelMeta.from_json(meta_text, str(meta_path))
     expected = state_shapes(meta.config)
     state: dict[str, torch.Tensor] = {}
     try:

@@ -78,3 +78,77 @@ def test_console_scripts_installed():
     for script in ("filterd", "filterd-trainer"):
         r = subprocess.run([sys.executable.replace("python", script), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_version_on_both_commands():
+    from importlib.metadata import version
+
+    import filterd
+
+    assert filterd.__version__ == version("filterd")  # one version: the package's
+    for module, prog in (("filterd", "filterd"), ("trainer", "filterd-trainer")):
+        r = run("-m", module, "--version")
+        assert r.returncode == 0 and r.stdout.decode() == f"{prog} {filterd.__version__}\n", r
+
+
+@pytest.mark.parametrize("how", ["io-error", "directory", "name-too-long"])
+def test_unreadable_model_directory_exits_1_with_one_line(tiny_model, tmp_path, how):
+    """Root ignores mode bits (these tests run as root), so the access is made to fail another way:
+    filterd.json a link to /proc/self/mem (stat says regular file, read gives EIO), a directory, or
+    a path the kernel refuses to look up (ENAMETOOLONG, raised where EACCES on a parent would be)."""
+    import shutil
+
+    from .services import free_port
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model.model_dir, d)
+    (d / "filterd.json").unlink()
+    if how == "io-error":
+        (d / "filterd.json").symlink_to("/proc/self/mem")
+    elif how == "directory":
+        (d / "filterd.json").mkdir()
+    else:
+        d = tmp_path / ("m" * 300)
+    r = run("-m", "filterd", "serve", "--set", f"model.path={d}", "--set", "model.device=cpu", "--set", "redis.enabled=false",
+            "--set", f"smtp.listen=127.0.0.1:{free_port()}", "--set", f"metrics.listen=127.0.0.1:{free_port()}")  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    last = err.strip().splitlines()[-1]  # log lines of what did start may come first
+    expect = {
+        "io-error": f"{d / 'filterd.json'}: cannot read (Input/output error)",
+        "directory": f"{d / 'filterd.json'}: cannot read (Is a directory)",
+        "name-too-long": f"{d}: cannot open the model directory (File name too long)",
+    }[how]
+    assert last == f"filterd: error: {expect}", err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_serve_without_tokenizer_files_exits_1_without_network(tiny_model, tmp_path):
+    """TIKTOKEN_CACHE_DIR empty: one line naming the directory and the file; no connection attempted
+    (the child refuses and reports any connect, as a machine with network would let it happen)."""
+    import os
+
+    from .services import free_port
+
+    guard = (
+        "import socket, sys\n"
+        "def refuse(*a, **k):\n"
+        "    sys.stderr.write('NETWORK ATTEMPT %r\\n' % (a[1:2] or a[:1],)); raise OSError('no network')\n"
+        "socket.create_connection = refuse\n"
+        "socket.socket.connect = refuse\n"
+        "resolve = socket.getaddrinfo\n"  # our own listeners resolve 127.0.0.1; anything else is a fetch
+        "socket.getaddrinfo = lambda host, *a, **k: resolve(host, *a, **k) if host in ('127.0.0.1', None) else refuse(0, host)\n"
+        "from filterd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    empty = tmp_path / "tiktoken"
+    empty.mkdir()
+    env = os.environ | {"TIKTOKEN_CACHE_DIR": str(empty)}
+    argv = ["serve", "--set", f"model.path={tiny_model.model_dir}", "--set", "model.device=cpu", "--set", "redis.enabled=false",
+            "--set", f"smtp.listen=127.0.0.1:{free_port()}", "--set", f"metrics.listen=127.0.0.1:{free_port()}"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", guard, *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "NETWORK ATTEMPT" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("filterd: error: GPT-2 tokenizer file vocab.bpe not found in " + str(empty)), r.stderr
+    assert "TIKTOKEN_CACHE_DIR" in last

@@ -567,3 +567,164 @@ def test_daemon_serves_under_its_policy(tmp_path, redis_server):
             proc.wait()
     text = log.read_text()
     assert "Operation not permitted" not in text and "EPERM" not in text, text
+
+
+# --- Redis ACL users (deploy/redis/users.acl) -----------------------------------------------------
+
+ROLES = ("admin", "gateway", "filterd", "trainer", "learner")
+
+
+@pytest.fixture
+def acl_redis(tmp_path):
+    """redis-server with users.acl (passwords filled in); yields (port, client factory by user)."""
+    import redis
+
+    from .services import free_port
+
+    acl = tmp_path / "users.acl"
+    acl.write_text((REPO / "deploy/redis/users.acl").read_text().replace(">CHANGE-ME-", ">pw-"))
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--aclfile", str(acl),
+                             "--dir", str(tmp_path), "--save", "", "--daemonize", "no", "--logfile", str(tmp_path / "log")])  # fmt: skip
+
+    def client(user: str) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, username=user, password=f"pw-{user}", decode_responses=True, socket_timeout=5)
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client("admin").ping()
+            break
+        except redis.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.05)
+    try:
+        yield port, client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _subscribe(client, channel: str) -> None:
+    ps = client.pubsub()
+    try:
+        ps.subscribe(channel)
+        ps.get_message(timeout=5)  # the reply, or the refusal, arrives here
+    finally:
+        ps.close()
+
+
+def _denied(call) -> bool:
+    import redis
+
+    try:
+        call()
+    except redis.exceptions.NoPermissionError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
+def test_redis_acl_users_can_do_their_job_and_nothing_else(acl_redis):
+    import redis
+
+    port, client = acl_redis
+    gw, fd, tr, le, admin = client("gateway"), client("filterd"), client("trainer"), client("learner"), client("admin")
+    with pytest.raises(redis.exceptions.AuthenticationError):  # no anonymous access: the default user is off
+        redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+
+    # gateway: XADD filterd:in; a consumer group (or XREAD) on filterd:out and filterd:dead
+    gw.xadd("filterd:in", {"text": "hi", "id": "1"})
+    admin.xadd("filterd:out", {"id": "1", "verdict": "ham"})
+    gw.xgroup_create("filterd:out", "gateway", id="0")
+    [[_, entries]] = gw.xreadgroup("gateway", "gw-1", {"filterd:out": ">"})
+    assert gw.xack("filterd:out", "gateway", entries[0][0]) == 1 and gw.xread({"filterd:dead": 0}) == []
+    for forbidden in (lambda: gw.publish("filterd:model", "v"), lambda: gw.xadd("filterd:labels", {"label": "spam", "text": "x"}),
+                      lambda: gw.xread({"filterd:labels": 0}), lambda: gw.xadd("filterd:out", {"verdict": "ham"}),
+                      lambda: gw.xrange("filterd:in"), lambda: gw.delete("filterd:out"), lambda: gw.get("k")):  # fmt: skip
+        assert _denied(forbidden)
+
+    # filterd: its group on filterd:in, results + XACK in one transaction, dead letters, SUBSCRIBE
+    fd.xgroup_create("filterd:in", "filterd", id="0")
+    [[_, [(entry, _)]]] = fd.xreadgroup("filterd", "host-1", {"filterd:in": ">"})
+    pipe = fd.pipeline(transaction=True)
+    pipe.xadd("filterd:out", {"id": "1", "verdict": "ham"}, maxlen=1000, approximate=True)
+    pipe.xadd("filterd:dead", {"error": "too-large"})
+    pipe.xack("filterd:in", "filterd", entry)
+    assert pipe.execute()[2] == 1
+    fd.xpending_range("filterd:in", "filterd", "-", "+", 10) and fd.xautoclaim("filterd:in", "filterd", "host-2", 0)
+    ps = fd.pubsub()
+    ps.subscribe("filterd:model")
+    assert ps.get_message(timeout=5)["type"] == "subscribe"
+    for forbidden in (lambda: fd.publish("filterd:model", "v"), lambda: fd.xadd("filterd:in", {"text": "x"}),
+                      lambda: fd.xread({"filterd:labels": 0}), lambda: fd.xrange("filterd:out"),
+                      lambda: fd.xadd("filterd:labels", {"label": "spam"}), lambda: fd.xtrim("filterd:in", maxlen=0)):  # fmt: skip
+        assert _denied(forbidden)
+
+    # learner: XADD filterd:labels, nothing else
+    le.xadd("filterd:labels", {"label": "spam", "text": "WIN a prize"}, maxlen=1000, approximate=True)
+    for forbidden in (lambda: le.xrange("filterd:labels"), lambda: le.xadd("filterd:in", {"text": "x"}),
+                      lambda: le.publish("filterd:model", "v"), lambda: le.xread({"filterd:out": 0})):  # fmt: skip
+        assert _denied(forbidden)
+
+    # trainer: its group on filterd:labels, dead letters, PUBLISH filterd:model (heard by filterd)
+    tr.xgroup_create("filterd:labels", "filterd-trainer", id="0")
+    [[_, [(label_entry, fields)]]] = tr.xreadgroup("filterd-trainer", "t-1", {"filterd:labels": ">"})
+    assert fields["label"] == "spam" and tr.xack("filterd:labels", "filterd-trainer", label_entry) == 1
+    tr.xadd("filterd:dead", {"stream": "filterd:labels", "error": "unknown-label"})
+    assert tr.publish("filterd:model", "v2") == 1
+    assert ps.get_message(timeout=5)["data"] == "v2"
+    ps.close()
+    for forbidden in (lambda: tr.publish("other", "v"), lambda: tr.xadd("filterd:in", {"text": "x"}),
+                      lambda: tr.xadd("filterd:labels", {"label": "spam"}), lambda: tr.xread({"filterd:out": 0}),
+                      lambda: _subscribe(tr, "filterd:model")):  # fmt: skip
+        assert _denied(forbidden)
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
+def test_daemon_and_trainer_run_as_their_acl_users(acl_redis, tmp_path):
+    """The real filterd serve (user filterd) classifies what the gateway sends and reloads on the
+    trainer's announcement; the real label intake (user trainer) takes in the learner's labels."""
+    import asyncio
+
+    from filterd.config import load_config
+    from filterd.metrics import TrainerMetrics
+    from trainer.intake import LabelIntake
+    from trainer.publish import ModelStore
+    from trainer.store import LabelStore
+
+    from .e2e.daemon import FilterdProcess
+
+    port, client = acl_redis
+    url = lambda user: f"redis://{user}:pw-{user}@127.0.0.1:{port}/0"  # noqa: E731
+    gw, le = client("gateway"), client("learner")
+    model = _tiny_model_dir(tmp_path / "model")
+    d = FilterdProcess(model, url("filterd"), tmp_path / "serve.log", model__min_reload_interval="0s").start()
+    try:
+        gw.xadd("filterd:in", {"text": "WINNER! claim your free prize now", "id": "m1"})
+        gw.xadd("filterd:in", {"id": "no-text"})  # dead-lettered
+        gw.xgroup_create("filterd:out", "gateway", id="0", mkstream=True)
+        deadline = time.monotonic() + 30
+        got: list = []
+        while not got:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            got = gw.xreadgroup("gateway", "gw-1", {"filterd:out": ">"}, block=200)
+        assert got[0][1][0][1]["id"] == "m1"
+        deadline = time.monotonic() + 30
+        while not gw.xrange("filterd:dead"):
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        while ModelStore.announce(url("trainer"), "filterd:model", "v") != 1:  # filterd is subscribed (as filterd)
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+    finally:
+        assert d.stop() == 0
+    assert "NOPERM" not in (tmp_path / "serve.log").read_text()
+
+    le.xadd("filterd:labels", {"label": "spam", "text": "WIN a free prize", "id": "l1"})
+    le.xadd("filterd:labels", {"label": "maybe", "text": "?", "id": "l2"})
+    cfg = load_config(None, [f"redis.url={url('trainer')}", f"trainer.store={tmp_path / 'labels.sqlite'}"])
+    with LabelStore(cfg.trainer.store) as store:
+        n = asyncio.run(LabelIntake(cfg.redis, cfg.trainer, store, TrainerMetrics()).drain_once(10))
+        assert n == 2 and store.counts()["spam"] == 1
+    assert [f["error"] for _, f in client("admin").xrange("filterd:dead") if f.get("stream") == "filterd:labels"], "no dead letter"

@@ -170,3 +170,22 @@ def test_a_fitted_head_in_the_model_scores_like_the_features(tmp_path):
     assert torch.allclose(model_logits(model, ROWS), head_logits(X, w, b), atol=1e-4)
     with pytest.raises(ValueError, match="non-empty"):
         fit_head(X[:0], [], None)
+
+
+def test_cache_file_is_private_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with FeatureCache(tmp_path / "features.sqlite") as cache:
+            cache.put_many("k", [("a", np.ones(4, dtype=np.float32))])
+            files = sorted(tmp_path.iterdir())  # the database, and SQLite's -wal/-shm beside it while open
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+        legacy = tmp_path / "legacy.sqlite"
+        legacy.touch(mode=0o644)
+        FeatureCache(legacy).close()
+        modes["legacy.sqlite"] = stat.S_IMODE(legacy.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert "features.sqlite-wal" in modes and set(modes.values()) == {0o600}, {k: oct(v) for k, v in modes.items()}

@@ -141,3 +141,39 @@ def test_announce_without_redis_is_logged_not_raised(caplog):
     with caplog.at_level(logging.WARNING, logger="filterd.trainer"):
         assert ModelStore.announce("redis://127.0.0.1:1/0", "filterd:model", "v1", timeout_s=1.0) is None
     assert "announce: v1 on filterd:model" in caplog.text and "still see the new path" in caplog.text
+
+
+@pytest.mark.parametrize("version", ["a\nb", "../..", "..", ".", "v1/../../x", "", " v1", "v1\r", "x" * 129])
+def test_a_bad_version_is_refused_by_publish_and_by_load(tmp_path, version):
+    root = tmp_path / "models"
+    store = ModelStore(root)
+    bad = meta()
+    bad.version = version
+    if version:  # empty means "make one from the weights' hash": that one is fine
+        with pytest.raises(FilterdError, match="invalid version"):
+            store.publish(model(1), bad, [], None)
+        assert store.current() is None and store.versions() == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # nothing written beside models_dir
+    # a directory written by other means (by hand, an older trainer) is refused when loaded
+    d = tmp_path / "handmade"
+    write_model_files(model(1), meta(), d)
+    doc = json.loads((d / "filterd.json").read_text())
+    doc["version"] = version
+    (d / "filterd.json").write_text(json.dumps(doc))
+    with pytest.raises(FilterdError, match="invalid version"):
+        load_model_dir(d)
+
+
+def test_adopting_a_current_with_a_traversal_version_stays_inside_models_dir(tmp_path):
+    root = tmp_path / "deep" / "models"
+    old = write_model_files(model(7), meta(), root / "current")
+    doc = json.loads((root / "current" / "filterd.json").read_text())
+    doc["version"] = "../.."
+    (root / "current" / "filterd.json").write_text(json.dumps(doc))
+    store = ModelStore(root)
+    new = publish(store, 8)
+    assert store.current().name == new
+    adopted = [p.name for p in (root / "versions").iterdir() if p.name != new]
+    assert len(adopted) == 1 and adopted[0].startswith("adopted-"), adopted
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["models"]  # nothing moved out
+    assert (root / "versions" / adopted[0] / "model.safetensors").read_bytes() and old.version != "../.."

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from filterd.cli import _config_args, run_main, safe_text
+from filterd.cli import _config_args, add_version, run_main, safe_text
 from filterd.errors import FilterdError
+
+if TYPE_CHECKING:
+    from filterd.config import LoggingConfig
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -117,7 +120,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
     if not args.once:
         raise FilterdError("refit runs one cycle and needs --once; `filterd-trainer serve` runs them periodically")
     cfg = load_config(args.config, args.set)
-    _setup_logging(cfg.logging.level)
+    _setup_logging(cfg.logging)
     result = refit_command(cfg, textfile=args.textfile, base_model=args.base_model)
     print(json.dumps(result.to_dict()))
     return 1 if result.outcome == "failed" else 0  # promoted, rejected and skipped are all normal outcomes
@@ -129,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import serve
 
     cfg = load_config(args.config, args.set)
-    _setup_logging(cfg.logging.level)
+    _setup_logging(cfg.logging)
     return serve(cfg, args.base_model)
 
 
@@ -148,10 +151,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    import logging
+def _setup_logging(cfg: LoggingConfig) -> None:
+    from filterd.logs import setup_logging
 
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.level, cfg.format)
 
 
 class _LabelledPaths(argparse.Action):
@@ -167,6 +170,7 @@ class _LabelledPaths(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterd-trainer", description="prepare data, fine-tune and evaluate filterd models")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="read a labelled corpus, balance, split 70/10/20")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -86,6 +87,16 @@ class FeatureCache:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The vectors are derived from private mail: owner only, whatever the umask. SQLite gives
+        # its -wal and -shm files the database file's mode, so creating this one 0600 covers them.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:  # left by an older version with the umask's mode
+                os.fchmod(fd, 0o600)
+        except OSError as e:
+            log.warning("features: cannot make %s private (%s)", self.path, e.strerror)
+        finally:
+            os.close(fd)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")

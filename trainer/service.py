@@ -17,6 +17,7 @@ from pathlib import Path
 from filterd.config import Config
 from filterd.errors import ConfigError
 from filterd.metrics import MetricsServer, TrainerMetrics
+from filterd.notify import watchdog
 
 from .intake import IntakeUnavailable, LabelIntake
 from .publish import ModelStore
@@ -84,9 +85,11 @@ async def _serve(cfg: Config, base_model: Path | None) -> int:
             raise ConfigError(f"cannot listen on {listen} for trainer metrics: {e.strerror or e}") from None
         log.info("trainer serving: store %s, models %s, metrics on http://%s:%d/metrics",
                  cfg.trainer.store, cfg.trainer.models_dir, listen.host, server.port)  # fmt: skip
+        pinger = asyncio.create_task(watchdog(), name="systemd-watchdog")  # WatchdogSec= in the unit
         try:
             await service.run(stop)
         finally:
+            pinger.cancel()
             await server.stop()
     log.info("trainer stopped")
     return 0

@@ -46,13 +46,32 @@ def test_sigterm_finishes_and_acknowledges_in_flight_work(redis_server, tiny_mod
     assert "stopped" in (tmp_path / "t.log").read_text()
 
 
-def test_reload_announced_on_model_channel(redis_server, tiny_model, tmp_path):
-    d = FilterdProcess(tiny_model.model_dir, redis_server.url, tmp_path / "p.log", model__poll_interval="1h").start()
+def test_reload_announced_on_model_channel_only_when_the_model_changed(redis_server, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    versions = tmp_path / "versions"
+    shutil.copytree(tiny_model.model_dir, versions / "v1")
+    shutil.copytree(tiny_model.model_dir, versions / "v2")
+    meta = json.loads((versions / "v2" / "filterd.json").read_text())
+    meta["version"] = "announced-v2"
+    (versions / "v2" / "filterd.json").write_text(json.dumps(meta))
+    current = tmp_path / "current"
+    current.symlink_to(versions / "v1")
+    d = FilterdProcess(current, redis_server.url, tmp_path / "p.log", model__poll_interval="1h").start()
     try:
         r = redis_server.client()
         wait_for(lambda: r.pubsub_numsub("filterd:model")[0][1] >= 1, what="subscription")
-        r.publish("filterd:model", tiny_model.meta.version)
+        for _ in range(10):  # anyone may publish: an unchanged model is not reloaded
+            r.publish("filterd:model", tiny_model.meta.version)
+        tmp = tmp_path / "current.tmp"
+        tmp.symlink_to(versions / "v2")
+        os.replace(tmp, current)
+        r.publish("filterd:model", "announced-v2")
         wait_for(lambda: d.metric('filterd_model_reloads_total{outcome="ok"}') >= 1, what="reload")
+        assert 'version="announced-v2"' in d.get("/metrics")[1]
+        assert d.metric('filterd_model_reloads_total{outcome="ok"}') == 1  # the ten announcements cost nothing
+        assert d.metric('filterd_model_reloads_total{outcome="failed"}') == 0
     finally:
         assert d.stop() == 0
 
