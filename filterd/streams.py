@@ -46,6 +46,7 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 Handler = Callable[[list[Entry]], Awaitable[None]]
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+HINT_MEMORY_S = 60.0  # a large entry keeps reads small this long
 SHUTDOWN_GRACE_S = 10.0  # how long a stopping consumer keeps retrying a refused commit before leaving it pending
 
 # Delete a consumer only if it has no pending entries, atomically (its pending entries would be lost).
@@ -95,7 +96,7 @@ class StreamSettings:
 
 
 # -- error classes ------------------------------------------------------------------------------
-_CODE = re.compile(r"\b(WRONGTYPE|NOGROUP|NOPERM|NOAUTH|WRONGPASS|OOM|READONLY|MISCONF|EXECABORT|LOADING|BUSYGROUP)\b")
+_CODE = re.compile(r"\b(WRONGTYPE|NOGROUP|NOPERM|NOAUTH|WRONGPASS|OOM|READONLY|MISCONF|EXECABORT|LOADING|BUSYGROUP|UNBLOCKED)\b")
 _PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
 
 
@@ -124,7 +125,7 @@ def error_kind(e: BaseException, op: str) -> str:
     code = error_code(e)
     if code in ("connection", "loading"):
         return "transient"
-    if code == "nogroup":
+    if code in ("nogroup", "unblocked"):  # UNBLOCKED: the stream was deleted while we were blocked on it
         return "nogroup"
     if code == "readonly":  # a failover in progress: the replica becomes a primary or we get redirected
         return "refused" if op == "write" else "transient"
@@ -186,7 +187,8 @@ class StreamConsumer:
         self.max_chunk_bytes = 0  # largest chunk handed to the handler (for tests and the bench)
         self._inflight: dict[bytes, int] = {}  # entry id -> bytes, from read to commit
         self._inflight_bytes = 0
-        self._entry_hint = 0  # largest entry of the last read: sizes the next read's COUNT
+        self._entry_hint = 0  # largest entry lately (0: none seen yet): sizes the next read's COUNT
+        self._hint_at = 0.0
         self._room = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
         self._fatal: BaseException | None = None
@@ -313,8 +315,13 @@ class StreamConsumer:
             await self.client.xgroup_create(self.s.stream, self.s.group, id="0", mkstream=True)
             log.info("%s: created group %s on %s", self.s.name, self.s.group, self.s.stream)
         except rx.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+            if "BUSYGROUP" in str(e):
+                return
+            if error_kind(e, "read") == "refused":  # OOM refuses XGROUP CREATE even when the group exists
+                groups = await self.client.xinfo_groups(self.s.stream)
+                if any(g["name"] in (self.s.group, self.s.group.encode()) for g in groups):
+                    return
+            raise
 
     async def _own_pending(self, stop: asyncio.Event) -> None:
         """Entries delivered to this consumer name before a crash or reconnect and never acknowledged."""
@@ -322,7 +329,9 @@ class StreamConsumer:
         cursor: bytes | str = "0"
         n = 0
         while not stop.is_set() and (not self._drain or time.monotonic() < self._drain_deadline):
-            reply = await self.client.xreadgroup(self.s.group, self.s.consumer, {self.s.stream: cursor}, count=self.s.count)
+            if not await self._room_or_stop(stop):
+                break
+            reply = await self.client.xreadgroup(self.s.group, self.s.consumer, {self.s.stream: cursor}, count=self._count())
             entries = _entries(reply)
             if not entries:
                 break
@@ -342,10 +351,8 @@ class StreamConsumer:
         start: bytes | str = "0-0"
         total = 0
         while not stop.is_set() and (not self._drain or time.monotonic() < self._drain_deadline):
-            if not self._drain and not await self._wait_room(0.5):
-                if stop.is_set() or self._refused is not None:
-                    break
-                continue
+            if not await self._room_or_stop(stop):
+                break
             reply = await self.client.xautoclaim(
                 self.s.stream, self.s.group, self.s.consumer, self.s.claim_idle_ms, start_id=start, count=self._count()
             )
@@ -360,9 +367,12 @@ class StreamConsumer:
 
     # -- in flight ------------------------------------------------------------------------------
     def _count(self) -> int:
-        """COUNT for the next read: what the byte budget leaves, in entries as large as the last read's largest."""
+        """COUNT for the next read: what the byte budget leaves, in entries as large as the largest of the last
+        minute. The first read takes one entry, so a start with huge entries waiting reads them one at a time.
+        Best effort: Redis cannot tell sizes before a read, so a read right after a jump in entry size can
+        still bring up to COUNT large entries; the reads after it are sized by them."""
         if not self._entry_hint:
-            return self.s.count
+            return 1
         room = max(self.s.max_inflight_bytes - self._inflight_bytes, 0)
         return max(1, min(self.s.count, room // self._entry_hint, self.s.max_inflight - len(self._inflight) or 1))
 
@@ -381,12 +391,22 @@ class StreamConsumer:
             except asyncio.TimeoutError:
                 return False
 
+    async def _room_or_stop(self, stop: asyncio.Event) -> bool:
+        """Wait for room to read more; False when stopping first. Drain mode handles chunks inline: always room."""
+        while not self._drain and not stop.is_set():
+            self._raise_fatal()
+            if await self._wait_room(0.5):
+                return True
+        return not stop.is_set()
+
     async def _dispatch(self, entries: list[Entry]) -> None:
         """Hand a chunk to the handler: awaited in drain mode, else as a task (many chunks wait in the batcher)."""
         if not entries:
             return
         sizes = [entry_bytes(f) for _, f in entries]
-        self._entry_hint = max(sizes)
+        now = time.monotonic()
+        if max(sizes) >= self._entry_hint or now - self._hint_at > HINT_MEMORY_S:
+            self._entry_hint, self._hint_at = max(max(sizes), 1), now
         self.max_chunk_bytes = max(self.max_chunk_bytes, sum(sizes))
         for (i, _), n in zip(entries, sizes):
             self._inflight[i] = n
