@@ -137,8 +137,14 @@ def error_kind(e: BaseException, op: str) -> str:
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
-    text = _PIPELINE_PREFIX.sub("", str(e)).strip("()',\" ")
+    """The error on one line, without the payload redis-py quotes for a failed pipeline command (its name and
+    key are kept: `XADD filterd:out: this user has no permissions ...`)."""
+    raw = str(e)
+    cmd = re.match(r"^Command # \d+ \((\S+) (\S+)", raw)
+    text = _PIPELINE_PREFIX.sub("", raw).strip("()',\" ")
     text = " ".join(text.split())
+    if cmd:
+        text = f"{cmd.group(1)} {cmd.group(2)}: {text}"
     return (text[:limit] + "...") if len(text) > limit else (text or type(e).__name__)
 
 
