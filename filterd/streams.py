@@ -256,8 +256,12 @@ class StreamConsumer:
                         log.warning("%s: stream %s or group %s is gone (%s); recreating", self.s.name, self.s.stream,
                                     self.s.group, one_line(e))  # fmt: skip
                         continue
-                    log.warning("%s: %s; reconnecting in %.1fs", self.s.name, one_line(e), backoff)
-                    self._set_up(False, f"redis unreachable: {one_line(e)}")
+                    if kind == "transient":
+                        log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.s.name, one_line(e), backoff)
+                        self._set_up(False, f"redis unreachable: {one_line(e)}")
+                    else:
+                        log.warning("%s: redis refuses (%s); retrying in %.1fs", self.s.name, one_line(e), backoff)
+                        self._set_up(False, f"redis refuses: {one_line(e)}")
                     await sleep_or_stop(stop, backoff * (1 + random.random() / 2))
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
