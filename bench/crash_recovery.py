@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.daemon_redis import SHARED, make_model
+from bench.daemon_redis import make_model
+from tests.conftest import SHARED
 from tests.e2e.daemon import FilterdProcess
 from tests.services import RedisServer
 from trainer.data import read_sms
