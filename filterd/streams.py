@@ -199,9 +199,6 @@ class StreamConsumer:
         self._tasks: set[asyncio.Task] = set()
         self._fatal: BaseException | None = None
         self._refused: str | None = None  # why Redis refuses our commits, while it does
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._stop = asyncio.Event()
         self._stopping_since: float | None = None
         self._drain = False
         self._drain_deadline = 0.0
@@ -230,7 +227,6 @@ class StreamConsumer:
     # -- serving --------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish what is in flight; raises StreamError on a fatal error."""
-        self._stop = stop
         self.client = self._connect()
         keeper: asyncio.Task | None = None
         backoff = BACKOFF_MIN_S
@@ -255,6 +251,7 @@ class StreamConsumer:
                     if kind == "nogroup":
                         log.warning("%s: stream %s or group %s is gone (%s); recreating", self.s.name, self.s.stream,
                                     self.s.group, one_line(e))  # fmt: skip
+                        await sleep_or_stop(stop, BACKOFF_MIN_S)
                         continue
                     if kind == "transient":
                         log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.s.name, one_line(e), backoff)
