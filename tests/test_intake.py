@@ -185,3 +185,18 @@ def test_redis_restart_loses_nothing(redis_server, store, monkeypatch):
     assert {row.text for row in store.rows()} == set(first) | {f"label stream message number {i}" for i in range(20, 40)}
     info = redis_server.client().xinfo_groups(STREAM)[0]
     assert info["pending"] == 0 and info["last-delivered-id"] == redis_server.client().xrevrange(STREAM, count=1)[0][0]
+
+
+def test_a_label_stream_of_the_wrong_type_is_fatal(redis_server, store):
+    """The service raises a one-line StreamError (the supervisor exits 1); drain_once reports it and stores nothing."""
+    from filterd.streams import StreamError
+
+    r = redis_server.client()
+    r.set(STREAM, "not a stream")
+    intake = LabelIntake(*configs(redis_server.url), store, consumer="w")
+    with pytest.raises(StreamError, match="WRONGTYPE") as e:
+        asyncio.run(asyncio.wait_for(intake.run(asyncio.Event()), 10))
+    assert "\n" not in str(e.value)
+    with pytest.raises(IntakeUnavailable, match="WRONGTYPE"):
+        asyncio.run(intake.drain_once(5))
+    assert len(store) == 0
