@@ -6,9 +6,9 @@
 The default model is random:tiny (random weights of a tiny GPT-2), so the figures measure recovery,
 not inference: with 124M on a CPU, finishing 500 entries is mostly forward passes.
 
-Each cycle adds `--entries` messages to `filterd:in`, starts `filterd serve`, waits until at least
-`--in-flight` entries are pending (read, not acknowledged), kills it with SIGKILL and starts a new
-process at once. `restart_to_done_s` runs from the restart (spawn) to the moment every entry added
+Each cycle adds `--entries` messages to `filterd:in`, starts `filterd serve` (which reads them at
+once), waits until at least `--in-flight` entries are pending (read, not acknowledged), kills it
+with SIGKILL and starts a new process at once (stopped cleanly at the end of the cycle). `restart_to_done_s` runs from the restart (spawn) to the moment every entry added
 so far has a result and nothing is pending; `ready_s` is the part spent loading the model and
 `ready_to_done_s` the rest. After
 the cycles, the stream is deleted under the running daemon and `deleted_stream_s` is the time until
@@ -41,12 +41,12 @@ def answered(r) -> set[bytes]:
     return {f[b"id"] for _, f in r.xrange("filterd:out")}
 
 
-def wait(cond, timeout: float) -> bool:
+def wait(cond, timeout: float, poll: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(poll)
     return True
 
 
@@ -63,14 +63,14 @@ def run(model: Path, texts: list[str], work: Path, cycles: int, entries: int, in
             extra = {"redis__consumer": next(names)} if unstable else {}
             return FilterdProcess(model, redis.url, work / f"{tag}.log", batching__max_batch_size=batch, **extra)
 
-        d = daemon("first").start(timeout=300)
         for cycle in range(cycles):
             pipe = r.pipeline(transaction=False)
             for i in range(n, n + entries):
                 pipe.xadd("filterd:in", {"text": texts[i % len(texts)], "id": str(i)})
             pipe.execute()
             n += entries
-            if not wait(lambda: pending(r) >= in_flight, 120):
+            d = daemon(f"crash{cycle}").start(timeout=300)  # it reads the waiting entries at once
+            if not wait(lambda: pending(r) >= in_flight, 120, poll=0.002):
                 raise SystemExit(f"cycle {cycle}: never {in_flight} entries in flight (pending {pending(r)})")
             at_kill = pending(r)
             d.stop(signal.SIGKILL)
@@ -87,6 +87,8 @@ def run(model: Path, texts: list[str], work: Path, cycles: int, entries: int, in
                          "duplicates": len(ids) - len(set(ids)),
                          "consumers": len(r.xinfo_consumers("filterd:in", "filterd"))})  # fmt: skip
             print(rows[-1], flush=True)
+            if cycle < cycles - 1:
+                d.stop()  # clean exit; the next cycle's entries wait for the next process
         r.delete("filterd:in")
         time.sleep(0.2)
         t0 = time.monotonic()
@@ -121,7 +123,7 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=500, help="entries added per cycle")
     ap.add_argument("--in-flight", type=int, default=400, help="kill once this many entries are pending")
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4, help="[batching] max_batch_size: small, so entries stay in flight")
+    ap.add_argument("--batch", type=int, default=1, help="[batching] max_batch_size: small, so entries stay in flight")
     ap.add_argument("--max-length", type=int, default=512, help="the model's max_length; messages are ~3 SMS long")
     ap.add_argument("--unstable-names", action="store_true", help="a new consumer name per process (the old default)")
     ap.add_argument("--json", type=Path)
