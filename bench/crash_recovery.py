@@ -50,8 +50,7 @@ def wait(cond, timeout: float, poll: float = 0.02) -> bool:
     return True
 
 
-def run(model: Path, texts: list[str], work: Path, cycles: int, entries: int, in_flight: int, unstable: bool,
-        batch: int) -> dict:
+def run(model: Path, texts: list[str], work: Path, cycles: int, entries: int, in_flight: int, unstable: bool, batch: int) -> dict:
     redis = RedisServer(work / "redis").start()
     r = redis.client()
     rows = []
@@ -78,7 +77,7 @@ def run(model: Path, texts: list[str], work: Path, cycles: int, entries: int, in
             d = daemon(f"cycle{cycle}")
             d.start(timeout=300)
             ready = time.monotonic() - t0
-            done = wait(lambda: pending(r) == 0 and len(answered(r)) >= n, 600)
+            done = wait(lambda n=n: pending(r) == 0 and len(answered(r)) >= n, 600)
             took = time.monotonic() - t0
             ids = [f[b"id"] for _, f in r.xrange("filterd:out")]
             rows.append({"cycle": cycle + 1, "in_flight_at_kill": at_kill, "ready_s": round(ready, 2),
@@ -108,7 +107,9 @@ def table(result: dict, command: str) -> str:
     lines = [f"`{command}`", "", "| cycle | in flight at kill -9 | restart to ready (s) | restart to last result (s) | ready to last result (s) | duplicates | consumers in group |",
              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for c in result["cycles"]:
-        lines.append(f"| {c['cycle']} | {c['in_flight_at_kill']} | {c['ready_s']} | {c['restart_to_done_s']} | {c['ready_to_done_s']} | {c['duplicates']} | {c['consumers']} |")
+        lines.append(
+            f"| {c['cycle']} | {c['in_flight_at_kill']} | {c['ready_s']} | {c['restart_to_done_s']} | {c['ready_to_done_s']} | {c['duplicates']} | {c['consumers']} |"
+        )
     lines.append("")
     lines.append(f"Stream deleted under the running daemon: 10 new entries answered in {result['deleted_stream_s']} s "
                  f"(/healthz {result['healthz_after_deletion']}); consumers left after the clean exit: "

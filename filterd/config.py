@@ -17,7 +17,6 @@ import difflib
 import ipaddress
 import json
 import math
-import os
 import re
 import socket
 import tomllib

@@ -85,7 +85,9 @@ class StreamSettings:
     stats_every_s: float = 5.0
 
     @classmethod
-    def from_config(cls, rc: Any, *, stream: str, group: str, name: str, consumer: str | None = None, **kw: Any) -> "StreamSettings":
+    def from_config(
+        cls, rc: Any, *, stream: str, group: str, name: str, consumer: str | None = None, **kw: Any
+    ) -> "StreamSettings":
         """From a RedisConfig ([redis] keys); keyword arguments override."""
         base = dict(
             url=rc.url, stream=stream, group=group, consumer=consumer or rc.consumer_name(), name=name,

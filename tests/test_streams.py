@@ -268,7 +268,10 @@ def test_backlog_and_pending_gauges_show_the_whole_stream(redis_server):
         labels = {"stream": IN, "group": GROUP}
         deadline = time.monotonic() + 10
         while metric(m, "filterd_stream_pending", labels) != 64 or metric(m, "filterd_stream_backlog", labels) != 936:
-            assert time.monotonic() < deadline, (metric(m, "filterd_stream_pending", labels), metric(m, "filterd_stream_backlog", labels))
+            assert time.monotonic() < deadline, (
+                metric(m, "filterd_stream_pending", labels),
+                metric(m, "filterd_stream_backlog", labels),
+            )
             await asyncio.sleep(0.05)
         assert metric(m, "filterd_ingress_up", {"ingress": "redis"}) == 1
         stop.set()

@@ -3,8 +3,9 @@
 `serve` runs the intake of `[redis] label_stream` beside the periodic refit (RefitService) and
 serves the trainer metrics on `[trainer] metrics_listen`; SIGTERM/SIGINT stop it after the cycle
 in progress. Both run under `filterd.supervise`: if one dies, the other finishes what it holds and
-the process exits 1 with `<task> failed: <reason>`. `refit --once` drains the waiting labels, runs one cycle and can leave the same
-metrics in a node_exporter textfile (for a systemd timer instead of the service).
+the process exits 1 with `<task> failed: <reason>`. `refit --once` drains the waiting labels, runs
+one cycle and can leave the same metrics in a node_exporter textfile (for a systemd timer instead
+of the service).
 """
 
 from __future__ import annotations

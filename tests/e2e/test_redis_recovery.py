@@ -54,7 +54,7 @@ def test_kill_9_twice_then_every_entry_answered_within_30s(redis_server, tiny_mo
         d2 = FilterdProcess(tiny_model.model_dir, redis_server.url, tmp_path / f"r{cycle}.log").start()
         t0 = time.monotonic()
         try:
-            wait_for(lambda: len({x["id"] for x in results(r)}) >= n and pending(r) == 0, timeout=30, what="all results")
+            wait_for(lambda n=n: len({x["id"] for x in results(r)}) >= n and pending(r) == 0, timeout=30, what="all results")
             print(f"cycle {cycle}: {in_flight} in flight at kill -9, all answered {time.monotonic() - t0:.1f}s after ready")
         finally:
             assert d2.stop() == 0
@@ -118,7 +118,9 @@ def test_acl_forbidding_result_writes_stops_reading_and_says_so(redis_server, ti
         wait_for(lambda: len({x["id"] for x in results(admin)}) == 400 and pending(admin) == 0, timeout=60, what="results")
         wait_for(lambda: d.get("/healthz")[0] == 200, timeout=10, what="/healthz 200")
         assert d.metric('filterd_ingress_up{ingress="redis"}') == 1
-        wait_for(lambda: d.metric('filterd_stream_backlog{group="filterd",stream="filterd:in"}') == 0, timeout=15, what="backlog 0")
+        wait_for(
+            lambda: d.metric('filterd_stream_backlog{group="filterd",stream="filterd:in"}') == 0, timeout=15, what="backlog 0"
+        )
     finally:
         assert d.stop() == 0
     assert len(results(admin)) == 400  # nothing doubled
