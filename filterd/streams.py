@@ -201,6 +201,7 @@ class StreamConsumer:
         self._tasks: set[asyncio.Task] = set()
         self._fatal: BaseException | None = None
         self._refused: str | None = None  # why Redis refuses our commits, while it does
+        self._write_lost = False  # a commit failed for want of a connection, until one goes through
         self._stopping_since: float | None = None
         self._drain = False
         self._drain_deadline = 0.0
@@ -472,6 +473,10 @@ class StreamConsumer:
                     self._set_up(True)
                     async with self._room:
                         self._room.notify_all()
+                elif self._write_lost:
+                    log.info("%s: writing results again", self.s.name)
+                    self._set_up(True)
+                self._write_lost = False
                 return
             except Exception as e:
                 kind = error_kind(e, "write")
@@ -483,6 +488,10 @@ class StreamConsumer:
                     return
                 if kind == "fatal":
                     raise self._fatal_error(e, "writing results of") from None
+                if kind == "transient" and not self._write_lost:  # one line per outage; the read loop may not notice
+                    log.warning("%s: connection lost (%s) while writing results; retrying", self.s.name, one_line(e))
+                    self._write_lost = True
+                    self._set_up(False, f"redis unreachable: {one_line(e)}")
                 if kind == "refused" and self._refused != one_line(e):
                     log.error("%s: redis refuses our writes (%s); reading stops, retrying", self.s.name, one_line(e))
                     self._refused = one_line(e)
