@@ -163,15 +163,15 @@ def test_restart_with_the_same_name_finishes_own_pending_at_once(redis_server):
 
 # -- 9: no stealing between live consumers ---------------------------------------------------------
 def test_live_consumers_never_claim_each_others_queued_entries(redis_server):
-    """Entries wait 1.5 s in each consumer (a slow model), three times claim_idle_ms: none is scored twice.
+    """Entries wait 2.5 s in each consumer (a slow model), 2.5 times claim_idle_ms: none is scored twice.
 
     Old code: the other consumer claimed them once idle for claim_idle_ms and scored them again."""
     r = redis_server.client()
     for i in range(120):
         r.xadd(IN, {"text": f"m{i}", "id": str(i)})
-    cfg = rcfg(redis_server.url, claim_idle_ms=500, count=8)
-    a = RedisIngress(cfg, "a", scorer(1.5))
-    b = RedisIngress(cfg, "b", scorer(1.5))
+    cfg = rcfg(redis_server.url, claim_idle_ms=1000, count=8)  # refreshed every 0.33 s: slack for a busy machine
+    a = RedisIngress(cfg, "a", scorer(2.5))
+    b = RedisIngress(cfg, "b", scorer(2.5))
     asyncio.run(run_while([a.run, b.run], lambda: len(set(out_entries(r))) >= 120 and r.xpending(IN, GROUP)["pending"] == 0))
     entries = out_entries(r)
     assert len(entries) - len(set(entries)) == 0, f"{len(entries) - len(set(entries))} duplicates"
