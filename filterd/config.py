@@ -17,7 +17,6 @@ import difflib
 import ipaddress
 import json
 import math
-import os
 import re
 import socket
 import tomllib
@@ -506,19 +505,25 @@ class RedisConfig:
     dead_stream: str = _key("filterd:dead", _stream(), "entries that could not be processed, with an error field")
     label_stream: str = _key("filterd:labels", _stream(), "labelled messages for the trainer")
     group: str = _key("filterd", _stream("a consumer group name"), "consumer group on in_stream (created if missing)")
-    consumer: str = _key("", _stream("a consumer name", allow_empty=True), 'consumer name; "" = <hostname>-<pid>')
+    consumer: str = _key(
+        "", _stream("a consumer name", allow_empty=True), 'consumer name, stable across restarts; "" = the hostname'
+    )
     model_channel: str = _key("filterd:model", _stream("a channel name"), "pub/sub channel announcing new models")
     block_ms: int = _key(1000, Int(1), "XREADGROUP BLOCK time (ms); bounds how long shutdown waits")
     count: int = _key(64, Int(1), "entries read per XREADGROUP call")
     claim_idle_ms: int = _key(60000, Int(1), "pending entries idle this long (ms) are claimed from dead consumers")
     max_deliveries: int = _key(5, Int(1), "an entry delivered this many times without success is dead-lettered")
+    max_inflight: int = _key(512, Int(1), "entries read and not yet acknowledged, at most (per consumer)")
+    max_inflight_bytes: int = _key(67108864, Int(1), "bytes of entries read and not yet acknowledged, at most (per consumer)")
+    dead_consumer_idle: float = _key(3600.0, Duration(), "consumers with no pending entries idle this long are deleted")
     max_text_bytes: int = _key(65536, Int(1), "larger text fields are dead-lettered")
     out_maxlen: int = _key(0, Int(0), "0 = no trimming; else MAXLEN ~ N on output streams")
     routes: RoutesConfig = _section(RoutesConfig, "[redis.routes] spam/ham: copy results to a stream per verdict")
 
     def consumer_name(self) -> str:
-        """The configured consumer name, or <hostname>-<pid>: unique per process, stable in logs."""
-        return self.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        """The configured consumer name, or the hostname: stable, so a restarted process finds its own pending
+        entries at once. Two instances on one host need distinct names (README, "Redis Streams")."""
+        return self.consumer or socket.gethostname()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ Start: load the model (a failure is a one-line exit), warm it up, start the batc
 Redis ingresses and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
 channel, or the model path changing) reloads the model in the background. SIGTERM/SIGINT: stop
 reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1, exit 0.
+
+The ingresses, the model channel and the model watcher run under `supervise`: if one dies (a Redis
+error that retrying cannot fix, a bug), the log says `<task> failed: <reason>`, the others finish
+what they hold, and the process exits 1 for systemd to restart it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from typing import Any
 from .batcher import Batcher, Scored
 from .engine import Engine
 from .errors import ConfigError
-from .ingress.redis_streams import TRANSIENT, RedisIngress
+from .ingress.redis_streams import RedisIngress
 from .ingress.smtp import SmtpIngress
 from .metrics import FilterdMetrics, MetricsServer
 from .notify import sd_notify, watchdog
 from .reload import ModelHolder
+from .streams import BACKOFF_MAX_S, BACKOFF_MIN_S, StreamError, error_kind, one_line, sleep_or_stop
+from .supervise import TaskFailed, supervise
 
 log = logging.getLogger("filterd")
 
@@ -49,7 +55,7 @@ class Daemon:
         self.redis: RedisIngress | None = None
         self.smtp: SmtpIngress | None = None
         self.server: MetricsServer | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
@@ -73,7 +79,7 @@ class Daemon:
         if not self.holder.loaded:
             return False, "no model loaded"
         if self.redis is not None and not self.redis.up:
-            return False, "redis ingress is not connected"
+            return False, f"redis ingress is not up: {self.redis.reason}"
         if self.smtp is not None and not self.smtp.up:
             return False, "smtp ingress is not listening"
         return True, "ok"
@@ -114,15 +120,18 @@ class Daemon:
         await self.batcher.start()
         sources = []
         if self.smtp is not None:
-            self._tasks.append(asyncio.create_task(self.smtp.run(self.stop), name="smtp-ingress"))
+            self._jobs["smtp-ingress"] = self.smtp.run(self.stop)
+            smtp = self.smtp
+            self.metrics.ingress_up.labels("smtp").set_function(lambda: 1.0 if smtp.up else 0.0)
             sources.append("smtp")
         if cfg.redis.enabled:
             self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics)
-            self._tasks.append(asyncio.create_task(self.redis.run(self.stop), name="redis-ingress"))
-            self._tasks.append(asyncio.create_task(self._model_channel(), name="model-channel"))
+            self._jobs["redis-ingress"] = self.redis.run(self.stop)
+            self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
         self.metrics.prime(sources)
-        watcher = asyncio.create_task(self.holder.watch(self.stop, cfg.model.poll_interval), name="model-watch")
+        self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
+        supervisor = asyncio.create_task(supervise(self._jobs, self.stop), name="supervisor")
         self._install_signals()
         self._watchdog = asyncio.create_task(watchdog(), name="systemd-watchdog")  # ends with the loop
         sd_notify("READY=1\nSTATUS=serving")
@@ -131,10 +140,15 @@ class Daemon:
         await self.stop.wait()
         sd_notify("STOPPING=1")
         log.info("stopping: finishing in-flight messages")
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # ingresses finish and acknowledge
+        failed: TaskFailed | None = None
+        try:
+            await supervisor  # ingresses finish and acknowledge
+        except TaskFailed as e:
+            failed = e
         await self.batcher.stop(drain=True)
-        watcher.cancel()
         await self.server.stop()
+        if failed is not None:
+            raise failed  # one line, exit 1: systemd restarts the process
         log.info("stopped")
         return 0
 
@@ -149,23 +163,36 @@ class Daemon:
         self.stop.set()
 
     async def _model_channel(self) -> None:
-        """Reload when the trainer announces a new model on the pub/sub channel."""
-        import redis.asyncio as aioredis
+        """Reload when the trainer announces a new model on the pub/sub channel.
 
-        backoff = 0.1
+        Redis away: reconnect with backoff (one log line per outage; a reload may have been missed, so
+        the model watcher's poll still catches a new model). Wrong password, no permission: StreamError.
+        """
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        channel = self.cfg.redis.model_channel
+        backoff, lost = BACKOFF_MIN_S, False
         while not self.stop.is_set():
-            client = aioredis.from_url(self.cfg.redis.url)
+            client = aioredis.from_url(self.cfg.redis.url, socket_connect_timeout=5.0)
             try:
                 async with client.pubsub() as ps:
-                    await ps.subscribe(self.cfg.redis.model_channel)
-                    backoff = 0.1
+                    await ps.subscribe(channel)
+                    if lost:
+                        log.info("model channel: subscribed to %s again", channel)
+                    backoff, lost = BACKOFF_MIN_S, False
                     while not self.stop.is_set():
                         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=0.5)
                         if msg is not None:
-                            await self.holder.reload(f"announced on {self.cfg.redis.model_channel}")
-            except TRANSIENT:
-                await asyncio.sleep(backoff * (1 + random.random()))
-                backoff = min(backoff * 2, 5.0)
+                            await self.holder.reload(f"announced on {channel}")
+            except (RedisError, OSError) as e:  # what reload() raises is its own business, and a bug: supervised
+                if error_kind(e, "read") != "transient":
+                    raise StreamError(f"model channel {channel}: {one_line(e)}") from None
+                if not lost:
+                    log.warning("model channel: %s; resubscribing", one_line(e))
+                    lost = True
+                await sleep_or_stop(self.stop, backoff * (1 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
                 await client.aclose()
 

@@ -27,6 +27,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     write_to_textfile,
 )
@@ -60,8 +62,45 @@ SPAM_SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(21))
 REFIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 
-class FilterdMetrics:
-    """Every filterd_* metric of INTERFACES.md (not the trainer's) on its own CollectorRegistry."""
+class StreamMetrics:
+    """The Redis consumer's hooks (filterd.streams.StreamObserver): backlog, pending, up, errors.
+
+    `filterd_stream_backlog` is the group's lag (entries not yet delivered to any consumer: what the
+    queue-depth gauge, bounded by what one process holds, cannot show); `filterd_stream_pending` the
+    entries delivered and not yet acknowledged. Both are refreshed every few seconds by the consumer.
+    """
+
+    def _init_stream_metrics(self, r: CollectorRegistry) -> None:
+        self.stream_backlog = Gauge(
+            "filterd_stream_backlog", "Entries of a stream not yet delivered to its consumer group (XINFO GROUPS lag).",
+            ["stream", "group"], registry=r,
+        )  # fmt: skip
+        self.stream_pending = Gauge(
+            "filterd_stream_pending", "Entries delivered to the consumer group and not yet acknowledged.",
+            ["stream", "group"], registry=r,
+        )  # fmt: skip
+        self.ingress_up = Gauge(
+            "filterd_ingress_up", "1 while an ingress is connected/listening and can deliver results, else 0.",
+            ["ingress"], registry=r,
+        )  # fmt: skip
+        # `error` is a short code from filterd.streams.error_code (oom, noperm, connection, ...), never a message.
+        self.redis_errors = Counter(
+            "filterd_redis_errors_total", "Redis errors, by operation (read|write) and error code.", ["op", "error"], registry=r
+        )
+
+    def on_stream_up(self, name: str, up: bool) -> None:
+        self.ingress_up.labels(name).set(1 if up else 0)
+
+    def on_stream_stats(self, stream: str, group: str, backlog: int, pending: int) -> None:
+        self.stream_backlog.labels(stream, group).set(backlog)
+        self.stream_pending.labels(stream, group).set(pending)
+
+    def on_redis_error(self, op: str, error: str) -> None:
+        self.redis_errors.labels(op, error).inc()
+
+
+class FilterdMetrics(StreamMetrics):
+    """Every filterd_* metric of INTERFACES.md (not the trainer's) on its own CollectorRegistry, plus process_*."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -104,6 +143,9 @@ class FilterdMetrics:
             "filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r
         )
         self._model_labels: tuple[str, str, str, str] | None = None
+        self._init_stream_metrics(r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        PlatformCollector(registry=r)
 
     def set_model(self, version: str, base: str, device: str, dtype: str) -> None:
         """Point model_info at the model now served: exactly one series at a time, value 1."""
@@ -145,10 +187,13 @@ class FilterdMetrics:
                 self.messages.labels(source, verdict)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
+        for source in sources:
+            self.ingress_up.labels(source)
 
 
-class TrainerMetrics:
-    """The filterd_trainer_* metrics of INTERFACES.md on their own CollectorRegistry.
+class TrainerMetrics(StreamMetrics):
+    """The filterd_trainer_* metrics of INTERFACES.md on their own CollectorRegistry, plus the label intake's
+    stream metrics (`ingress="intake"`).
 
     Served by `filterd-trainer serve`, or written with `write_textfile` after a one-shot
     `refit --once` (e.g. from a systemd timer) for node_exporter's textfile collector.
@@ -181,6 +226,7 @@ class TrainerMetrics:
         self.dataset_size = Gauge(
             "filterd_trainer_dataset_size", "Messages in the training data set, by label.", ["label"], registry=r
         )
+        self._init_stream_metrics(r)
         # Counters only: a zero-primed accuracy gauge would read as a broken model and fire alerts.
         for outcome in REFIT_OUTCOMES:
             self.refits.labels(outcome)

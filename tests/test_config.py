@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -200,7 +200,7 @@ def test_reference_lists_every_key_with_its_default():
 
 def test_small_helpers():
     assert Config().model.resolved_dtype("cuda") == "bfloat16" and Config().model.resolved_dtype("cpu") == "float32"
-    assert RedisConfig().consumer_name().endswith(f"-{os.getpid()}")
+    assert RedisConfig().consumer_name() == socket.gethostname()  # stable across restarts (issue 12, point 8)
     assert RedisConfig().routes.get("spam") is None and RedisConfig().routes.get("error") is None
 
 

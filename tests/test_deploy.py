@@ -197,7 +197,8 @@ def test_every_alert_has_for_severity_and_annotations():
     names = {r["alert"] for r in alerts}
     assert {"FilterdDown", "FilterdErrorVerdictsRising", "FilterdClassifyLatencyHigh", "FilterdQueueDepthHigh",
             "FilterdSpamShareJump", "FilterdDeadLetters", "FilterdTrainerNoSuccessfulRefit",
-            "FilterdTrainerRefitRejected", "FilterdModelReloadFailed"} <= names  # fmt: skip
+            "FilterdTrainerRefitRejected", "FilterdModelReloadFailed", "FilterdStreamBacklogHigh",
+            "FilterdIngressDown"} <= names  # fmt: skip
     for r in alerts:
         assert r.get("for"), r["alert"]
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
@@ -218,6 +219,9 @@ def _exposition() -> dict[str, dict[str, set[str]]]:
     daemon.set_model("v1", "gpt2", "cpu", "float32")
     daemon.smtp_replies.labels("250").inc()
     daemon.dead_letters.labels("too-large").inc()
+    daemon.on_stream_stats("filterd:in", "filterd", 10, 2)
+    daemon.on_stream_up("redis", True)
+    daemon.on_redis_error("write", "oom")
     trainer = TrainerMetrics()  # refits x outcome and labels x label are pre-created
     for model in EVAL_MODELS:
         trainer.set_eval("test", model, 0.9, 0.01, 0.9)
@@ -243,7 +247,7 @@ def _exposition() -> dict[str, dict[str, set[str]]]:
 
 
 # Label values the tests above cannot enumerate (free text or open sets): names checked, values not.
-OPEN_LABELS = {"reason", "code", "version", "base", "device", "dtype", "split", "le"}
+OPEN_LABELS = {"reason", "code", "version", "base", "device", "dtype", "split", "le", "stream", "group", "error"}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
 
 
@@ -274,7 +278,7 @@ def test_rules_use_only_existing_metrics_and_labels():
                 assert name in families, f"{rule['alert']}: annotation names unknown metric {name}"
     assert {"filterd_messages_total", "filterd_classify_seconds_bucket", "filterd_queue_depth",
             "filterd_dead_letters_total", "filterd_model_reloads_total", "filterd_trainer_refits_total",
-            "filterd_trainer_last_refit_timestamp_seconds"} <= used  # fmt: skip
+            "filterd_trainer_last_refit_timestamp_seconds", "filterd_stream_backlog", "filterd_ingress_up"} <= used  # fmt: skip
 
 
 # --- Redis ------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_killed_between_commit_and_ack(redis_server, store, monkeypatch):
     intake = LabelIntake(*configs(redis_server.url), store, consumer="k")
     with pytest.raises(IntakeUnavailable, match="connection lost"):
         asyncio.run(intake.drain_once(10))
-    assert len(store) == 4 and pending(r) == 4  # stored, not acknowledged
+    assert len(store) == 1 and pending(r) == 1  # the first chunk (one entry: sizes unknown yet) stored, not acknowledged
 
     monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", real_execute)
     assert asyncio.run(intake.drain_once(10)) == 4  # its own pending entries, delivered again
@@ -185,3 +185,18 @@ def test_redis_restart_loses_nothing(redis_server, store, monkeypatch):
     assert {row.text for row in store.rows()} == set(first) | {f"label stream message number {i}" for i in range(20, 40)}
     info = redis_server.client().xinfo_groups(STREAM)[0]
     assert info["pending"] == 0 and info["last-delivered-id"] == redis_server.client().xrevrange(STREAM, count=1)[0][0]
+
+
+def test_a_label_stream_of_the_wrong_type_is_fatal(redis_server, store):
+    """The service raises a one-line StreamError (the supervisor exits 1); drain_once reports it and stores nothing."""
+    from filterd.streams import StreamError
+
+    r = redis_server.client()
+    r.set(STREAM, "not a stream")
+    intake = LabelIntake(*configs(redis_server.url), store, consumer="w")
+    with pytest.raises(StreamError, match="WRONGTYPE") as e:
+        asyncio.run(asyncio.wait_for(intake.run(asyncio.Event()), 10))
+    assert "\n" not in str(e.value)
+    with pytest.raises(IntakeUnavailable, match="WRONGTYPE"):
+        asyncio.run(intake.drain_once(5))
+    assert len(store) == 0

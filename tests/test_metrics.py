@@ -284,3 +284,21 @@ def test_server_stop_closes_open_connections():
         writer.close()
 
     asyncio.run(main())
+
+
+def test_stream_metrics_and_process_collector():
+    """Issue 12, point 12: backlog, pending, ingress up, Redis errors, process_* (none existed before)."""
+    m = FilterdMetrics()
+    m.prime(["redis"])
+    m.on_stream_stats("filterd:in", "filterd", 3784, 448)
+    m.on_stream_up("redis", True)
+    m.on_redis_error("write", "oom")
+    text = generate_latest(m.registry).decode()
+    assert 'filterd_stream_backlog{group="filterd",stream="filterd:in"} 3784.0' in text
+    assert 'filterd_stream_pending{group="filterd",stream="filterd:in"} 448.0' in text
+    assert 'filterd_ingress_up{ingress="redis"} 1.0' in text
+    assert 'filterd_redis_errors_total{error="oom",op="write"} 1.0' in text
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    t = TrainerMetrics()
+    t.on_stream_stats("filterd:labels", "filterd-trainer", 5, 1)
+    assert 'filterd_stream_backlog{group="filterd-trainer",stream="filterd:labels"} 5.0' in generate_latest(t.registry).decode()

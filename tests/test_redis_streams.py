@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from types import SimpleNamespace
-
 import pytest
 
+from filterd.config import RedisConfig, RoutesConfig
 from filterd.ingress.redis_streams import RedisIngress, validate_entry
 
 
@@ -26,10 +25,9 @@ async def length_score(text: str) -> FakeScored:
     return FakeScored(s, "spam" if s >= 0.5 else "ham", "v1")
 
 
-def cfg(url: str, **kw):
-    base = dict(url=url, in_stream="filterd:in", out_stream="filterd:out", dead_stream="filterd:dead", group="filterd",
-                block_ms=100, count=64, claim_idle_ms=500, max_text_bytes=65536, out_maxlen=0, routes={}, max_deliveries=5)  # fmt: skip
-    return SimpleNamespace(**(base | kw))
+def cfg(url: str, routes: dict[str, str] | None = None, **kw) -> RedisConfig:
+    base = dict(url=url, block_ms=100, claim_idle_ms=500, routes=RoutesConfig(**(routes or {})))
+    return RedisConfig(**(base | kw))
 
 
 def run_until(ingress: RedisIngress, done, timeout: float = 30.0, during=None) -> None:

@@ -10,10 +10,10 @@ leaves the entries pending, they are delivered again, and adding a label the sto
 changes nothing. Bad entries (unknown label, no text, invalid UTF-8, empty text) are copied to
 `[redis] dead_stream` with `error` and `stream` fields, in the same MULTI/EXEC as the XACK.
 
-As in the daemon's ingress (`filterd.ingress.redis_streams`): the consumer group is created from
-"0" if missing (labels added before the trainer first ran are not skipped), a (re)connected
-consumer first finishes its own pending entries, then claims entries that other consumers left
-idle for `claim_idle_ms` (XAUTOCLAIM), and Redis going away means reconnecting with backoff.
+Reading, claiming, reconnecting and Redis errors are those of the daemon's ingress: both are handlers
+on `filterd.streams.StreamConsumer` (the group is created from "0" if missing, a restarted consumer
+finishes its own pending entries first, idle ones are claimed, Redis away means a reconnect with
+backoff, an error retrying cannot fix ends the service with a one-line reason).
 """
 
 from __future__ import annotations
@@ -21,18 +21,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
-
 from filterd.config import RedisConfig, TrainerConfig, redact_url
 from filterd.errors import FilterdError
-from filterd.ingress.redis_streams import BACKOFF_MAX_S, BACKOFF_MIN_S, TRANSIENT, sleep_or_stop
 from filterd.mail import extract_text
+from filterd.streams import Entry, StreamConsumer, StreamSettings, error_kind, one_line, without_large_fields
 
 from .data import LABELS
 from .store import AddResult, LabelStore, NewLabel, StoreError
@@ -40,10 +35,6 @@ from .store import AddResult, LabelStore, NewLabel, StoreError
 log = logging.getLogger("filterd.trainer")
 
 SOURCE = "redis"  # the `source` of labels stored from the stream
-# Worth a retry: Redis away, or the store busy/full (the entries stay pending and come back).
-RETRY = (*TRANSIENT, StoreError)
-
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class IntakeUnavailable(FilterdError):
@@ -102,136 +93,80 @@ class LabelIntake:
         self.stream = redis_cfg.label_stream
         self.dead_stream = redis_cfg.dead_stream
         self.dead_maxlen = {"maxlen": redis_cfg.out_maxlen, "approximate": True} if redis_cfg.out_maxlen else {}
+        self.max_field_bytes = redis_cfg.max_text_bytes
         self.group = trainer_cfg.group
-        self.consumer = consumer or redis_cfg.consumer_name()
-        self.claim_idle_ms = redis_cfg.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
-        self.count = count or redis_cfg.count
-        self.block_ms = block_ms or redis_cfg.block_ms
+        over = {k: v for k, v in (("claim_idle_ms", claim_idle_ms), ("count", count), ("block_ms", block_ms)) if v}
+        over["max_inflight"] = over.get("count", redis_cfg.count)  # one chunk at a time: the store has one writer
+        settings = StreamSettings.from_config(redis_cfg, stream=self.stream, group=self.group, name="intake",
+                                              consumer=consumer, **over)  # fmt: skip
+        self.consumer = settings.consumer
         self.store = store
         self.metrics = metrics
-        self.up = False  # connected and reading, for a health check
+        self._settings = settings
+        self.reader = StreamConsumer(settings, self._handle, metrics)
+        self._draining: StreamConsumer | None = None  # the one-shot reader of drain_once, while it runs
 
-    def _client(self, timeout_s: float) -> aioredis.Redis:
-        return aioredis.from_url(self.url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 5.0))
+    @property
+    def up(self) -> bool:
+        """Connected and reading, for a health check."""
+        return self.reader.up
 
     # -- the service -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Take in labels until `stop` is set (the chunk in hand is finished first)."""
-        backoff = BACKOFF_MIN_S
-        while not stop.is_set():
-            client = self._client(max(5.0, self.block_ms / 1000 + 5))
-            try:
-                await self._ensure_group(client)
-                self.up, backoff = True, BACKOFF_MIN_S
-                log.info("intake: reading %s as %s/%s at %s", self.stream, self.group, self.consumer, redact_url(self.url))
-                await self._serve(client, stop)
-            except (*RETRY, ResponseError) as e:
-                if isinstance(e, ResponseError) and "NOGROUP" not in str(e):
-                    raise
-                log.warning("intake: %s; retrying in %.1fs", _one_line(e), backoff)  # NOGROUP: stream deleted, recreate
-                self.up = False
-                await sleep_or_stop(stop, backoff * (1 + random.random() / 2))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-            finally:
-                self.up = False
-                await client.aclose()
-
-    async def _serve(self, client: aioredis.Redis, stop: asyncio.Event) -> None:
-        await self._own_pending(client)
-        next_claim = 0.0
-        while not stop.is_set():
-            if time.monotonic() >= next_claim:
-                await self._claim_idle(client)
-                next_claim = time.monotonic() + max(self.claim_idle_ms / 2000, 0.05)
-            reply = await client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.count, block=self.block_ms)
-            await self._handle(client, _entries(reply))
+        """Take in labels until `stop` is set (the chunks in hand are finished first); fatal errors raise StreamError."""
+        await self.reader.run(stop)
 
     async def drain_once(self, timeout_s: float = 30.0) -> int:
         """Take in what is waiting now (own pending, idle claimable, new), for up to about `timeout_s`; entries handled.
 
         Raises IntakeUnavailable when Redis cannot be reached; what was handled before that is stored and acknowledged.
         """
-        deadline = time.monotonic() + timeout_s
-        client = self._client(max(timeout_s, 1.0))
+        self._draining = StreamConsumer(self._settings, self._handle, self.metrics)  # a fresh one: its own deadline
         try:
-            await self._ensure_group(client)
-            handled = await self._own_pending(client, deadline)
-            handled += await self._claim_idle(client, deadline)
-            while time.monotonic() < deadline:
-                entries = _entries(await client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.count))
-                if not entries:
-                    break
-                handled += await self._handle(client, entries)
-        except TRANSIENT as e:
-            raise IntakeUnavailable(f"label stream at {redact_url(self.url)}: {_one_line(e)}") from e
+            handled = await self._draining.drain_once(timeout_s)
+        except (StoreError, FilterdError):
+            raise
+        except Exception as e:  # Redis away, refusing, or misconfigured: the labels stay in the stream
+            kind = error_kind(e, "read")
+            raise IntakeUnavailable(f"label stream {self.stream} at {redact_url(self.url)} ({kind}): {one_line(e)}") from e
         finally:
-            await client.aclose()
+            self._draining = None
         log.info("intake: drained %d entries from %s", handled, self.stream)
         return handled
 
-    # -- reading -----------------------------------------------------------------------------
-    async def _ensure_group(self, client: aioredis.Redis) -> None:
-        try:
-            await client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            log.info("intake: created group %s on %s", self.group, self.stream)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    async def _own_pending(self, client: aioredis.Redis, deadline: float | None = None) -> int:
-        """Entries delivered to this consumer before a crash or reconnect and never acknowledged."""
-        cursor: bytes | str = "0"
-        handled = 0
-        while deadline is None or time.monotonic() < deadline:
-            reply = await client.xreadgroup(self.group, self.consumer, {self.stream: cursor}, count=self.count)
-            entries = reply[0][1] if reply else []
-            if not entries:
-                break
-            cursor = entries[-1][0]
-            handled += await self._handle(client, entries)
-        if handled:
-            log.info("intake: finished %d own pending entries", handled)
-        return handled
-
-    async def _claim_idle(self, client: aioredis.Redis, deadline: float | None = None) -> int:
-        """Take over entries another consumer (a dead one, usually) left pending for `claim_idle_ms`."""
-        start: bytes | str = "0-0"
-        handled = 0
-        while deadline is None or time.monotonic() < deadline:
-            reply = await client.xautoclaim(
-                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.count
-            )
-            start = reply[0]  # Redis 7 adds a third element: ids of deleted entries, already dropped from the PEL
-            claimed = [(i, f) for i, f in reply[1] if i is not None]  # Redis 6.2 lists deleted entries as nil
-            if claimed:
-                log.info("intake: claimed %d idle entries", len(claimed))
-                handled += await self._handle(client, claimed)
-            if start in (b"0-0", "0-0"):
-                break
-        return handled
-
     # -- one chunk -----------------------------------------------------------------------------
-    async def _handle(self, client: aioredis.Redis, entries: list) -> int:
+    async def _handle(self, entries: list[Entry]) -> None:
         """Store the good entries, then dead-letter the bad ones and acknowledge all in one MULTI/EXEC."""
-        if not entries:
-            return 0
         parsed = [parse_entry(i, f) for i, f in entries if f]  # no fields: trimmed or deleted, just acknowledge
         good = [p for p in parsed if p.error is None]
         results: list[AddResult] = []
         if good:  # in a worker thread: a busy store must not stall the event loop
-            results = await asyncio.to_thread(self.store.add_many, [NewLabel(p.text, p.label, SOURCE) for p in good])
+            results = await self._store(good)
         bad = [p for p in parsed if p.error is not None]
-        async with client.pipeline(transaction=True) as tx:
+
+        def fill(tx: Any) -> None:
             for p in bad:
-                tx.xadd(
-                    self.dead_stream,
-                    {**p.fields, b"error": p.error.encode(), b"stream": self.stream.encode()},
-                    **self.dead_maxlen,
-                )
-            tx.xack(self.stream, self.group, *[i for i, _ in entries])
-            await tx.execute()
+                fields = without_large_fields(p.fields, self.max_field_bytes)
+                tx.xadd(self.dead_stream, {**fields, b"error": p.error.encode(), b"stream": self.stream.encode()},
+                        **self.dead_maxlen)  # fmt: skip
+
+        await (self._draining or self.reader).commit([i for i, _ in entries], fill)
         self._report(results, bad)
-        return len(entries)
+
+    async def _store(self, good: list[Parsed]) -> list[AddResult]:
+        """The commit point. A busy or full store is retried with backoff by the service (the entries stay
+        pending meanwhile); drain_once raises it."""
+        items = [NewLabel(p.text, p.label, SOURCE) for p in good]
+        backoff = 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(self.store.add_many, items)
+            except StoreError as e:
+                if self._draining is not None:  # drain_once: let the caller decide
+                    raise
+                log.warning("intake: label store: %s; retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def _report(self, results: list[AddResult], bad: list[Parsed]) -> None:
         for p in bad:
@@ -248,9 +183,3 @@ class LabelIntake:
                 self.metrics.count_label(label, n)
 
 
-def _entries(reply: Any) -> list[Entry]:
-    return reply[0][1] if reply else []
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]

@@ -2,8 +2,10 @@
 
 `serve` runs the intake of `[redis] label_stream` beside the periodic refit (RefitService) and
 serves the trainer metrics on `[trainer] metrics_listen`; SIGTERM/SIGINT stop it after the cycle
-in progress. `refit --once` drains the waiting labels, runs one cycle and can leave the same
-metrics in a node_exporter textfile (for a systemd timer instead of the service).
+in progress. Both run under `filterd.supervise`: if one dies, the other finishes what it holds and
+the process exits 1 with `<task> failed: <reason>`. `refit --once` drains the waiting labels, runs
+one cycle and can leave the same metrics in a node_exporter textfile (for a systemd timer instead
+of the service).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from filterd.config import Config
 from filterd.errors import ConfigError
 from filterd.metrics import MetricsServer, TrainerMetrics
 from filterd.notify import watchdog
+from filterd.supervise import supervise
 
 from .intake import IntakeUnavailable, LabelIntake
 from .publish import ModelStore
@@ -74,10 +77,17 @@ async def _serve(cfg: Config, base_model: Path | None) -> int:
         last = store.meta_get(LAST_COMPLETED_KEY)
         if last is not None:
             metrics.last_refit.set(float(last))
-        service = RefitService(cfg, store, intake, metrics, base_model_dir=base_model,
+        service = RefitService(cfg, store, None, metrics, base_model_dir=base_model,
                                on_outcome=lambda r: _remember(store, metrics, r))  # fmt: skip
         listen = cfg.trainer.metrics_listen
-        health = lambda: (True, "ok") if ModelStore(cfg.trainer.models_dir).current() or base_model else (False, "no model yet")
+
+        def health() -> tuple[bool, str]:
+            if not (ModelStore(cfg.trainer.models_dir).current() or base_model):
+                return False, "no model yet"
+            if intake is not None and not intake.up:
+                return False, f"label intake is not up: {intake.reader.reason}"
+            return True, "ok"
+
         server = MetricsServer((listen.host, listen.port), metrics.registry, health)
         try:
             await server.start()
@@ -86,8 +96,11 @@ async def _serve(cfg: Config, base_model: Path | None) -> int:
         log.info("trainer serving: store %s, models %s, metrics on http://%s:%d/metrics",
                  cfg.trainer.store, cfg.trainer.models_dir, listen.host, server.port)  # fmt: skip
         pinger = asyncio.create_task(watchdog(), name="systemd-watchdog")  # WatchdogSec= in the unit
+        jobs = {"refit": service.run(stop)}
+        if intake is not None:
+            jobs["label-intake"] = intake.run(stop)
         try:
-            await service.run(stop)
+            await supervise(jobs, stop)
         finally:
             pinger.cancel()
             await server.stop()

@@ -192,3 +192,14 @@ def test_intake_survives_kill_9_and_redis_restart(tmp_path, redis_server, uci):
         assert s.counts() == {"spam": 600, "ham": 1400}
         assert {row.id for row in s.rows()} == {message_id(t) for _, t in texts}
     print(f"\nat kill -9: {at_kill[0]} stored, {at_kill[1]} read but not acknowledged; all 2000 stored after restarts")
+
+
+def test_trainer_serve_exits_1_when_the_intake_cannot_work(tmp_path, redis_server):
+    """A label stream key of the wrong type: one line and exit 1 (old code: exit 70, "internal error")."""
+    redis_server.client().set("filterd:labels", "not a stream")
+    config = write_config(tmp_path, redis_server.url, min_per_class=100000)
+    p = subprocess.run([sys.executable, "-m", "trainer", "serve", "--config", str(config)], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "label-intake failed" in last and "WRONGTYPE" in last
