@@ -135,7 +135,8 @@ def test_serve_without_tokenizer_files_exits_1_without_network(tiny_model, tmp_p
         "def refuse(*a, **k):\n"
         "    sys.stderr.write('NETWORK ATTEMPT %r\\n' % (a[1:2] or a[:1],)); raise OSError('no network')\n"
         "socket.create_connection = refuse\n"
-        "socket.socket.connect = refuse\n"
+        "local = socket.socket.connect\n"  # AF_UNIX (multiprocessing's forkserver) is not the network
+        "socket.socket.connect = lambda s, a: local(s, a) if s.family == socket.AF_UNIX else refuse(s, a)\n"
         "resolve = socket.getaddrinfo\n"  # our own listeners resolve 127.0.0.1; anything else is a fetch
         "socket.getaddrinfo = lambda host, *a, **k: resolve(host, *a, **k) if host in ('127.0.0.1', None) else refuse(0, host)\n"
         "from filterd.cli import main\n"
