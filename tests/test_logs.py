@@ -121,7 +121,8 @@ def test_bare_cr_in_mail_from_cannot_forge_a_log_line():
                 try:
                     return await asyncio.to_thread(_smtp_dialogue, cfg.listen.port, [
                         b"EHLO client\r\n", f"MAIL FROM:<x\r{forged}@example.org>\r\n".encode(),
-                        b"RCPT TO:<b@example.net>\r\n", b"DATA\r\n", b"Subject: hi\r\n\r\nsee you at noon\r\n.\r\n",
+                        b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.net>\r\n", b"DATA\r\n",
+                        b"Message-ID: <m\x1b[2K\x0bERROR forged@example.org>\r\nSubject: hi\r\n\r\nsee you at noon\r\n.\r\n",
                         b"QUIT\r\n",
                     ])  # fmt: skip
                 finally:
@@ -130,11 +131,12 @@ def test_bare_cr_in_mail_from_cannot_forge_a_log_line():
             codes = asyncio.run(main())
     finally:
         logging.getLogger().removeHandler(handler)
-    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"], codes
+    # The raw envelope parser refuses a control byte in an address (553), so it never reaches our own
+    # log line; aiosmtpd's debug trace of the command line must not carry it raw either.
+    assert codes == [b"220", b"250", b"553", b"250", b"250", b"354", b"250", b"221"], codes
     out = buf.getvalue()
-    assert "\r" not in out
-    ours = [x for x in out.splitlines() if "filterd.ingress" in x or "smtp: from=" in x]
-    assert any(f"from=<\"x\\r{forged}\"@example.org>" in x for x in ours), out  # filterd's own summary line
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", out), out  # no control byte but the records' own newlines
+    assert any("smtp: " in x and "from=<a@example.org>" in x for x in out.splitlines()), out  # the message went through
     # every line is a whole record with a timestamp of its own; none starts with the forged text
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ", x) for x in out.splitlines()), out
 
