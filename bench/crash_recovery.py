@@ -125,13 +125,15 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=400, help="kill once this many entries are pending")
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="[batching] max_batch_size: small, so entries stay in flight")
-    ap.add_argument("--max-length", type=int, default=512, help="the model's max_length; messages are ~3 SMS long")
+    ap.add_argument("--max-length", type=int, default=512, help="the model's max_length")
+    ap.add_argument("--sms-per-entry", type=int, default=3, help="UCI messages joined into one entry (longer entries stay in flight longer)")
     ap.add_argument("--unstable-names", action="store_true", help="a new consumer name per process (the old default)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
     sms = [e.text for e in read_sms(SHARED / "data" / "sms-spam-collection" / "SMSSpamCollection")]
-    texts = [" ".join(sms[i : i + 3]) for i in range(0, len(sms) - 3, 3)]
+    k = args.sms_per_entry
+    texts = [" ".join(sms[i : i + k]) for i in range(0, len(sms) - k, k)]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
