@@ -73,7 +73,10 @@ def test_fit_accepts_the_result(pretrained, tmp_path, sms_data):
     data.mkdir()
     for split, n in (("train", 40), ("val", 20), ("test", 20)):
         examples = read_split(sms_data / f"{split}.csv")
-        write_split(data / f"{split}.csv", [e for e in examples if e.label == "ham"][: n // 2] + [e for e in examples if e.label == "spam"][: n // 2])
+        write_split(
+            data / f"{split}.csv",
+            [e for e in examples if e.label == "ham"][: n // 2] + [e for e in examples if e.label == "spam"][: n // 2],
+        )
     result = fit(FitConfig(data=data, base=str(pretrained.out), out=tmp_path / "model", trainable="all", epochs=1,
                            max_length=32, progress=False))  # fmt: skip
     assert result.meta.base == str(pretrained.out.resolve()) and result.meta.base_kind == "pretrained"
@@ -177,14 +180,19 @@ def test_sigterm_from_outside_then_cli_resume(tmp_path, sms_lines, capsys):
     args = ["pretrain", "--base", "random:tiny", "--out", str(out), "--text", str(sms_lines), "--block-size", "16",
             "--batch-size", "2", "--eval-every", "2", "--checkpoint-every", "1000"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--steps", "100000"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(  # cwd: `python -m` puts the working directory first on sys.path
+        [sys.executable, "-m", "trainer", *args, "--steps", "100000"], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+    seen: list[str] = []
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
+            seen.append(line)
             if "step 2:" in line:
                 proc.send_signal(signal.SIGTERM)
                 break
-        err = proc.stderr.read()  # type: ignore[union-attr]
-        assert proc.wait(timeout=60) == 1
+        err = "".join(seen) + proc.stderr.read()  # type: ignore[union-attr]
+        rc = proc.wait(timeout=60)
+        assert rc == 1, (rc, err[-2000:])
     finally:
         proc.kill()
     last = err.strip().splitlines()[-1]
@@ -202,3 +210,19 @@ def test_time_budget(tmp_path, sms_lines, capsys):
                  "--block-size", "16", "--batch-size", "2", "--time", "1s"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] >= 1 and json.loads((tmp_path / "o" / "pretrain.json").read_text())["steps"] == result["steps"]
+
+
+def test_csv_directory_leaves_test_out_and_store_is_read(tmp_path, sms_data):
+    from trainer.data import Manifest
+    from trainer.store import LabelStore
+
+    counts = Manifest.load(sms_data).counts
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        store.add("win a prize", "spam", "learn")
+        store.add("see you at lunch", "ham", "learn")
+    cfg = PretrainConfig(
+        base="random:tiny", out=tmp_path / "o", csv=[sms_data], store=tmp_path / "labels.sqlite", val_fraction=0.05
+    )
+    corpus = read_corpus(cfg)
+    assert corpus.documents == {"csv": sum(sum(counts[s].values()) for s in ("train", "val", "holdout")), "store": 2}
+    assert corpus.val_docs > 0 and corpus.train_docs + corpus.val_docs == sum(corpus.documents.values())

@@ -298,7 +298,9 @@ def _fingerprint(cfg: PretrainConfig, corpus: Corpus) -> dict:
             "seed": cfg.seed, "val_fraction": cfg.val_fraction}  # fmt: skip
 
 
-def _save_state(directory: Path, model: GPT2Classifier, optimizer: torch.optim.Optimizer, gen: torch.Generator, info: dict) -> None:
+def _save_state(
+    directory: Path, model: GPT2Classifier, optimizer: torch.optim.Optimizer, gen: torch.Generator, info: dict
+) -> None:
     """Weights, AdamW moments and the sampler's RNG in safetensors, the rest in JSON; replaced atomically."""
     from safetensors.torch import save_file
 
@@ -330,10 +332,14 @@ def _load_state(
         weights = load_file(str(directory / "model.safetensors"))
         moments = load_file(str(directory / "optimizer.safetensors"))
     except Exception as e:  # truncated or foreign files: never half-resume
-        raise DataError(f"{directory}: cannot read the pretraining state ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete it to start over") from None
+        raise DataError(
+            f"{directory}: cannot read the pretraining state ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete it to start over"
+        ) from None
     if info.get("fingerprint") != fingerprint:
         diff = sorted(k for k in fingerprint if info.get("fingerprint", {}).get(k) != fingerprint[k])
-        raise DataError(f"{directory}: saved for a different run ({', '.join(diff)} changed); delete it to start over, or rerun with the same settings")
+        raise DataError(
+            f"{directory}: saved for a different run ({', '.join(diff)} changed); delete it to start over, or rerun with the same settings"
+        )
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in weights.items()})
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
@@ -401,7 +407,6 @@ class _StopFlag:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     cfg.validate()
-    t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out, state_dir = Path(cfg.out), state_dir_for(Path(cfg.out))
     if state_dir.exists() and not cfg.resume:
@@ -512,7 +517,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: nothing left to resume
-    _log(f"pretrain: wrote {out}: {step} steps, {tokens:,} tokens, held-out loss {_fmt(v_before)} -> {_fmt(v_after)}, {seconds:.1f}s")
+    _log(
+        f"pretrain: wrote {out}: {step} steps, {tokens:,} tokens, held-out loss {_fmt(v_before)} -> {_fmt(v_after)}, {seconds:.1f}s"
+    )
     return PretrainResult(out, step, tokens, v_before, v_after, seconds, resumed_from, record)
 
 
@@ -522,4 +529,3 @@ def _fmt(v: float | None) -> str:
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
