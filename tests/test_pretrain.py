@@ -102,6 +102,9 @@ def test_missing_source_and_bad_budget_are_errors(tmp_path, capsys):
     assert main(["pretrain", "--base", "random:tiny", "--out", str(tmp_path / "o"), "--text", str(tmp_path / "t.txt"),
                  "--steps", "3", "--time", "1m"]) == 1  # fmt: skip
     assert "--steps or --time" in capsys.readouterr().err
+    (tmp_path / "f").write_text("not a directory")
+    assert main(["pretrain", "--base", "random:tiny", "--out", str(tmp_path / "f"), "--text", str(tmp_path / "t.txt")]) == 1
+    assert "f: exists and is not a directory" in capsys.readouterr().err and (tmp_path / "f").read_text() == "not a directory"
     assert _no_leftovers(tmp_path, "o") == []
 
 

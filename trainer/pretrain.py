@@ -409,6 +409,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     out, state_dir = Path(cfg.out), state_dir_for(Path(cfg.out))
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
     if state_dir.exists() and not cfg.resume:
         raise DataError(f"{state_dir}: an interrupted pretraining run is saved there; add --resume to continue it, or delete it")
     corpus = read_corpus(cfg)
