@@ -1,4 +1,4 @@
-"""`filterd-trainer` command line: prepare, fit, evaluate, generate, learn."""
+"""`filterd-trainer` command line: prepare, fit, pretrain, evaluate, generate, learn."""
 
 from __future__ import annotations
 
@@ -40,6 +40,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = fit(cfg)
     print(json.dumps({"model": str(result.model_dir), "version": result.meta.version, "seconds": round(result.seconds, 1),
                       "threshold": result.meta.threshold, "metrics": {k: m.to_dict() for k, m in result.metrics.items()}}))  # fmt: skip
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from filterd.config import parse_duration
+
+    from .pretrain import PretrainConfig, pretrain
+
+    if args.steps is not None and args.time is not None:
+        raise FilterdError("give --steps or --time, not both")
+    try:
+        time_s = parse_duration(args.time) if args.time is not None else None
+    except ValueError as e:
+        raise FilterdError(f"--time: {e}") from None
+    cfg = PretrainConfig(
+        base=args.base, out=Path(args.out), text=args.text, mail=args.mail, csv=args.csv, store=args.store,
+        steps=args.steps, time_s=time_s, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, device=args.device,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+    )  # fmt: skip
+    result = pretrain(cfg)
+    print(json.dumps({"out": str(result.out), "steps": result.steps, "tokens_seen": result.tokens_seen,
+                      "val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after,
+                      "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}))  # fmt: skip
     return 0
 
 
@@ -198,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation-loss points")
     p.add_argument("--target-ham-fpr", type=float, help="pick the threshold on val for this ham false-positive rate")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("pretrain", help="continued next-token training of the backbone on unlabelled text")
+    p.add_argument("--base", required=True, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint DIR | random:NAME")
+    p.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write (fit --base OUT)")
+    p.add_argument("--text", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="text files (or directories of them): one document per line")  # fmt: skip
+    p.add_argument("--mail", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="message files, mbox files, Maildirs or directories of them")  # fmt: skip
+    p.add_argument("--csv", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="split CSVs, or prepare's data directories (train, val, holdout; test stays unseen); labels ignored")  # fmt: skip
+    p.add_argument("--store", type=Path, help="label store (SQLite); labels ignored")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 1000 unless --time is given)")
+    p.add_argument("--time", help="wall-clock budget, e.g. 10m or 2h")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (at most a tenth of --steps)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for the LM loss")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves of the resume state")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out loss points")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="metrics of a model on prepared splits")
     p.add_argument("--model", required=True)
