@@ -149,7 +149,7 @@ class Base:
     """What a fine-tune starts from: a config, weights (None for random init), and provenance."""
 
     name: str  # as given: "gpt2", "random:tiny", "/path/to/checkpoint"
-    kind: str  # "pretrained" | "random"
+    kind: str  # "pretrained" | "random" | "self-pretrained" (trained here by `pretrain` from random weights)
     config: GPTConfig
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     source: str = ""  # where the weights came from
@@ -211,6 +211,16 @@ def _offline_hint(name: str, why: str) -> str:
     )
 
 
+def _checkpoint_kind(directory: Path) -> str:
+    """"pretrained", or "self-pretrained" for `filterd-trainer pretrain` output grown from random weights: such a
+    backbone learned only from this site's text and must never pass for GPT-2 (its pretrain.json says where it began)."""
+    try:
+        record = json.loads((directory / "pretrain.json").read_text())
+    except (OSError, ValueError):
+        return "pretrained"
+    return "self-pretrained" if isinstance(record, dict) and record.get("base_kind") in ("random", "self-pretrained") else "pretrained"
+
+
 def resolve_base(base: str) -> Base:
     """`gpt2`… (local cache, $FILTERD_GPT2_DIR, or download), a checkpoint directory, or `random:NAME`."""
     if base.startswith("random:"):
@@ -226,7 +236,7 @@ def resolve_base(base: str) -> Base:
     path = Path(base)
     if path.is_dir():
         cfg, state = load_hf_checkpoint(path)
-        return Base(name=str(path.resolve()), kind="pretrained", config=cfg, state=state, source=str(path.resolve()))
+        return Base(name=str(path.resolve()), kind=_checkpoint_kind(path), config=cfg, state=state, source=str(path.resolve()))
     raise ModelError(
         f"unknown base {base!r}: use {', '.join(PRETRAINED_NAMES)}, a Hugging Face checkpoint directory, "
         f"or random:NAME with NAME in {', '.join(CONFIGS)}"
@@ -252,7 +262,7 @@ class ModelMeta:
 
     version: str
     base: str
-    base_kind: str  # "pretrained" | "random": an untrained backbone must never pass for GPT-2
+    base_kind: str  # "pretrained" | "random" | "self-pretrained": an untrained backbone must never pass for GPT-2
     config: GPTConfig
     max_length: int
     threshold: float = 0.5

@@ -79,8 +79,10 @@ def test_fit_accepts_the_result(pretrained, tmp_path, sms_data):
         )
     result = fit(FitConfig(data=data, base=str(pretrained.out), out=tmp_path / "model", trainable="all", epochs=1,
                            max_length=32, progress=False))  # fmt: skip
-    assert result.meta.base == str(pretrained.out.resolve()) and result.meta.base_kind == "pretrained"
+    # grown here from random:tiny: recorded as such, never as GPT-2
+    assert result.meta.base == str(pretrained.out.resolve()) and result.meta.base_kind == "self-pretrained"
     assert (tmp_path / "model" / "filterd.json").is_file()
+    assert "SELF-PRETRAINED HERE FROM RANDOM INITIALISATION" in (tmp_path / "model" / "report.md").read_text()
 
 
 def test_empty_corpus_is_one_line_error_and_writes_nothing(tmp_path, capsys):

@@ -304,7 +304,10 @@ def write_artifacts(directory: Path, meta: ModelMeta, reports: list[SplitReport]
         "max_length": meta.max_length, "threshold": f"{meta.threshold:.4f}", "pooling": meta.pooling,
         "best epoch": meta.extra.get("best_epoch"), "train seconds": meta.extra.get("train_seconds"),
     }  # fmt: skip
-    title = "filterd model report" + (" — RANDOM INITIALISATION (not pretrained GPT-2)" if meta.base_kind == "random" else "")
+    title = "filterd model report" + {
+        "random": " — RANDOM INITIALISATION (not pretrained GPT-2)",
+        "self-pretrained": " — SELF-PRETRAINED HERE FROM RANDOM INITIALISATION (not GPT-2)",
+    }.get(meta.base_kind, "")
     write_report(directory / "report.md", title=title, model_info=info, reports=reports, history=history, plots=plots)
 
 
