@@ -239,3 +239,26 @@ def test_flipped_labels_are_rejected_by_the_live_models_golden_set_by_default(tm
     assert Path(out.golden_source).samefile(live / "golden.csv")
     assert out.outcome == "rejected" and out.reason.startswith("golden"), out.reason
     assert models.current() == live.resolve() and models.versions() == [live.name]
+
+
+@pytest.mark.parametrize("method", ["undersample", "weight", "oversample"])
+def test_balance_uses_every_label_but_the_evaluation_fold(tmp_path, tiny_model, sms_file, method):
+    """A 2.5:1 spam-heavy store: undersampling trains on <50% of the stored labels (41% when val was held out too);
+    class weights or repeats train on every label but the test fold, ~80%."""
+    golden = {message_id(e.text) for e in read_split(tiny_model.model_dir / "golden.csv")}
+    fresh = [e for e in read_sms(sms_file) if message_id(e.text) not in golden]  # labels the golden set does not hold back
+    store = fill(tmp_path, [e for e in fresh if e.label == "spam"][:200] + [e for e in fresh if e.label == "ham"][:80])
+    cfg = config(tmp_path, f"trainer.balance={method}", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+    out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted", out.reason
+
+    stored = out.counts["store"]
+    assert stored["spam"] >= 2.4 * stored["ham"] and out.counts["balanced"]["ham"] == stored["ham"], out.counts
+    assert out.trained_share == sum(out.counts["trained"].values()) / sum(stored.values())
+    if method == "undersample":  # the chapter's method: 60% of the spam dropped, then 20% (and, before, val's 10%) held out
+        assert out.trained_share <= 0.5 and out.counts["balanced"]["spam"] == stored["ham"]
+    else:  # every label but the test fold (mode head: the val fold is trained on too)
+        assert out.trained_share >= 0.75 and out.counts["balanced"] == stored
+        assert sum(out.counts["trained"].values()) + sum(out.counts["test"].values()) == sum(stored.values())
+    if method == "oversample":  # the train split's classes are evened out with repeats
+        assert out.counts["train"]["ham"] == out.counts["train"]["spam"] > out.counts["trained"]["ham"]
