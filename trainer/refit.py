@@ -364,7 +364,7 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     if promote or live_dir is not None:  # the model serving after this cycle
         outcome.over_ham_fpr_bound = over_bound({n: (cand if promote else cur)[n] for n in cur}, tc.max_ham_fpr)
     if outcome.over_ham_fpr_bound:
-        log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert: a better candidate is still promoted)",
+        log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert; candidates no worse than it are still promoted)",
                     100 * tc.max_ham_fpr, ", ".join(outcome.over_ham_fpr_bound))  # fmt: skip
     if promote:
         golden = data.splits.get("golden") if data.golden_source else None
