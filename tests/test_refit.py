@@ -226,7 +226,8 @@ def test_flipped_labels_are_rejected_by_the_live_models_golden_set_by_default(tm
     """
     labelled, _ = uci
     models = ModelStore(tmp_path / "models")
-    live = models.publish(*load_model_dir(tiny_model.model_dir), [], None, files={"golden.csv": read_split(tiny_model.model_dir / "golden.csv")})
+    golden = read_split(tiny_model.model_dir / "golden.csv")
+    live = models.publish(*load_model_dir(tiny_model.model_dir), [], None, files={"golden.csv": golden})
     pool = [i for i, e in enumerate(labelled) if target is None or e.label == target]
     flipped = set(random.Random(5).sample(pool, len(labelled) * 15 // 100))
     swap = {"spam": "ham", "ham": "spam"}

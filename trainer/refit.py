@@ -75,7 +75,7 @@ class RefitOutcome:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # "store", "trained", "train", "val", "test", "golden"
     seconds: float = 0.0
     golden_source: str = ""  # where the golden set came from: the golden_set path, "<live model>/golden.csv", or ""
-    over_ham_fpr_bound: list[str] = field(default_factory=list)  # sets on which the live model after this cycle is over max_ham_fpr
+    over_ham_fpr_bound: list[str] = field(default_factory=list)  # sets where the model live after the cycle is over max_ham_fpr
 
     @property
     def trained_share(self) -> float:
@@ -364,7 +364,7 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     if promote or live_dir is not None:  # the model serving after this cycle
         outcome.over_ham_fpr_bound = over_bound({n: (cand if promote else cur)[n] for n in cur}, tc.max_ham_fpr)
     if outcome.over_ham_fpr_bound:
-        log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert; candidates no worse than it are still promoted)",
+        log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert; no-worse candidates still win)",
                     100 * tc.max_ham_fpr, ", ".join(outcome.over_ham_fpr_bound))  # fmt: skip
     if promote:
         golden = data.splits.get("golden") if data.golden_source else None
