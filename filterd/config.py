@@ -580,10 +580,20 @@ class TrainerConfig:
     min_new_labels: int = _key(100, Int(0), "new labels needed since the last refit before refitting")
     mode: str = _key("head", Choice(options=TRAINABLE), "what a refit trains: head | last-block | last-2-blocks | all")
     max_regression: float = _key(0.01, Number(0.0, 1.0), "a candidate may lose at most this much accuracy vs the current model")
-    max_ham_fpr: float = _key(0.02, Number(0.0, 1.0), "a candidate with a higher ham false-positive rate is rejected")
+    max_ham_fpr: float = _key(
+        0.02, Number(0.0, 1.0), "ham false-positive rate bound: gates a first model; over it a better candidate still wins and an alert is raised"
+    )
+    balance: str = _key(
+        "weight", Choice(options=("weight", "oversample", "undersample")), "refit class balance: weight | oversample | undersample (drops labels)"
+    )
     min_per_class: int = _key(20, Int(1), "labels of each class needed before any refit")
     keep: int = _key(5, Int(1), "model versions kept in models_dir (the live one always stays)")
-    golden_set: Path | None = _key(None, PathKind(optional=True), 'CSV (id,label,text) every candidate must pass; "" = none')
+    golden_set: Path | None = _key(
+        None, PathKind(optional=True), 'CSV (id,label,text) every candidate must pass; "" = the live model\'s golden.csv'
+    )
+    golden_tolerance: float = _key(
+        0.01, Number(0.0, 1.0), "on the golden set a candidate may lose at most this much accuracy, or gain this much ham FPR, vs the current model"
+    )
     group: str = _key("filterd-trainer", _stream("a consumer group name"), "consumer group on label_stream")
 
 

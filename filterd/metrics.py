@@ -226,6 +226,11 @@ class TrainerMetrics(StreamMetrics):
         self.dataset_size = Gauge(
             "filterd_trainer_dataset_size", "Messages in the training data set, by label.", ["label"], registry=r
         )
+        self.over_ham_fpr_bound = Gauge(
+            "filterd_trainer_over_ham_fpr_bound",
+            "1 when the live model after the last refit has a ham FPR over [trainer] max_ham_fpr on an evaluated set.",
+            registry=r,
+        )
         self._init_stream_metrics(r)
         # Counters only: a zero-primed accuracy gauge would read as a broken model and fire alerts.
         for outcome in REFIT_OUTCOMES:
@@ -248,6 +253,9 @@ class TrainerMetrics(StreamMetrics):
         self.eval_accuracy.labels(split, model).set(accuracy)
         self.eval_ham_fpr.labels(split, model).set(ham_fpr)
         self.eval_spam_recall.labels(split, model).set(spam_recall)
+
+    def set_over_ham_fpr_bound(self, over: bool) -> None:
+        self.over_ham_fpr_bound.set(1 if over else 0)
 
     def set_dataset_size(self, label: str, n: int) -> None:
         self.dataset_size.labels(label).set(n)

@@ -37,6 +37,15 @@ def test_fit_learns_and_writes_a_complete_model_dir(tiny_model):
     assert tiny_model.best_epoch == 1 + max(range(2), key=lambda i: (history["val_acc"][i], -history["val_loss"][i]))
 
 
+def test_fit_writes_a_golden_set_sampled_from_its_test_split(tiny_model, sms_data):
+    """golden.csv: the trusted set refits gate on when no [trainer] golden_set is configured."""
+    golden = read_split(tiny_model.model_dir / "golden.csv")
+    test = read_split(sms_data / "test.csv")
+    assert {e.id for e in golden} <= {e.id for e in test}
+    for label in ("ham", "spam"):
+        assert sum(e.label == label for e in golden) == min(200, sum(e.label == label for e in test)) > 0
+
+
 def test_evaluate_and_classify_reproduce_fit_scores(tiny_model, sms_data):
     d = tiny_model.model_dir
     r = run("-m", "trainer", "evaluate", "--model", str(d), "--data", str(sms_data), "--split", "all", "--json")

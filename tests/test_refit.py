@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -12,11 +14,11 @@ from filterd.config import load_config
 from filterd.metrics import TrainerMetrics
 from filterd.tokenizer import Tokenizer, pad_batch
 from filterd.weights import load_model_dir
-from trainer.data import Example, balance, read_sms, write_split
+from trainer.data import Example, balance, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore
-from trainer.refit import RefitService, gate, refit_once, split_of
-from trainer.store import LabelStore
+from trainer.refit import RefitService, gate, over_bound, refit_once, split_of
+from trainer.store import LabelStore, message_id
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,26 @@ def test_gate():
     ok, why = gate({"test": metrics(0.93, 0.0), "golden": metrics(0.99, 0.0)}, cur, 0.01, 0.02)
     assert not ok and why.startswith("test accuracy 93.00% < current 95.00%")
     ok, why = gate({"test": metrics(0.99, 0.0), "golden": metrics(0.99, 0.03)}, cur, 0.01, 0.02)
-    assert not ok and why == "golden ham-FPR 3.00% > max 2.00%"
+    assert not ok and why == "golden ham-FPR 3.00% > max 2.00% and > current 1.00%"
+
+
+def test_gate_on_a_scripted_sequence():
+    """better -> promoted, worse -> rejected, poisoned -> rejected, both over max_ham_fpr but better -> promoted + alert."""
+    cur = {"test": metrics(0.90, 0.05), "golden": metrics(0.92, 0.04)}  # a live model over the 2% bound everywhere
+    better = {"test": metrics(0.93, 0.03), "golden": metrics(0.94, 0.03)}  # better on every metric, still over 2%
+    ok, why = gate(better, cur, 0.01, 0.02)
+    assert ok, why  # rejected by today's absolute bound: the site stayed stuck on the worse model
+    assert over_bound(better, 0.02) == ["test", "golden"]  # ...which is now the alert
+    assert not gate(better, cur, 0.01, 0.02, live=False)[0]  # a first model (no live one) must pass the bound
+    ok, why = gate({"test": metrics(0.93, 0.06), "golden": metrics(0.94, 0.03)}, cur, 0.01, 0.02)
+    assert not ok and why == "test ham-FPR 6.00% > max 2.00% and > current 5.00%"  # over the bound and worse
+    ok, why = gate({"test": metrics(0.85, 0.01), "golden": metrics(0.94, 0.01)}, cur, 0.01, 0.02)
+    assert not ok and why.startswith("test accuracy 85.00% < current 90.00%")  # worse
+    ok, why = gate({"test": metrics(0.97, 0.01), "golden": metrics(0.60, 0.01)}, cur, 0.01, 0.02)
+    assert not ok and why.startswith("golden accuracy 60.00% < current 92.00%")  # poisoned: only the golden set sees it
+    healthy = {"test": metrics(0.95, 0.01), "golden": metrics(0.95, 0.0)}
+    assert gate({"test": metrics(0.96, 0.02), "golden": metrics(0.95, 0.01)}, healthy, 0.01, 0.02)[0]  # room up to the bound
+    assert over_bound(healthy, 0.02) == []
 
 
 def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
@@ -86,7 +107,12 @@ def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
     cand, cur = out.candidate["test"], out.current["test"]
     assert cand.accuracy >= cur.accuracy - cfg.trainer.max_regression and cand.ham_fpr <= cfg.trainer.max_ham_fpr
     assert cand.n == cur.n == sum(out.counts["test"].values()) > 50
-    assert out.counts["balanced"]["spam"] == out.counts["balanced"]["ham"]  # undersampled
+    golden = read_split(tiny_model.model_dir / "golden.csv")  # the fit's sample of its test split: the default golden set
+    golden_ids = {message_id(e.text) for e in golden}  # keyed by text like the store: a repeated text counts once
+    assert len(golden) >= 200 and Path(out.golden_source).samefile(tiny_model.model_dir / "golden.csv")
+    assert out.candidate["golden"].n == out.current["golden"].n == len(golden_ids)
+    rows = [Example(r.id, r.label, r.text) for r in store.rows() if r.id not in golden_ids]
+    assert out.counts["balanced"] == {"ham": sum(e.label == "ham" for e in rows), "spam": sum(e.label == "spam" for e in rows)}
     assert out.current_version == tiny_model.meta.version and out.mode == "head"
 
     models = ModelStore(cfg.trainer.models_dir)
@@ -103,10 +129,12 @@ def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
     assert scrape("filterd_trainer_refits_total", {"outcome": "promoted"}) == 1
     assert scrape("filterd_trainer_eval_accuracy", {"split": "test", "model": "candidate"}) == cand.accuracy
     assert scrape("filterd_trainer_dataset_size", {"label": "spam"}) == out.counts["balanced"]["spam"]
+    assert scrape("filterd_trainer_over_ham_fpr_bound") == 0
+    carried = read_split(cfg.trainer.models_dir / "current" / "golden.csv")  # carried into the promoted version
+    assert {message_id(e.text) for e in carried} == golden_ids
 
     # The gate judged scores computed from cached (float16) features: the published model, run on the texts, agrees.
-    rows = [Example(r.id, r.label, r.text) for r in store.rows()]
-    test = [e for e in balance(rows, "undersample", 123)[0] if split_of(e.id) == "test"]
+    test = [e for e in rows if split_of(e.id) == "test"]  # balance "weight": every label, none dropped
     ids, lengths = pad_batch(Tokenizer(meta.max_length).encode_batch([e.text for e in test]))
     with torch.inference_mode():
         p_spam = torch.softmax(model(ids, lengths), -1)[:, 1].tolist()
@@ -186,3 +214,52 @@ def test_service_refits_when_min_new_labels_arrive(tmp_path, uci):
     store.meta_set("last_refit_time", 1e12)  # the interval far off: only new labels can start a cycle
     asyncio.run(run_for(1.0, [(e.text, "spam", "test") for e in labelled[:3]]))
     assert [o.outcome for o in outcomes] == ["skipped"] and "3 spam" in outcomes[0].reason  # once, not every check
+
+
+@pytest.mark.parametrize("target", ["spam", "ham"])
+def test_flipped_labels_are_rejected_by_the_live_models_golden_set_by_default(tmp_path, tiny_model, uci, target):
+    """No [trainer] golden_set: the live model's golden.csv (a sample of its fit's test split) catches 15% flipped labels.
+
+    15% of the labels, all of one class flipped (spam reported as ham, or ham as spam); the store's own test split
+    carries the same flips, so only the trusted golden set shows the harm. (15% flipped at random barely moves the
+    weight-decayed head: golden accuracy 93.8% vs 94.5%, within golden_tolerance, and it is promoted.)
+    """
+    labelled, _ = uci
+    models = ModelStore(tmp_path / "models")
+    golden = read_split(tiny_model.model_dir / "golden.csv")
+    live = models.publish(*load_model_dir(tiny_model.model_dir), [], None, files={"golden.csv": golden})
+    pool = [i for i, e in enumerate(labelled) if target is None or e.label == target]
+    flipped = set(random.Random(5).sample(pool, len(labelled) * 15 // 100))
+    swap = {"spam": "ham", "ham": "spam"}
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.add_many([(e.text, swap[e.label] if i in flipped else e.label, "test") for i, e in enumerate(labelled)])
+    cfg = config(tmp_path)
+    assert cfg.trainer.golden_set is None
+    out = refit_once(cfg, store)
+
+    assert Path(out.golden_source).samefile(live / "golden.csv")
+    assert out.outcome == "rejected" and out.reason.startswith("golden"), out.reason
+    assert models.current() == live.resolve() and models.versions() == [live.name]
+
+
+@pytest.mark.parametrize("method", ["undersample", "weight", "oversample"])
+def test_balance_uses_every_label_but_the_evaluation_fold(tmp_path, tiny_model, sms_file, method):
+    """A 2.5:1 spam-heavy store: undersampling trains on <50% of the stored labels (41% when val was held out too);
+    class weights or repeats train on every label but the test fold, ~80%."""
+    golden = {message_id(e.text) for e in read_split(tiny_model.model_dir / "golden.csv")}
+    fresh = [e for e in read_sms(sms_file) if message_id(e.text) not in golden]  # labels the golden set does not hold back
+    store = fill(tmp_path, [e for e in fresh if e.label == "spam"][:200] + [e for e in fresh if e.label == "ham"][:80])
+    cfg = config(tmp_path, f"trainer.balance={method}", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+    out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted", out.reason
+
+    stored = out.counts["store"]
+    assert stored["spam"] >= 2.4 * stored["ham"] and out.counts["balanced"]["ham"] == stored["ham"], out.counts
+    assert out.trained_share == sum(out.counts["trained"].values()) / sum(stored.values())
+    if method == "undersample":  # the chapter's method: 60% of the spam dropped, then 20% (and, before, val's 10%) held out
+        assert out.trained_share <= 0.5 and out.counts["balanced"]["spam"] == stored["ham"]
+    else:  # every label but the test fold (mode head: the val fold is trained on too)
+        assert out.trained_share >= 0.75 and out.counts["balanced"] == stored
+        assert sum(out.counts["trained"].values()) + sum(out.counts["test"].values()) == sum(stored.values())
+    if method == "oversample":  # the train split's classes are evened out with repeats
+        assert out.counts["train"]["ham"] == out.counts["train"]["spam"] > out.counts["trained"]["ham"]

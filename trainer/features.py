@@ -264,6 +264,7 @@ def fit_head(
     weight_decay: float = 0.1,
     seed: int = 123,
     batch_size: int = 16384,
+    class_weight: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train Linear(n_embd, 2) with cross-entropy on features; returns (weight (2, n_embd), bias (2,)) in float32.
 
@@ -274,10 +275,11 @@ def fit_head(
     that really disagree with it (a flipped set moves it all the way) still win. Features are
     standardised per dimension while training and the scaling folded back into the returned
     weights, so one learning rate and one penalty suit GPT-2's few large-magnitude dimensions as
-    well as the rest; the bias is not penalised.
+    well as the rest; the bias is not penalised. `class_weight` (ham, spam) weighs each class's loss
+    (an imbalanced set trained on every label instead of an undersampled one).
     """
     with _one_thread():
-        return _fit_head(X, y, init_head, epochs, lr, weight_decay, seed, batch_size)
+        return _fit_head(X, y, init_head, epochs, lr, weight_decay, seed, batch_size, class_weight)
 
 
 @contextmanager
@@ -301,7 +303,9 @@ def _fit_head(
     weight_decay: float,
     seed: int,
     batch_size: int,
+    class_weight: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    cw = torch.tensor(class_weight, dtype=torch.float32) if class_weight is not None else None
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
     yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
     if Xt.ndim != 2 or len(Xt) != len(yt) or len(yt) == 0:
@@ -322,7 +326,7 @@ def _fit_head(
             Z, yt = Z[order], yt[order]
         for start in range(0, n, bs):
             zb, yb = Z[start : start + bs], yt[start : start + bs]
-            loss = F.cross_entropy(F.linear(zb, w, b), yb) + weight_decay * (w - w0).square().sum()
+            loss = F.cross_entropy(F.linear(zb, w, b), yb, weight=cw) + weight_decay * (w - w0).square().sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

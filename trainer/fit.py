@@ -26,12 +26,14 @@ from filterd.model import LABELS, GPT2Classifier
 from filterd.tokenizer import Tokenizer, max_length_from, pad_batch
 from filterd.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
 
-from .data import Example, manifest_sha256, read_split
+from .data import Example, manifest_sha256, read_split, write_split
 from .evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
 from .plots import plot_history, plot_roc, plot_score_histogram
 
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")
 SPLITS = ("train", "val", "test", "holdout")
+GOLDEN_FILE = "golden.csv"  # in a model directory: a sample of the fit's test split, the golden set refits gate on
+GOLDEN_PER_CLASS = 200
 
 
 @dataclass
@@ -277,6 +279,7 @@ def fit(cfg: FitConfig) -> FitResult:
         meta = write_model_files(model.cpu(), meta, staged)
         reports = [SplitReport(name, metrics[name], enc[name].labels, scores[name]) for name in enc]
         write_artifacts(staged, meta, reports, history)
+        write_split(staged / GOLDEN_FILE, golden_sample(splits["test"], cfg.seed))
         publish_directory(staged, cfg.out)
     except BaseException:
         import shutil
@@ -286,6 +289,16 @@ def fit(cfg: FitConfig) -> FitResult:
     seconds = time.perf_counter() - t_start
     _log(f"fit: wrote {cfg.out} (version {meta.version}) in {seconds:.1f}s")
     return FitResult(cfg.out, meta, metrics, history, seconds, n_trainable, best_epoch)
+
+
+def golden_sample(test: Sequence[Example], seed: int, per_class: int = GOLDEN_PER_CLASS) -> list[Example]:
+    """A seeded sample of the test split, up to `per_class` per label: the trusted set refits of this model gate on."""
+    rng = random.Random(seed)
+    out: list[Example] = []
+    for label in LABELS:
+        of_label = [e for e in test if e.label == label]
+        out += rng.sample(of_label, min(per_class, len(of_label)))
+    return out
 
 
 def write_artifacts(directory: Path, meta: ModelMeta, reports: list[SplitReport], history: dict | None) -> None:

@@ -31,6 +31,7 @@ from filterd.errors import FilterdError, ModelError
 from filterd.model import GPT2Classifier
 from filterd.weights import META_FILE, ModelMeta, _exchange, publish_directory, staging_dir, write_model_files
 
+from .data import Example, write_split
 from .evaluate import SplitReport
 
 log = logging.getLogger("filterd.trainer")
@@ -85,8 +86,11 @@ class ModelStore:
         return [d.name for d in sorted(dirs, key=lambda d: (_created(d), d.name), reverse=True)]
 
     # -- writing -------------------------------------------------------------------------------
-    def publish(self, model: GPT2Classifier, meta: ModelMeta, reports: list[SplitReport], history: dict | None = None) -> Path:
+    def publish(self, model: GPT2Classifier, meta: ModelMeta, reports: list[SplitReport], history: dict | None = None,
+                files: dict[str, list[Example]] | None = None) -> Path:  # fmt: skip
         """Write a new version completely, then point `current` at it; returns versions/<version>.
+
+        `files`: extra split CSVs (name -> examples) written into the version, e.g. the golden set.
 
         `meta.version` empty: one is made from the weights' hash. `meta.created` is stamped now.
         """
@@ -98,6 +102,8 @@ class ModelStore:
             meta = write_model_files(model, meta, staged)
             if reports:
                 write_artifacts(staged, meta, reports, history)
+            for name, examples in (files or {}).items():
+                write_split(staged / name, examples)
             target = self.versions_dir / meta.version
             if target.exists():
                 raise FilterdError(f"{target}: version {meta.version} already exists")

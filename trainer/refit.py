@@ -1,13 +1,18 @@
 """The refit cycle: labels in the store -> a candidate model -> gate against the live one -> publish or not.
 
-One cycle (`refit_once`): read every labelled message, undersample the majority class (seeded),
-split each message by a hash of its id (so a message never moves between train and test as the
-store grows, and the test split never holds a message some earlier refit trained on), train a
-candidate from the live model, and score candidate and live model on the same test split (and the
-fixed golden set, when configured) at the live model's threshold. The candidate is promoted only
-if it loses at most `max_regression` accuracy and keeps the ham false-positive rate within
-`max_ham_fpr` on every evaluated set; a candidate trained on mislabelled data is stopped by the
-golden set, which the labellers cannot touch.
+One cycle (`refit_once`): read every labelled message, split each by a hash of its id (so a message
+never moves between train and test as the store grows, and the test split never holds a message some
+earlier refit trained on), rebalance the classes (`[trainer] balance`: class weights by default, or
+oversampling; undersampling, the chapter's method, discards majority labels), train a candidate from
+the live model, and score candidate and live model on the same test split and the golden set at the
+live model's threshold. The golden set is `[trainer] golden_set`, else the live model's own
+`golden.csv` (a sample of its fit's test split, carried into every promoted version): the labellers
+cannot touch it, so a candidate trained on mislabelled data is stopped by it.
+
+The gate promotes a candidate that is no worse than the live model on every evaluated set (accuracy
+within `max_regression`, ham FPR within `max_ham_fpr` or not above the live model's). Over the
+absolute `max_ham_fpr`, a better candidate is still promoted and the bound becomes an alert (a
+warning and `filterd_trainer_over_ham_fpr_bound`); only a first model (no live one) must pass it.
 
 Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
@@ -25,6 +30,7 @@ import copy
 import hashlib
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +50,7 @@ from filterd.weights import ModelMeta, load_model_dir
 from .data import Example, balance, read_split
 from .evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
 from .features import FeatureCache, features_for, fit_head, spam_probabilities
-from .fit import _Encoded, _val_loss_acc, score, set_trainable, train_step
+from .fit import GOLDEN_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
 from .publish import ModelStore
 from .store import LabelStore, message_id
 
@@ -66,13 +72,22 @@ class RefitOutcome:
     current_version: str | None = None  # the model the candidate was trained from and compared with
     candidate: dict[str, Metrics] = field(default_factory=dict)  # "test", "golden" (and "train", "val")
     current: dict[str, Metrics] = field(default_factory=dict)  # "test", "golden"
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # "store", "train", "val", "test", "golden"
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # "store", "trained", "train", "val", "test", "golden"
     seconds: float = 0.0
+    golden_source: str = ""  # where the golden set came from: the golden_set path, "<live model>/golden.csv", or ""
+    over_ham_fpr_bound: list[str] = field(default_factory=list)  # sets where the model live after the cycle is over max_ham_fpr
+
+    @property
+    def trained_share(self) -> float:
+        """Labels used for training / labels stored (distinct messages; the evaluation fold and golden set are not trained on)."""
+        stored = sum(self.counts.get("store", {}).values())
+        return sum(self.counts.get("trained", {}).values()) / stored if stored else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["candidate"] = {k: m.to_dict() for k, m in self.candidate.items()}
         d["current"] = {k: m.to_dict() for k, m in self.current.items()}
+        d["trained_share"] = self.trained_share
         return d
 
 
@@ -83,17 +98,40 @@ def split_of(msg_id: str) -> str:
 
 
 def gate(
-    candidate: dict[str, Metrics], current: dict[str, Metrics], max_regression: float, max_ham_fpr: float
+    candidate: dict[str, Metrics],
+    current: dict[str, Metrics],
+    max_regression: float,
+    max_ham_fpr: float,
+    *,
+    live: bool = True,
+    golden_tolerance: float | None = None,
 ) -> tuple[bool, str]:
-    """Promote iff on every evaluated set accuracy >= current - max_regression and ham FPR <= max_ham_fpr."""
+    """Promote iff, on every evaluated set, the candidate is no worse than the current model.
+
+    No worse: accuracy >= current - max_regression, and ham FPR <= max(max_ham_fpr, current's ham FPR):
+    under the absolute bound the candidate may use the room up to it, over it the candidate must not
+    be higher than the live model. So a site whose live model is over `max_ham_fpr` still gets a better
+    candidate (the bound is an alert then, see `over_bound`) instead of staying stuck on the worse model.
+    `live=False` (the current model is only the base a first model starts from, nothing serves it):
+    the absolute bound is the gate, a first model must pass it.
+    On the "golden" set, whose labels are trusted, `golden_tolerance` (when given) also caps how much
+    accuracy may drop and ham FPR may rise against the current model: poisoned labels show there first.
+    """
     for name, cand in candidate.items():
         if name not in current:
             continue
         cur = current[name]
         if cand.accuracy < cur.accuracy - max_regression - EPS:
             return False, f"{name} accuracy {cand.accuracy:.2%} < current {cur.accuracy:.2%} - {max_regression:.2%}"
-        if cand.ham_fpr > max_ham_fpr + EPS:
-            return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%}"
+        if cand.ham_fpr > max_ham_fpr + EPS and (not live or cand.ham_fpr > cur.ham_fpr + EPS):
+            if not live:
+                return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%} (no live model yet)"
+            return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%} and > current {cur.ham_fpr:.2%}"
+        if name == "golden" and golden_tolerance is not None:
+            if cand.accuracy < cur.accuracy - golden_tolerance - EPS:
+                return False, f"golden accuracy {cand.accuracy:.2%} < current {cur.accuracy:.2%} - {golden_tolerance:.2%}"
+            if cand.ham_fpr > cur.ham_fpr + golden_tolerance + EPS:
+                return False, f"golden ham-FPR {cand.ham_fpr:.2%} > current {cur.ham_fpr:.2%} + {golden_tolerance:.2%}"
     shown = ", ".join(
         f"{n} acc {candidate[n].accuracy:.2%} (current {current[n].accuracy:.2%}) ham-FPR {candidate[n].ham_fpr:.2%}"
         for n in candidate
@@ -102,18 +140,25 @@ def gate(
     return True, shown
 
 
+def over_bound(metrics: dict[str, Metrics], max_ham_fpr: float) -> list[str]:
+    """The evaluated sets on which a model's ham FPR exceeds the absolute bound (an alert, not a gate, for a live model)."""
+    return [name for name, m in metrics.items() if m.ham_fpr > max_ham_fpr + EPS]
+
+
 # -- the data ----------------------------------------------------------------------------------
 @dataclass
 class _Data:
-    splits: dict[str, list[Example]]  # train/val/test (+ golden), Example.id = message id
+    splits: dict[str, list[Example]]  # train/val/test (+ golden), Example.id = message id; head mode: no val
     counts: dict[str, dict[str, int]]
+    class_weight: tuple[float, float] | None = None  # (ham, spam) loss weights for the head's fit (balance = "weight")
+    golden_source: str = ""
 
     def labels(self, name: str) -> list[int]:
         return [LABELS.index(e.label) for e in self.splits[name]]
 
     def sha256(self) -> str:
         """Identifies the training data (the `data_manifest_sha256` of a refit model)."""
-        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in SPLITS for e in self.splits[n])
+        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in SPLITS for e in self.splits.get(n, []))
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -121,24 +166,61 @@ def _count(examples: list[Example]) -> dict[str, int]:
     return {label: sum(e.label == label for e in examples) for label in LABELS}
 
 
-def _load_data(cfg: Config, store: LabelStore, seed: int) -> _Data | str:
-    """The balanced, hash-split data set, or the reason there is not enough of it."""
+def _golden(cfg: Config, model_dir: Path | None) -> tuple[list[Example], str]:
+    """The trusted golden set: `[trainer] golden_set`, else the model's own golden.csv (a sample of its fit's test split)."""
+    path = cfg.trainer.golden_set
+    if path is None and model_dir is not None and (model_dir / GOLDEN_FILE).is_file():
+        path = model_dir / GOLDEN_FILE
+    if path is None:
+        return [], ""
+    golden = {message_id(e.text): e for e in reversed(read_split(path))}  # keyed by text like the store; the first copy wins
+    return [Example(i, e.label, e.text) for i, e in reversed(golden.items())], str(path)
+
+
+def _oversample(examples: list[Example], seed: int) -> list[Example]:
+    """Repeat the minority class (whole copies, then a seeded sample) up to the majority's size; nothing is dropped."""
+    by_label = {label: [e for e in examples if e.label == label] for label in LABELS}
+    minority, majority = sorted(LABELS, key=lambda label: len(by_label[label]))
+    few, need = by_label[minority], len(by_label[majority]) - len(by_label[minority])
+    if not few or need <= 0:
+        return examples
+    extra = few * (need // len(few)) + random.Random(seed).sample(few, need % len(few))
+    return examples + extra
+
+
+def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None = None) -> _Data | str:
+    """The hash-split, rebalanced data set, or the reason there is not enough of it.
+
+    balance "undersample" drops majority messages (the chapter's method); "oversample" repeats minority
+    messages of the train split; "weight" keeps every message once and weighs the loss by class instead.
+    In mode "head" nothing needs a validation split, so val's messages are trained on too.
+    """
     tc = cfg.trainer
     have = store.counts()
     if min(have.values()) < tc.min_per_class:
         return f"too few labels: {have['spam']} spam, {have['ham']} ham (min_per_class {tc.min_per_class})"
     rows = [Example(r.id, r.label, r.text) for r in store.rows()]
-    balanced, _ = balance(rows, "undersample", seed)
+    golden, golden_source = _golden(cfg, model_dir)
+    held_out = {e.id for e in golden}  # keyed by text like the store; never trained on, whatever the store holds
+    rows = [e for e in rows if e.id not in held_out]
+    balanced = balance(rows, "undersample", seed)[0] if tc.balance == "undersample" else rows
     splits = {name: [e for e in balanced if split_of(e.id) == name] for name in SPLITS}
+    if tc.mode == "head":
+        splits["train"] += splits.pop("val")
     lacking = [label for label, n in _count(splits["train"]).items() if n == 0]
     if lacking:
         return f"the train split has no {lacking[0]} messages ({len(splits['train'])} in all)"
-    if tc.golden_set is not None:  # keyed by text like the store; never trained on, whatever the store holds
-        golden = [Example(message_id(e.text), e.label, e.text) for e in read_split(tc.golden_set)]
-        held_out = {e.id for e in golden}
-        splits = {name: [e for e in ex if e.id not in held_out] for name, ex in splits.items()} | {"golden": golden}
-    counts = {"store": have, "balanced": _count(balanced)} | {name: _count(ex) for name, ex in splits.items()}
-    return _Data(splits, counts)
+    trained = _count(splits["train"])
+    class_weight = None
+    if tc.balance == "oversample" or (tc.balance == "weight" and tc.mode != "head"):  # top modes: weights as repeats
+        splits["train"] = _oversample(splits["train"], seed)
+    elif tc.balance == "weight":  # n / (2 n_c): the mean weight per message stays 1
+        n = sum(trained.values())
+        class_weight = (n / (2 * trained["ham"]), n / (2 * trained["spam"]))
+    if golden:
+        splits["golden"] = golden
+    counts = {"store": have, "balanced": _count(balanced), "trained": trained} | {name: _count(ex) for name, ex in splits.items()}
+    return _Data(splits, counts, class_weight, golden_source)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -156,7 +238,8 @@ def _refit_head(
         cache.prune(cfg.trainer.keep)
     ends = np.cumsum([len(data.splits[name]) for name in names])
     X = dict(zip(names, np.split(all_x, ends[:-1])))
-    weight, bias = fit_head(X["train"], data.labels("train"), (model.head.weight, model.head.bias), seed=seed)
+    weight, bias = fit_head(X["train"], data.labels("train"), (model.head.weight, model.head.bias), seed=seed,
+                            class_weight=data.class_weight)  # fmt: skip
     cand = {name: spam_probabilities(x, weight, bias) for name, x in X.items()}
     cur = {name: spam_probabilities(X[name], model.head.weight, model.head.bias) for name in ("test", "golden") if name in X}
     with torch.no_grad():  # the loaded copy becomes the candidate: no second copy of the backbone in memory
@@ -246,18 +329,23 @@ def refit_once(
 
 def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | None) -> RefitOutcome:
     tc = cfg.trainer
-    data = _load_data(cfg, store, seed)
+    models = ModelStore(tc.models_dir)
+    live_dir = models.current()
+    source = live_dir or (Path(base_model_dir) if base_model_dir is not None else None)
+    data = _load_data(cfg, store, seed, source)
     if isinstance(data, str):
         return RefitOutcome("skipped", data, tc.mode, counts={"store": store.counts()})
-    models = ModelStore(tc.models_dir)
-    source = models.current() or (Path(base_model_dir) if base_model_dir is not None else None)
+    if not data.golden_source and source is not None:
+        log.warning("refit: no golden set (no [trainer] golden_set, no %s in %s): only the test split guards against bad labels",
+                    GOLDEN_FILE, source)  # fmt: skip
     if source is None:
         raise FilterdError(f"{tc.models_dir}: no current model to refit from (publish one there, or give a base model directory)")
     model, meta = load_model_dir(source)
     device = pick_device(cfg.model.device)
     model.to(device).eval()
     sizes = " / ".join(f"{name} {len(ex)}" for name, ex in data.splits.items())
-    log.info("refit: %s from %s on %s: %s", tc.mode, meta.version, device, sizes)
+    log.info("refit: %s from %s on %s: %s; balance %s, trained on %d of %d stored labels", tc.mode, meta.version, device,
+             sizes, tc.balance, sum(data.counts["trained"].values()), sum(data.counts["store"].values()))  # fmt: skip
     history = None
     if tc.mode == "head":
         candidate, cand_scores, cur_scores = _refit_head(model, meta, data, cfg, device, seed)
@@ -268,12 +356,19 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     cur = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cur_scores.items()}
     for name in cur:
         log.info("refit: candidate %s | current acc %.2f%%", format_metrics_line(name, cand[name]), 100 * cur[name].accuracy)
-    promote, why = gate({n: cand[n] for n in cur}, cur, tc.max_regression, tc.max_ham_fpr)
+    promote, why = gate({n: cand[n] for n in cur}, cur, tc.max_regression, tc.max_ham_fpr, live=live_dir is not None,
+                         golden_tolerance=tc.golden_tolerance)  # fmt: skip
     why += _lacking_note(data)
     outcome = RefitOutcome("promoted" if promote else "rejected", why, tc.mode, current_version=meta.version,
-                           candidate=cand, current=cur, counts=data.counts)  # fmt: skip
+                           candidate=cand, current=cur, counts=data.counts, golden_source=data.golden_source)  # fmt: skip
+    if promote or live_dir is not None:  # the model serving after this cycle
+        outcome.over_ham_fpr_bound = over_bound({n: (cand if promote else cur)[n] for n in cur}, tc.max_ham_fpr)
+    if outcome.over_ham_fpr_bound:
+        log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert; no-worse candidates still win)",
+                    100 * tc.max_ham_fpr, ", ".join(outcome.over_ham_fpr_bound))  # fmt: skip
     if promote:
-        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed)
+        golden = data.splits.get("golden") if data.golden_source else None
+        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden)
     return outcome
 
 
@@ -284,16 +379,20 @@ def _lacking_note(data: _Data) -> str:
 
 
 def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: _Data,
-             cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int) -> str:  # fmt: skip
+             cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int,
+             golden: list[Example] | None = None) -> str:  # fmt: skip
     tc = cfg.trainer
     new = ModelMeta(
         version="", base=meta.base, base_kind=meta.base_kind, config=meta.config, max_length=meta.max_length,
         threshold=meta.threshold, trainable=tc.mode, metrics={n: m.to_dict() for n, m in cand.items()},
         data_manifest_sha256=data.sha256(),
-        extra={"refit": {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts}},
+        extra={"refit": {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts,
+                         "balance": tc.balance, "golden_source": data.golden_source}},
     )  # fmt: skip
     reports = [SplitReport(n, cand[n], data.labels(n), cand_scores[n]) for n in cand]
-    path = models.publish(candidate, new, reports, history)
+    # The golden set travels with every promotion, so it outlives the model whose fit sampled it.
+    files = {GOLDEN_FILE: golden} if golden else None
+    path = models.publish(candidate, new, reports, history, files=files)
     try:  # the new model is live: housekeeping trouble is logged, not turned into a failed cycle
         models.prune(tc.keep)
     except OSError as e:
@@ -305,12 +404,15 @@ def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: M
 
 def _report(result: RefitOutcome, metrics: TrainerMetrics | None) -> None:
     level = logging.WARNING if result.outcome == "failed" else logging.INFO
-    log.log(level, "refit: %s in %.1fs: %s%s", result.outcome, result.seconds, result.reason,
-            f" -> {result.version}" if result.version else "")  # fmt: skip
+    trained = f" (trained on {result.trained_share:.0%} of stored labels)" if "trained" in result.counts else ""
+    log.log(level, "refit: %s in %.1fs: %s%s%s", result.outcome, result.seconds, result.reason,
+            f" -> {result.version}" if result.version else "", trained)  # fmt: skip
     if metrics is None:
         return
     if result.outcome != "skipped":
         metrics.observe_refit(result.outcome, result.seconds)
+    if result.outcome in ("promoted", "rejected"):
+        metrics.set_over_ham_fpr_bound(bool(result.over_ham_fpr_bound))
     for model, by_split in (("candidate", result.candidate), ("current", result.current)):
         for split, m in by_split.items():
             if split in ("test", "golden"):
