@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiosmtplib
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a file (e.g. with an older checkout first on PYTHONPATH)
@@ -30,7 +29,7 @@ if str(REPO) not in sys.path:  # run as a file (e.g. with an older checkout firs
 
 from tests.e2e.daemon import FilterdProcess  # noqa: E402
 from tests.services import free_port  # noqa: E402
-from tests.smtp_sink import SmtpSink  # noqa: E402
+from tests.smtp_sink import SmtpSink, send_concurrently  # noqa: E402
 
 
 def big_message(i: int, size: int) -> bytes:
@@ -66,21 +65,6 @@ def vm(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-async def send_all(port: int, raws: list[bytes]) -> list[int]:
-    async def one(i: int, raw: bytes) -> int:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=600, start_tls=False)
-        await client.connect()
-        try:
-            await client.sendmail("big@example.org", [f"m{i}@example.net"], raw)
-            return 250
-        except aiosmtplib.SMTPResponseException as e:
-            return e.code
-        finally:
-            client.close()
-
-    return await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raws)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -107,7 +91,7 @@ def main() -> None:
         try:
             base_hwm, base_rss = vm(d.proc.pid, "VmHWM"), vm(d.proc.pid, "VmRSS")
             t0 = time.perf_counter()
-            codes = asyncio.run(send_all(port, raws))
+            codes = asyncio.run(send_concurrently(port, raws, timeout=600, sender="big@example.org"))
             seconds = time.perf_counter() - t0
             peak = vm(d.proc.pid, "VmHWM")
             helpers = sum(vm(p, "VmHWM") for p in children(d.proc.pid))

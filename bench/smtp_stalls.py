@@ -41,34 +41,15 @@ def _drive(files: list[str], concurrency: int, conn) -> None:
     """Child process: the next hop (a sink) and the SMTP client."""
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
-    import aiosmtplib
-
-    from tests.smtp_sink import SmtpSink
+    from tests.smtp_sink import SmtpSink, send_concurrently
 
     with SmtpSink() as sink:
         conn.send(sink.address)
         port = conn.recv()
 
-        async def run() -> list[int]:
-            gate = asyncio.Semaphore(concurrency)
-
-            async def one(i: int, path: str) -> int:
-                raw = Path(path).read_bytes()
-                async with gate:
-                    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=300, start_tls=False)
-                    await client.connect()
-                    try:
-                        await client.sendmail("bench@example.org", [f"m{i}@example.net"], raw)
-                        return 250
-                    except aiosmtplib.SMTPResponseException as e:
-                        return e.code
-                    finally:
-                        client.close()
-
-            return await asyncio.gather(*(one(i, p) for i, p in enumerate(files)))
-
         t0 = time.perf_counter()
-        codes = asyncio.run(run())
+        paths = [Path(f) for f in files]
+        codes = asyncio.run(send_concurrently(port, paths, timeout=300, concurrency=concurrency, sender="bench@example.org"))
         conn.send((codes, time.perf_counter() - t0, len(sink.messages)))
 
 

@@ -12,6 +12,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -210,3 +212,29 @@ class SmtpSink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def send_concurrently(
+    port: int, messages: Sequence[bytes | Path], *, timeout: float = 120, concurrency: int | None = None,
+    sender: str = "sender@example.org",
+) -> list[int]:
+    """Each message in its own SMTP session to 127.0.0.1:`port`, at most `concurrency` at a time (None: all
+    at once); the final reply code of each. A Path is read only when its session starts."""
+    import aiosmtplib
+
+    gate = asyncio.Semaphore(concurrency or max(len(messages), 1))
+
+    async def one(i: int, message: bytes | Path) -> int:
+        async with gate:
+            raw = message.read_bytes() if isinstance(message, Path) else message
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=timeout, start_tls=False)
+            await client.connect()
+            try:
+                await client.sendmail(sender, [f"user{i}@example.net"], raw)
+                return 250
+            except aiosmtplib.SMTPResponseException as e:
+                return e.code
+            finally:
+                client.close()
+
+    return await asyncio.gather(*(one(i, m) for i, m in enumerate(messages)))

@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from ..services import free_port
-from ..smtp_sink import SmtpSink
+from ..smtp_sink import SmtpSink, send_concurrently
 from .daemon import FilterdProcess
 
 
@@ -24,24 +23,9 @@ def corpus_files(root: Path, n_spam: int, n_ham: int) -> list[Path]:
     return pick("spam", n_spam) + pick("easy_ham", n_ham)
 
 
-async def _send_all(port: int, raws: list[bytes]) -> list[int]:
-    async def one(i: int, raw: bytes) -> int:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120, start_tls=False)
-        await client.connect()
-        try:
-            await client.sendmail("sender@example.org", [f"user{i}@example.net"], raw)
-            return 250
-        except aiosmtplib.SMTPResponseException as e:
-            return e.code
-        finally:
-            client.close()
-
-    return await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raws)))
-
-
 def send_all(port: int, raws: list[bytes]) -> list[int]:
     """Every message in its own SMTP session, all at once; the final reply code of each."""
-    return asyncio.run(_send_all(port, raws))
+    return asyncio.run(send_concurrently(port, raws))
 
 
 @pytest.fixture
