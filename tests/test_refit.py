@@ -14,7 +14,7 @@ from filterd.config import load_config
 from filterd.metrics import TrainerMetrics
 from filterd.tokenizer import Tokenizer, pad_batch
 from filterd.weights import load_model_dir
-from trainer.data import Example, balance, read_sms, read_split, write_split
+from trainer.data import Example, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore
 from trainer.refit import RefitService, gate, over_bound, refit_once, split_of
@@ -199,7 +199,7 @@ def test_service_refits_when_min_new_labels_arrive(tmp_path, uci):
 
     async def run_for(seconds: float, add: list | None = None) -> None:
         stop = asyncio.Event()
-        service = RefitService(cfg, store, None, None, check_every=0.02, on_outcome=outcomes.append)
+        service = RefitService(cfg, store, None, check_every=0.02, on_outcome=outcomes.append)
         task = asyncio.create_task(service.run(stop))
         await asyncio.sleep(seconds / 2)
         if add:

@@ -425,15 +425,15 @@ def _report(result: RefitOutcome, metrics: TrainerMetrics | None) -> None:
 class RefitService:
     """Runs `refit_once` every `interval`, or sooner once `min_new_labels` labels arrived since the last attempt.
 
-    No cycle runs while nothing changed since the last attempt, whatever the clock says. The label
-    intake (if any) runs beside it on the same event loop; cycles run in a worker thread.
+    No cycle runs while nothing changed since the last attempt, whatever the clock says. Cycles run in a
+    worker thread; the label intake runs beside the service under `filterd.supervise` (trainer/service.py).
     `min_new_labels = 0` means the interval alone decides.
     """
 
-    def __init__(self, cfg: Config, store: LabelStore, intake: Any | None = None, metrics: TrainerMetrics | None = None, *,
+    def __init__(self, cfg: Config, store: LabelStore, metrics: TrainerMetrics | None = None, *,
                  check_every: float = 5.0, base_model_dir: Path | None = None,
                  on_outcome: Callable[[RefitOutcome], None] | None = None) -> None:  # fmt: skip
-        self.cfg, self.store, self.intake, self.metrics = cfg, store, intake, metrics
+        self.cfg, self.store, self.metrics = cfg, store, metrics
         self.check_every = check_every
         self.base_model_dir = base_model_dir
         self.on_outcome = on_outcome
@@ -449,28 +449,20 @@ class RefitService:
         return f"{new} new labels" if n and new >= n else None
 
     async def run(self, stop: asyncio.Event) -> None:
-        intake = asyncio.create_task(self.intake.run(stop), name="label-intake") if self.intake is not None else None
         seen_seq = int(self.store.meta_get(LAST_SEQ_KEY, 0))
         next_time = float(self.store.meta_get(LAST_TIME_KEY, 0.0)) + self.cfg.trainer.interval
-        try:
-            while not stop.is_set():
-                if intake is not None and intake.done():
-                    intake.result()  # the intake died: re-raise its error, the service should restart
-                why = await asyncio.to_thread(self._due, next_time, seen_seq)
-                if why:
-                    seen_seq = await asyncio.to_thread(self.store.last_seq)
-                    log.info("refit: starting a cycle (%s)", why)
-                    result = await asyncio.to_thread(refit_once, self.cfg, self.store, metrics=self.metrics,
-                                                     base_model_dir=self.base_model_dir)  # fmt: skip
-                    self.last = result
-                    if self.on_outcome is not None:
-                        self.on_outcome(result)
-                    next_time = time.time() + self.cfg.trainer.interval
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.check_every)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            if intake is not None:
-                stop.set()
-                await asyncio.gather(intake, return_exceptions=True)
+        while not stop.is_set():
+            why = await asyncio.to_thread(self._due, next_time, seen_seq)
+            if why:
+                seen_seq = await asyncio.to_thread(self.store.last_seq)
+                log.info("refit: starting a cycle (%s)", why)
+                result = await asyncio.to_thread(refit_once, self.cfg, self.store, metrics=self.metrics,
+                                                 base_model_dir=self.base_model_dir)  # fmt: skip
+                self.last = result
+                if self.on_outcome is not None:
+                    self.on_outcome(result)
+                next_time = time.time() + self.cfg.trainer.interval
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.check_every)
+            except asyncio.TimeoutError:
+                pass

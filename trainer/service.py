@@ -77,7 +77,7 @@ async def _serve(cfg: Config, base_model: Path | None) -> int:
         last = store.meta_get(LAST_COMPLETED_KEY)
         if last is not None:
             metrics.last_refit.set(float(last))
-        service = RefitService(cfg, store, None, metrics, base_model_dir=base_model,
+        service = RefitService(cfg, store, metrics, base_model_dir=base_model,
                                on_outcome=lambda r: _remember(store, metrics, r))  # fmt: skip
         listen = cfg.trainer.metrics_listen
 
