@@ -271,3 +271,38 @@ def test_write_report_minimal(tmp_path):
     text = path.read_text()
     assert "| test | 10 |" in text
     assert "Training history" not in text and "![" not in text
+
+
+# -- spam-track measures --------------------------------------------------------------------------
+from trainer.evaluate import bootstrap_ci, ham_fpr_at_recall, lam_pct, roca_pct  # noqa: E402
+
+
+def test_ham_fpr_at_recall():
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    scores = [0.9, 0.8, 0.7, 0.2, 0.75, 0.3, 0.1, 0.05]
+    assert ham_fpr_at_recall(labels, scores, 0.5) == 0.0  # cut 0.8: no ham above
+    assert ham_fpr_at_recall(labels, scores, 0.75) == 0.25  # cut 0.7: the 0.75 ham
+    assert ham_fpr_at_recall(labels, scores, 1.0) == 0.5  # cut 0.2: 0.75 and 0.3
+    assert ham_fpr_at_recall([1, 1], [0.5, 0.6], 0.9) is None
+
+
+def test_roca_and_lam():
+    assert roca_pct([0, 1], [0.1, 0.9]) == 0.0
+    assert roca_pct([0, 1], [0.9, 0.1]) == 100.0
+    # 1 of 10 ham and 1 of 10 spam wrong: lam is 10%, as for equal error rates
+    labels = [0] * 10 + [1] * 10
+    scores = [0.9] + [0.1] * 9 + [0.1] + [0.9] * 9
+    assert abs(lam_pct(labels, scores) - 10.0) < 1e-9
+    # no errors: 0.5 counts -> 5%
+    assert abs(lam_pct(labels, [0.1] * 10 + [0.9] * 10) - 5.0) < 1e-9
+
+
+def test_bootstrap_ci_brackets_the_statistic():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    scores = np.clip(labels * 0.3 + rng.random(400) * 0.7, 0, 1)
+    acc = lambda y, s: float(np.mean((s >= 0.5) == y))  # noqa: E731
+    lo, hi = bootstrap_ci(labels, scores, acc, n=300, seed=2)
+    point = acc(labels, scores)
+    assert lo < point < hi and hi - lo < 0.15
+    assert bootstrap_ci([], [], acc) is None

@@ -164,6 +164,82 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
+# --------------------------------------------------------------------------- spam-track measures
+
+
+def ham_fpr_at_recall(labels: Sequence[int], scores: Sequence[float], recall: float) -> float | None:
+    """The lowest ham FPR of any threshold that keeps at least `recall` of the spam (None without both classes).
+
+    The operating point a spam filter is tuned to: "at 99% spam caught, how much ham is lost?".
+    Ties count against the filter: every ham scored at or above the cut is a false positive.
+    """
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be within (0, 1], got {recall}")
+    y, s = _as_arrays(labels, scores)
+    spam, ham = s[y == 1], s[y == 0]
+    if len(spam) == 0 or len(ham) == 0:
+        return None
+    k = math.ceil(recall * len(spam) - 1e-9)  # spam that must score at or above the cut
+    cut = np.sort(spam)[::-1][k - 1]
+    return float(np.mean(ham >= cut))
+
+
+def roca_pct(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """(1 - ROC AUC) in percent, the TREC spam track's headline measure (lower is better)."""
+    auc = roc_auc(labels, scores)
+    return None if auc is None else 100.0 * (1.0 - auc)
+
+
+def lam_pct(labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> float | None:
+    """Logistic average misclassification in percent (TREC): logit^-1 of the mean logit of the ham and spam error rates.
+
+    A zero error count is taken as 0.5 (as the TREC tools do), so a perfect class does not make it 0 or undefined.
+    """
+    y, s = _as_arrays(labels, scores)
+    n_spam, n_ham = int(y.sum()), int(len(y) - y.sum())
+    if n_spam == 0 or n_ham == 0:
+        return None
+    pred = s >= threshold
+    ham_err = max(int(np.sum(pred & (y == 0))), 0.5) / n_ham
+    spam_err = max(int(np.sum(~pred & (y == 1))), 0.5) / n_spam
+
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-12), 1 - 1e-12)
+        return math.log(p / (1 - p))
+
+    z = (logit(ham_err) + logit(spam_err)) / 2
+    return 100.0 / (1.0 + math.exp(-z))
+
+
+def bootstrap_ci(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    statistic: Any,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(labels, scores)` over messages resampled with replacement.
+
+    Resamples where the statistic is undefined (None, e.g. one class drawn) are skipped; None if all are.
+    """
+    y, s = _as_arrays(labels, scores)
+    if len(y) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        v = statistic(y[idx], s[idx])
+        if v is not None:
+            values.append(float(v))
+    if not values:
+        return None
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 # --------------------------------------------------------------------------- threshold
 
 
