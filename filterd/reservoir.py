@@ -90,6 +90,7 @@ class Reservoir:
         self._last_purge = -math.inf
         self._bucket = max(60.0, self.max_age / BUCKETS)
         self._db = _open(self.path, create=True)
+        self._inode = self.path.stat().st_ino
         with self._write() as db:  # readers use it to skip texts the writer has not purged yet
             db.execute("UPDATE counters SET value = ? WHERE name = 'max_age'", (self.max_age,))
 
@@ -111,6 +112,8 @@ class Reservoir:
         prepared = [_prepare(*item, now=self._clock) for item in items]
         if not prepared:
             return 0
+        if self._clock() - self._last_purge >= PURGE_EVERY_S:
+            self._reopen_if_deleted()
         kept = 0
         with self._write() as db:
             now = self._clock()
@@ -138,6 +141,21 @@ class Reservoir:
             db.execute("UPDATE counters SET value = ? WHERE name = 'window'", (window,))
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'total'", (len(prepared),))
         return kept
+
+    def _reopen_if_deleted(self) -> None:
+        """An operator deleted (or replaced) the file: start a new one rather than write into the deleted one."""
+        try:
+            if self.path.stat().st_ino == self._inode:
+                return
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            self._db.close()
+            self._db = _open(self.path, create=True)
+            self._inode = self.path.stat().st_ino
+        with self._write() as db:
+            db.execute("UPDATE counters SET value = ? WHERE name = 'max_age'", (self.max_age,))
+        log.info("reservoir: %s was deleted or replaced; sampling into the new file", self.path)
 
     def purge(self) -> int:
         """Delete texts (and arrival counts) older than max_age now; returns the texts deleted."""

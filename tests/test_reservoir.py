@@ -35,7 +35,8 @@ def test_bounded_uniform_sample_and_0600(tmp_path):
         for start in range(0, 10_000, 500):  # 20 batches, as the daemon's writer hands them over
             r.add_many((f"message {i}", "smtp", None) for i in range(start, start + 500))
         assert len(r) == 100 and r.window == 10_000 and r.total == 10_000
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     ids = _ids(path)
     assert len(set(ids)) == 100
     # Uniform over the whole stream: about 25 in each quarter (a first-100 or last-100 sample fails this).
@@ -134,3 +135,17 @@ def test_writer_never_blocks_drops_when_full_and_survives_write_errors(tmp_path,
     assert value("filterd_reservoir_dropped_total", {"reason": "write-error"}) == 3
     errors = [r.getMessage() for r in caplog.records if "reservoir: write failed" in r.getMessage()]
     assert len(errors) == 1, errors  # once a minute, not once per batch
+
+
+def test_deleting_the_file_is_safe(tmp_path):
+    """The operator deletes the reservoir while the daemon runs: the next writes start a new file."""
+    path = tmp_path / "r.sqlite"
+    clock = Clock()
+    with Reservoir(path, size=10, max_age=DAY, clock=clock) as r:
+        r.add_many([("before", "smtp", None)])
+        for p in tmp_path.iterdir():
+            p.unlink()
+        clock.now += 61
+        r.add_many([("after", "smtp", None)])
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [s.text for s in read_reservoir(path, now=clock.now)] == ["after"]
