@@ -121,13 +121,11 @@ class Reservoir:
                 self._purge(db, now)
             window = int(_counter(db, "window"))
             rows = db.execute("SELECT COUNT(*) FROM texts").fetchone()[0]
+            arrivals: dict[float, int] = {}
             for text, source, at in prepared:
                 window += 1
                 until = (math.floor(at / self._bucket) + 1) * self._bucket
-                db.execute(
-                    "INSERT INTO arrivals (until, count) VALUES (?, 1) ON CONFLICT (until) DO UPDATE SET count = count + 1",
-                    (until,),
-                )
+                arrivals[until] = arrivals.get(until, 0) + 1
                 # Algorithm R: the window's i-th text takes slot j < size with probability size/i (all of
                 # them while i <= size). Slots are 0..rows-1 (a purge renumbers them): j past the last one
                 # fills a hole that a purge left, j before it replaces a text.
@@ -138,6 +136,10 @@ class Reservoir:
                     slot, rows = (rows, rows + 1) if rows < self.size else (slot, rows)
                 db.execute("INSERT OR REPLACE INTO texts (slot, text, source, at) VALUES (?, ?, ?, ?)", (slot, text, source, at))
                 kept += 1
+            db.executemany(
+                "INSERT INTO arrivals (until, count) VALUES (?, ?) ON CONFLICT (until) DO UPDATE SET count = count + excluded.count",
+                arrivals.items(),
+            )
             db.execute("UPDATE counters SET value = ? WHERE name = 'window'", (window,))
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'total'", (len(prepared),))
         return kept
