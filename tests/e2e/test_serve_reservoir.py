@@ -3,7 +3,10 @@ without the key nothing is kept."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
+import subprocess
+import sys
 
 from filterd.config import load_config
 from filterd.reservoir import read_reservoir
@@ -20,8 +23,6 @@ MAIL = (
 
 
 def test_classified_texts_go_to_the_reservoir(redis_server, tiny_model, tmp_path):
-    import asyncio
-
     r = redis_server.client()
     path = tmp_path / "state" / "reservoir.sqlite"
     port = free_port()
@@ -63,3 +64,15 @@ def test_off_by_default(redis_server, tiny_model, tmp_path):
     assert written == 0
     assert "reservoir" not in (tmp_path / "filterd.log").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["filterd.log", "redis"]
+
+
+def test_an_unusable_reservoir_is_a_one_line_failed_start(tmp_path):
+    junk = tmp_path / "labels.sqlite"
+    junk.write_bytes(b"this is not an SQLite file " * 100)
+    argv = [sys.executable, "-m", "filterd", "serve", "--set", f"model.path={tmp_path / 'no-model'}", "--set", "smtp.enabled=false",
+            "--set", "redis.url=redis://127.0.0.1:1/0", "--set", f"metrics.listen=127.0.0.1:{free_port()}", "--set", f"trainer.reservoir={junk}"]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # before the model is even looked at
+    assert last == f"filterd: error: [trainer] reservoir: {junk}: not a usable reservoir: file is not a database", r.stderr
+    assert junk.read_bytes() == b"this is not an SQLite file " * 100
