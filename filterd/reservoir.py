@@ -91,8 +91,15 @@ class Reservoir:
         self._bucket = max(60.0, self.max_age / BUCKETS)
         self._db = _open(self.path, create=True)
         self._inode = self.path.stat().st_ino
-        with self._write() as db:  # readers use it to skip texts the writer has not purged yet
+        self._start()
+
+    def _start(self) -> None:
+        with self._write() as db:  # readers use max_age to skip texts the writer has not purged yet
             db.execute("UPDATE counters SET value = ? WHERE name = 'max_age'", (self.max_age,))
+            # reservoir_size lowered since the file was written: keep a random `size` of its texts
+            if db.execute("DELETE FROM texts WHERE slot NOT IN (SELECT slot FROM texts ORDER BY random() LIMIT ?)",
+                          (self.size,)).rowcount:  # fmt: skip
+                _renumber(db)
 
     def close(self) -> None:
         with self._lock:
@@ -155,8 +162,7 @@ class Reservoir:
             self._db.close()
             self._db = _open(self.path, create=True)
             self._inode = self.path.stat().st_ino
-        with self._write() as db:
-            db.execute("UPDATE counters SET value = ? WHERE name = 'max_age'", (self.max_age,))
+        self._start()
         log.info("reservoir: %s was deleted or replaced; sampling into the new file", self.path)
 
     def purge(self) -> int:
@@ -167,12 +173,8 @@ class Reservoir:
     def _purge(self, db: sqlite3.Connection, now: float) -> int:
         cutoff = now - self.max_age
         gone = db.execute("DELETE FROM texts WHERE at < ?", (cutoff,)).rowcount
-        if gone:  # renumber the slots 0..rows-1 (out of the way first: slot is the primary key)
-            db.execute("UPDATE texts SET slot = slot + ?", (self.size,))
-            db.execute(
-                "UPDATE texts SET slot = r.n FROM (SELECT slot AS old, row_number() OVER (ORDER BY slot) - 1 AS n FROM texts) AS r "
-                "WHERE texts.slot = r.old"
-            )
+        if gone:
+            _renumber(db)
         aged = db.execute("DELETE FROM arrivals WHERE until <= ? RETURNING count", (cutoff,)).fetchall()
         if aged:
             db.execute("UPDATE counters SET value = max(0, value - ?) WHERE name = 'window'", (sum(c for (c,) in aged),))
@@ -288,6 +290,15 @@ def _prepare(text: str, source: str, at: float | None = None, *, now: Callable[[
     if source not in SOURCES:
         raise ValueError(f"reservoir: unknown source {source!r}")
     return _SURROGATE.sub("\ufffd", text[:MAX_TEXT_CHARS]), source, now() if at is None else float(at)
+
+
+def _renumber(db: sqlite3.Connection) -> None:
+    """Slots 0..rows-1 again after deletions (moved out of the way first: slot is the primary key)."""
+    db.execute("UPDATE texts SET slot = slot + (SELECT MAX(slot) + 1 FROM texts)")
+    db.execute(
+        "UPDATE texts SET slot = r.n FROM (SELECT slot AS old, row_number() OVER (ORDER BY slot) - 1 AS n FROM texts) AS r "
+        "WHERE texts.slot = r.old"
+    )
 
 
 def _counter(db: sqlite3.Connection, name: str) -> float:

@@ -149,3 +149,14 @@ def test_deleting_the_file_is_safe(tmp_path):
         r.add_many([("after", "smtp", None)])
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [s.text for s in read_reservoir(path, now=clock.now)] == ["after"]
+
+
+def test_a_lower_size_shrinks_the_file_at_start(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Reservoir(path, size=50, max_age=DAY, seed=5) as r:
+        r.add_many((f"message {i}", "smtp", None) for i in range(50))
+    with Reservoir(path, size=10, max_age=DAY, seed=6) as r:
+        assert len(r) == 10
+        r.add_many((f"message {i}", "smtp", None) for i in range(50, 100))
+        assert len(r) == 10
+    assert len(set(_ids(path))) == 10 and max(_ids(path)) > 9  # a random 10, not the first 10
