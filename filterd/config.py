@@ -595,6 +595,11 @@ class TrainerConfig:
         0.01, Number(0.0, 1.0), "on the golden set a candidate may lose at most this much accuracy, or gain this much ham FPR, vs the current model"
     )
     group: str = _key("filterd-trainer", _stream("a consumer group name"), "consumer group on label_stream")
+    reservoir: Path | None = _key(
+        None, PathKind(optional=True), 'keep a sample of classified texts here (SQLite, 0600) for pretrain --reservoir; "" = off'
+    )
+    reservoir_size: int = _key(20000, Int(1), "texts the reservoir keeps at most (a uniform sample of the last reservoir_max_age)")
+    reservoir_max_age: float = _key(30 * 86400.0, Duration(), "reservoir texts older than this are deleted")
 
 
 @dataclass(frozen=True)

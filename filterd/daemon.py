@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from .batcher import Batcher, Scored
+from .config import format_duration
 from .engine import Engine
 from .errors import ConfigError
 from .ingress.redis_streams import RedisIngress
@@ -29,6 +30,7 @@ from .ingress.smtp import SmtpIngress
 from .metrics import FilterdMetrics, MetricsServer
 from .notify import sd_notify, watchdog
 from .reload import ModelHolder
+from .reservoir import ReservoirWriter, open_reservoir
 from .streams import BACKOFF_MAX_S, BACKOFF_MIN_S, StreamError, error_kind, one_line, sleep_or_stop
 from .supervise import TaskFailed, supervise
 
@@ -55,6 +57,7 @@ class Daemon:
         self.redis: RedisIngress | None = None
         self.smtp: SmtpIngress | None = None
         self.server: MetricsServer | None = None
+        self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
 
     def _load(self, path: Any) -> Engine:
@@ -67,13 +70,19 @@ class Daemon:
     async def score_text(self, text: str) -> Scored:
         """What an ingress calls: tokenize with the live model's tokenizer, then wait for a batch."""
         assert self.batcher is not None
-        return await self.batcher.submit(self.holder.current().tokenizer.encode(text))
+        scored = await self.batcher.submit(self.holder.current().tokenizer.encode(text))
+        if self.reservoir is not None:
+            self.reservoir.offer(text, "redis")
+        return scored
 
     async def score_text_or_busy(self, text: str) -> Scored:
         """For SMTP: a full queue raises QueueFull at once (the client gets 451 and retries later),
         where Redis simply stops reading."""
         assert self.batcher is not None
-        return await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
+        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
+        if self.reservoir is not None:
+            self.reservoir.offer(text, "smtp")
+        return scored
 
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
@@ -106,6 +115,12 @@ class Daemon:
             await self.server.start()  # /healthz answers 503 until the model is loaded
         except OSError as e:
             raise ConfigError(f"cannot listen on {listen} for metrics: {_why(e)}") from None
+        t = cfg.trainer
+        if t.reservoir is not None:  # before the model load, as the ports: an unusable file fails in a second
+            reservoir = await asyncio.to_thread(open_reservoir, t.reservoir, t.reservoir_size, t.reservoir_max_age)
+            self.reservoir = ReservoirWriter(reservoir, self.metrics)
+            log.info("reservoir: keeping up to %d classified texts for %s in %s", t.reservoir_size,
+                     format_duration(t.reservoir_max_age), t.reservoir)  # fmt: skip
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(self.holder.load_initial)
         log.info(
@@ -131,6 +146,8 @@ class Daemon:
             sources.append("redis")
         self.metrics.prime(sources)
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
+        if self.reservoir is not None:
+            self._jobs["reservoir"] = self.reservoir.run(self.stop)
         supervisor = asyncio.create_task(supervise(self._jobs, self.stop), name="supervisor")
         self._install_signals()
         self._watchdog = asyncio.create_task(watchdog(), name="systemd-watchdog")  # ends with the loop
@@ -146,6 +163,8 @@ class Daemon:
         except TaskFailed as e:
             failed = e
         await self.batcher.stop(drain=True)
+        if self.reservoir is not None:
+            await self.reservoir.close()  # the texts of the last verdicts too
         await self.server.stop()
         if failed is not None:
             raise failed  # one line, exit 1: systemd restarts the process

@@ -142,6 +142,13 @@ class FilterdMetrics(StreamMetrics):
         self.dead_letters = Counter(
             "filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r
         )
+        # The optional reservoir of classified texts ([trainer] reservoir); `reason`: queue-full | write-error.
+        self.reservoir_written = Counter(
+            "filterd_reservoir_written_total", "Texts handed to the reservoir file (each kept there with probability size/i).", registry=r
+        )
+        self.reservoir_dropped = Counter(
+            "filterd_reservoir_dropped_total", "Texts not handed to the reservoir, by reason.", ["reason"], registry=r
+        )
         self._model_labels: tuple[str, str, str, str] | None = None
         self._init_stream_metrics(r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...

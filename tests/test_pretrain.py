@@ -231,3 +231,22 @@ def test_csv_directory_leaves_test_out_and_store_is_read(tmp_path, sms_data):
     corpus = read_corpus(cfg)
     assert corpus.documents == {"csv": sum(sum(counts[s].values()) for s in ("train", "val", "holdout")), "store": 2}
     assert corpus.val_docs > 0 and corpus.train_docs + corpus.val_docs == sum(corpus.documents.values())
+
+
+def test_reservoirs_are_read(tmp_path, capsys):
+    """`--reservoir` (repeatable): the texts the daemon sampled are documents, labels never needed."""
+    from filterd.reservoir import Reservoir
+
+    for name, n in (("a", 12), ("b", 5)):
+        with Reservoir(tmp_path / f"{name}.sqlite", size=10, max_age=86400) as r:
+            r.add_many((f"{name} message number {i} about the weekly meeting", "smtp", None) for i in range(n))
+    corpus = read_corpus(PretrainConfig(base="random:tiny", out=tmp_path / "o", reservoir=[tmp_path / "a.sqlite"], val_fraction=0))
+    assert corpus.documents == {"reservoir": 10}  # the reservoir kept 10 of its 12
+    args = ["pretrain", "--base", "random:tiny", "--out", str(tmp_path / "out"), "--block-size", "16", "--batch-size", "2",
+            "--steps", "2", "--reservoir", str(tmp_path / "a.sqlite"), "--reservoir", str(tmp_path / "b.sqlite")]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "pretrain.json").read_text())["corpus"]["documents"] == {"reservoir": 15}
+    (tmp_path / "labels.sqlite").write_bytes(b"")  # an empty SQLite file is no reservoir: one line, nothing written
+    assert main([*args[:4], str(tmp_path / "o2"), "--reservoir", str(tmp_path / "labels.sqlite")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("labels.sqlite: not a reservoir")
+    assert not (tmp_path / "o2").exists()

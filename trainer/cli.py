@@ -56,8 +56,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise FilterdError(f"--time: {e}") from None
     cfg = PretrainConfig(
         base=args.base, out=Path(args.out), text=args.text, mail=args.mail, csv=args.csv, store=args.store,
-        steps=args.steps, time_s=time_s, block_size=args.block_size, batch_size=args.batch_size, lr=args.lr,
-        warmup=args.warmup, val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, device=args.device,
+        reservoir=args.reservoir, steps=args.steps, time_s=time_s, block_size=args.block_size, batch_size=args.batch_size,
+        lr=args.lr, warmup=args.warmup, val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, device=args.device,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
     )  # fmt: skip
     result = pretrain(cfg)
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", nargs="+", type=Path, default=[], metavar="PATH",
                    help="split CSVs, or prepare's data directories (train, val, holdout; test stays unseen); labels ignored")  # fmt: skip
     p.add_argument("--store", type=Path, help="label store (SQLite); labels ignored")
+    p.add_argument("--reservoir", nargs="+", action="extend", type=Path, default=[], metavar="SQLITE",
+                   help="the daemon's reservoirs of classified texts ([trainer] reservoir)")  # fmt: skip
     p.add_argument("--steps", type=int, help="optimiser steps (default 1000 unless --time is given)")
     p.add_argument("--time", help="wall-clock budget, e.g. 10m or 2h")
     p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")

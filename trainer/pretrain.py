@@ -69,6 +69,7 @@ class PretrainConfig:
     mail: list[Path] = field(default_factory=list)  # files, directories, mbox, Maildir
     csv: list[Path] = field(default_factory=list)  # split files, or data directories (train/val/holdout)
     store: Path | None = None  # label store (SQLite)
+    reservoir: list[Path] = field(default_factory=list)  # the daemon's reservoirs of classified texts ([trainer] reservoir)
     steps: int | None = None  # None with time_s None: DEFAULT_STEPS
     time_s: float | None = None  # wall-clock budget; stops after the step that crosses it
     block_size: int = 256
@@ -88,9 +89,9 @@ class PretrainConfig:
     DEFAULT_STEPS = 1000
 
     def validate(self) -> None:
-        if not (self.text or self.mail or self.csv or self.store):
-            raise ConfigError("pretrain needs a corpus: --text, --mail, --csv and/or --store")
-        for p in [*self.text, *self.mail, *self.csv, *([self.store] if self.store else [])]:
+        if not (self.text or self.mail or self.csv or self.store or self.reservoir):
+            raise ConfigError("pretrain needs a corpus: --text, --mail, --csv, --store and/or --reservoir")
+        for p in [*self.text, *self.mail, *self.csv, *([self.store] if self.store else []), *self.reservoir]:
             if not Path(p).exists():
                 raise DataError(f"{p}: no such file or directory")
         for name in ("batch_size", "checkpoint_every", "eval_every"):
@@ -200,6 +201,13 @@ def _store_documents(path: Path) -> Iterator[tuple[str, bool]]:
             yield row.text[:MAX_DOC_CHARS], len(row.text) > MAX_DOC_CHARS
 
 
+def _reservoir_documents(path: Path) -> Iterator[tuple[str, bool]]:
+    from filterd.reservoir import read_reservoir
+
+    for sampled in read_reservoir(path):  # already clipped by the daemon
+        yield sampled.text[:MAX_DOC_CHARS], len(sampled.text) > MAX_DOC_CHARS
+
+
 def read_corpus(cfg: PretrainConfig) -> Corpus:
     """Read, tokenise and pack every source; DataError when nothing usable is left."""
     skipped: dict[str, int] = {}
@@ -215,6 +223,7 @@ def read_corpus(cfg: PretrainConfig) -> Corpus:
     sources += [("csv", _csv_documents(Path(p))) for p in cfg.csv]
     if cfg.store:
         sources.append(("store", _store_documents(Path(cfg.store))))
+    sources += [("reservoir", _reservoir_documents(Path(p))) for p in cfg.reservoir]
 
     enc = _encoding()
     digest = hashlib.sha256()
