@@ -250,3 +250,12 @@ def test_reservoirs_are_read(tmp_path, capsys):
     assert main([*args[:4], str(tmp_path / "o2"), "--reservoir", str(tmp_path / "labels.sqlite")]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("labels.sqlite: not a reservoir")
     assert not (tmp_path / "o2").exists()
+
+
+def test_repeated_source_flags_add_up():
+    from trainer.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--base", "random:tiny", "--out", "o", "--csv", "a", "--csv", "b", "c",
+                                      "--text", "t1", "--text", "t2", "--mail", "m1", "--mail", "m2"])  # fmt: skip
+    assert [str(p) for p in args.csv] == ["a", "b", "c"]
+    assert [str(p) for p in args.text] == ["t1", "t2"] and [str(p) for p in args.mail] == ["m1", "m2"]

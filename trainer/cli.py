@@ -226,11 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="continued next-token training of the backbone on unlabelled text")
     p.add_argument("--base", required=True, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint DIR | random:NAME")
     p.add_argument("--out", required=True, help="Hugging Face checkpoint directory to write (fit --base OUT)")
-    p.add_argument("--text", nargs="+", type=Path, default=[], metavar="PATH",
+    p.add_argument("--text", nargs="+", action="extend", type=Path, default=[], metavar="PATH",
                    help="text files (or directories of them): one document per line")  # fmt: skip
-    p.add_argument("--mail", nargs="+", type=Path, default=[], metavar="PATH",
+    p.add_argument("--mail", nargs="+", action="extend", type=Path, default=[], metavar="PATH",
                    help="message files, mbox files, Maildirs or directories of them")  # fmt: skip
-    p.add_argument("--csv", nargs="+", type=Path, default=[], metavar="PATH",
+    p.add_argument("--csv", nargs="+", action="extend", type=Path, default=[], metavar="PATH",
                    help="split CSVs, or prepare's data directories (train, val, holdout; test stays unseen); labels ignored")  # fmt: skip
     p.add_argument("--store", type=Path, help="label store (SQLite); labels ignored")
     p.add_argument("--reservoir", nargs="+", action="extend", type=Path, default=[], metavar="SQLITE",
