@@ -103,7 +103,12 @@ def score(engine: Engine, labels: list[int], texts: list[str]) -> dict:
     scores = [v.score for v in engine.classify_texts(texts)]
     thr = engine.threshold
     m = compute_metrics(labels, scores, thr)
-    row: dict = {"n": m.n, "spam": sum(labels), "score_s": round(time.perf_counter() - t0, 1), "roca_pct": roca_pct(labels, scores)}
+    row: dict = {
+        "n": m.n,
+        "spam": sum(labels),
+        "score_s": round(time.perf_counter() - t0, 1),
+        "roca_pct": roca_pct(labels, scores),
+    }
     for key, value, stat in (("accuracy", m.accuracy, _acc(thr)), ("ham_fpr", m.ham_fpr, _ham_fpr(thr)),
                              ("spam_recall", m.spam_recall, _recall(thr))):  # fmt: skip
         defined = (key != "ham_fpr" or m.n > sum(labels)) and (key != "spam_recall" or sum(labels) > 0)
@@ -118,7 +123,11 @@ def demo_verdicts(engine: Engine) -> dict:
     out = {}
     for text, label in DEMO_SMS.items():
         v = engine.classify_texts([text])[0]
-        out[text[:40]] = {"label": label, "score": round(v.score, 4), "correct": (v.score >= engine.threshold) == (label == "spam")}
+        out[text[:40]] = {
+            "label": label,
+            "score": round(v.score, 4),
+            "correct": (v.score >= engine.threshold) == (label == "spam"),
+        }
     for stem in DEMO_MAIL:
         folder, prefix = stem.split("/")
         path = next((MAIL / folder).glob(f"{prefix}.*"))

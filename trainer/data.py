@@ -575,13 +575,9 @@ def prepare(
 
     sources = _read_sources(out_dir, sms, download_sms, email_dir)
     per_source = [_balance_and_split(src, balance, seed) for src in sources]
+    # Ids stay unique across sources: SMS ids are `sms:N`, and every mail id starts with an entry
+    # name that carries a label (`spam/…`, `easy_ham/…`, `ham.mbox#0`), which `sms:N` cannot.
     parts = {name: [e for p in per_source for e in p[name]] for name in SPLITS}
-    if len(sources) > 1:
-        first: dict[str, str] = {}
-        for src in sources:
-            for e in src.examples:
-                if first.setdefault(e.id, src.kind) != src.kind:
-                    raise DataError(f"{src.path}: id {_one_line(e.id, 80)!r} is also an id of the {first[e.id]} source")
 
     files = {}
     for name, items in parts.items():
@@ -596,11 +592,17 @@ def prepare(
         path = " + ".join(str(src.path.resolve()) for src in sources)
         sha = hashlib.sha256("".join(f"{src.kind}\t{src.sha256}\n" for src in sources).encode()).hexdigest()
         records = [
-            asdict(SourceRecord(
-                source=src.kind, path=str(src.path.resolve()), sha256=src.sha256,
-                counts={name: _count(items) for name, items in p.items()}, url=src.url,
-                skipped_empty=src.skipped, duplicate_texts=_duplicate_texts(src.examples),
-            ))  # fmt: skip
+            asdict(
+                SourceRecord(
+                    source=src.kind,
+                    path=str(src.path.resolve()),
+                    sha256=src.sha256,
+                    counts={name: _count(items) for name, items in p.items()},
+                    url=src.url,
+                    skipped_empty=src.skipped,
+                    duplicate_texts=_duplicate_texts(src.examples),
+                )
+            )  # fmt: skip
             for src, p in zip(sources, per_source)
         ]
     manifest = Manifest(
