@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--mail", type=Path, nargs="*", default=[], help="raw RFC 822 files to send through SMTP")
+    ap.add_argument("--trained-on", default="SMS only", help="what the model was trained on, for the printout")
     args = ap.parse_args()
     work = args.work.resolve()
     redis_port, smtp_port, sink_port, metrics_port = (free_port() for _ in range(4))
@@ -125,7 +126,7 @@ def main() -> int:
         for _, f in r.xrange("filterd:dead"):
             print(f"dead  ({f[b'error'].decode()})  id={f.get(b'id', b'').decode()}")
 
-        print("\n-- mail through SMTP (filterd as a Postfix content filter; the model was trained on SMS, not mail)")
+        print(f"\n-- mail through SMTP (filterd as a Postfix content filter; the model was trained on {args.trained_on})")
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as c:
             for i, path in enumerate(args.mail):
                 raw = path.read_bytes()

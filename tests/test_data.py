@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import mailbox
 import re
 import shutil
@@ -408,12 +409,84 @@ def test_prepare_download_sms(http_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"sms": Path("a"), "email_dir": Path("b")}, {"sms": Path("a"), "download_sms": True}],
+    ("kwargs", "fragment"),
+    [({}, "needs a source"), ({"sms": Path("a"), "download_sms": True}, "not both")],
 )
-def test_prepare_needs_exactly_one_source(tmp_path, kwargs):
-    with pytest.raises(DataError, match="exactly one source"):
+def test_prepare_needs_a_source(tmp_path, kwargs, fragment):
+    with pytest.raises(DataError, match=fragment):
         data.prepare(tmp_path, **kwargs)
+
+
+def test_cli_prepare_without_source_is_one_line_exit_1(tmp_path, capsys):
+    from trainer.cli import main
+
+    assert main(["prepare", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a source" in err and "--email-dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- several sources
+
+# sha256 of the CSVs `prepare --sms SMSSpamCollection --seed 123` wrote before several sources were
+# accepted: one source must give the same bytes as it always did.
+SMS_SEED_123_FILES = {
+    "train.csv": "aef59af83277d4e93970787eec455c0e9b9aa84e64d1eb21b892fb005eb4b769",
+    "val.csv": "205ce2f29a6c8babe2a9ddd98841e9b27950425cd9b4ff3456cc1d202cf1a6f9",
+    "test.csv": "df21350814b502f598321005b8efaddf38b4c7f1cff9f8534c3f7afa6a3c2f0b",
+    "holdout.csv": "38fb2c65a28264cf3fc6e844f1bbae0799615daa97cbd6250443e491719a4121",
+}
+ONE_SOURCE_MANIFEST_KEYS = {"balance", "counts", "created", "duplicate_texts", "files", "format", "seed",
+                            "skipped_empty", "source", "source_path", "source_sha256", "source_url"}  # fmt: skip
+
+
+def test_one_source_output_unchanged(sms_prepared):
+    assert data.Manifest.load(sms_prepared).files == SMS_SEED_123_FILES
+    assert set(json.loads((sms_prepared / "manifest.json").read_text())) == ONE_SOURCE_MANIFEST_KEYS
+
+
+def test_prepare_two_sources_splits_each_source(sms_file, sms_prepared, small_corpus, tmp_path):
+    root, expected = small_corpus
+    mail_only = tmp_path / "mail"
+    data.prepare(mail_only, email_dir=root, seed=123)
+    both = tmp_path / "both"
+    manifest = data.prepare(both, sms=sms_file, email_dir=root, seed=123)
+
+    for name in data.SPLITS:
+        merged = data.read_split(both / f"{name}.csv")
+        sms_part = data.read_split(sms_prepared / f"{name}.csv")
+        mail_part = data.read_split(mail_only / f"{name}.csv")
+        # Each source balanced and split on its own, exactly as a one-source prepare; then concatenated.
+        assert merged == sms_part + mail_part, name
+        if name != "holdout":  # every source is in every split
+            assert sms_part and mail_part and {e.id[:4] == "sms:" for e in merged} == {True, False}
+
+    assert manifest.source == "sms+email-dir"
+    assert str(sms_file.resolve()) in manifest.source_path and str(root.resolve()) in manifest.source_path
+    on_disk = data.Manifest.load(both)
+    assert on_disk.sources == manifest.sources
+    sms_rec, mail_rec = on_disk.sources
+    assert (sms_rec["source"], sms_rec["path"]) == ("sms", str(sms_file.resolve()))
+    assert sms_rec["sha256"] == data.Manifest.load(sms_prepared).source_sha256
+    assert sms_rec["counts"] == data.Manifest.load(sms_prepared).counts
+    assert (mail_rec["source"], mail_rec["path"]) == ("email-dir", str(root.resolve()))
+    assert mail_rec["sha256"] == data.Manifest.load(mail_only).source_sha256
+    assert mail_rec["counts"] == data.Manifest.load(mail_only).counts and mail_rec["skipped_empty"] == 1
+    for name in data.SPLITS:
+        for label in data.LABELS:
+            assert on_disk.counts[name][label] == sms_rec["counts"][name][label] + mail_rec["counts"][name][label]
+        path = both / f"{name}.csv"
+        assert on_disk.files[path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sum(sum(c.values()) for c in on_disk.counts.values()) == 5574 + len(expected)
+
+
+def test_prepare_two_sources_bad_source_names_it(small_corpus, tmp_path):
+    root, _ = small_corpus
+    only_ham = tmp_path / "ham.tsv"
+    only_ham.write_text("".join(f"ham\tmsg {i}\n" for i in range(20)))
+    with pytest.raises(DataError, match=f"{only_ham}: no spam messages"):
+        data.prepare(tmp_path / "out", sms=only_ham, email_dir=root)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_prepare_rejects_unknown_balance_and_one_class(sms_file, tmp_path):

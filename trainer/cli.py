@@ -25,6 +25,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for split, by_label in manifest.counts.items():
         total = sum(by_label.values())
         print(f"{split:8s} {total:6d}  " + "  ".join(f"{k} {v}" for k, v in sorted(by_label.items())))
+    for record in manifest.sources or []:  # several sources: each one's share of the splits
+        print(f"  {record['source']}: " + "  ".join(f"{s} {sum(c.values())}" for s, c in record["counts"].items()))
     print(f"wrote {args.out}")
     return 0
 
@@ -197,11 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="read a labelled corpus, balance, split 70/10/20")
-    src = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser("prepare", help="read labelled corpora, balance, split 70/10/20 (each source on its own)")
+    # One source, or SMS and e-mail together; prepare() gives the one-line error when none is given.
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--sms", type=Path, help="UCI SMS Spam Collection file (label<TAB>text)")
     src.add_argument("--download-sms", action="store_true", help="download the UCI zip and verify its sha256")
-    src.add_argument("--email-dir", type=Path, help="folders spam*/ham* of raw messages, Maildirs or mbox files")
+    p.add_argument("--email-dir", type=Path, help="folders spam*/ham* of raw messages, Maildirs or mbox files")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--balance", choices=("undersample", "none"), default="undersample")

@@ -1,9 +1,11 @@
 """Labelled corpora for fine-tuning: read, balance, split, write CSV splits and a manifest.
 
-`filterd-trainer prepare` is built on `prepare()`. It reads one source (the UCI SMS Spam Collection,
-or a directory of raw e-mail in the SpamAssassin layout), undersamples the majority class, splits
-70/10/20 and writes `train.csv`, `val.csv`, `test.csv`, `holdout.csv` (the majority-class messages
-that balancing left out) and `manifest.json` into a data directory.
+`filterd-trainer prepare` is built on `prepare()`. It reads one or two sources (the UCI SMS Spam
+Collection, a directory of raw e-mail in the SpamAssassin layout), undersamples the majority class,
+splits 70/10/20 and writes `train.csv`, `val.csv`, `test.csv`, `holdout.csv` (the majority-class
+messages that balancing left out) and `manifest.json` into a data directory. With two sources each
+one is balanced and split on its own and the splits are then concatenated, so every source is in
+every split in its own proportions (a pooled split would let the larger source crowd out the other).
 
 The arithmetic follows the classification chapter of "Build a Large Language Model (From Scratch)":
 undersample ham to the number of spam, shuffle, `train_end = int(n * 0.7)`,
@@ -432,12 +434,25 @@ def _parse_row(path: Path, line: int, row: list[str], first_line: dict[str, int]
 
 
 @dataclass
+class SourceRecord:
+    """One source of a several-source `prepare`, as recorded in `Manifest.sources`."""
+
+    source: str  # "sms" or "email-dir"
+    path: str
+    sha256: str
+    counts: dict[str, dict[str, int]]  # split -> label -> n, this source's share of each CSV
+    url: str | None = None
+    skipped_empty: int = 0
+    duplicate_texts: int = 0
+
+
+@dataclass
 class Manifest:
     """What `prepare` wrote and from what; `manifest.json` in the data directory."""
 
-    source: str  # "sms" or "email-dir"
-    source_path: str
-    source_sha256: str  # SMS: the file's sha256; e-mail: see _email_source_sha256
+    source: str  # "sms", "email-dir", or "sms+email-dir" for both
+    source_path: str  # both: the two paths joined by " + "
+    source_sha256: str  # SMS: the file's sha256; e-mail: see _email_source_sha256; both: over "kind<TAB>sha256" lines
     seed: int
     balance: str
     counts: dict[str, dict[str, int]]  # split -> label -> n
@@ -447,9 +462,13 @@ class Manifest:
     skipped_empty: int = 0  # e-mail messages without any text
     duplicate_texts: int = 0  # examples whose text equals an earlier one's (kept; reported only)
     format: int = MANIFEST_FORMAT
+    # Several sources: one SourceRecord dict each; `source` is then e.g. "sms+email-dir". None (and
+    # not written) for one source, so a one-source manifest reads as it always did.
+    sources: list[dict] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        fields_ = {k: v for k, v in asdict(self).items() if not (k == "sources" and v is None)}
+        return json.dumps(fields_, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, data_dir: Path) -> Manifest:
@@ -491,6 +510,43 @@ def _duplicate_texts(examples: Iterable[Example]) -> int:
     return dupes
 
 
+@dataclass
+class _Source:
+    kind: str  # "sms" or "email-dir"
+    path: Path
+    sha256: str
+    examples: list[Example]
+    url: str | None = None
+    skipped: int = 0
+
+
+def _read_sources(out_dir: Path, sms: Path | None, download_sms: bool, email_dir: Path | None) -> list[_Source]:
+    sources = []
+    if sms is not None or download_sms:
+        url = None
+        if download_sms:
+            url = SMS_URL  # looked up now, not bound as a default, so tests can point it elsewhere
+            sms = _download_sms(out_dir, url)
+        path = Path(sms)
+        sources.append(_Source("sms", path, _file_sha256(path), read_sms(path), url))
+    if email_dir is not None:
+        path = Path(email_dir)
+        examples, skipped = _read_email_corpus(path)
+        sources.append(_Source("email-dir", path, _email_source_sha256(path), examples, skipped=len(skipped)))
+    return sources
+
+
+def _balance_and_split(source: _Source, method: str, seed: int) -> dict[str, list[Example]]:
+    missing = [label for label, n in _count(source.examples).items() if n == 0]
+    if missing:
+        raise DataError(f"{source.path}: no {missing[0]} messages; training needs both ham and spam")
+    balanced, left_out = _balance(source.examples, method, seed)
+    train, val, test = split(balanced, seed)
+    if not (train and val and test):
+        raise DataError(f"{source.path}: {len(balanced)} messages after balancing: too few for a 70/10/20 split")
+    return dict(zip(SPLITS, (train, val, test, left_out)))
+
+
 def prepare(
     out_dir: Path,
     *,
@@ -500,9 +556,15 @@ def prepare(
     seed: int = 123,
     balance: str = "undersample",
 ) -> Manifest:
-    """Read one source, balance, split 70/10/20, write the four CSVs and then `manifest.json`."""
-    if sum((sms is not None, bool(download_sms), email_dir is not None)) != 1:
-        raise DataError("prepare needs exactly one source: --sms FILE, --download-sms or --email-dir DIR")
+    """Read the sources, balance and split 70/10/20 each, write the four CSVs and then `manifest.json`.
+
+    Sources: `sms` or `download_sms` (not both), and/or `email_dir`. With two, each is balanced and
+    split on its own with `seed`, and each CSV holds the SMS part, then the e-mail part.
+    """
+    if sms is not None and download_sms:
+        raise DataError("prepare takes --sms FILE or --download-sms, not both")
+    if sms is None and not download_sms and email_dir is None:
+        raise DataError("prepare needs a source: --sms FILE or --download-sms, and/or --email-dir DIR")
     if balance not in BALANCE_METHODS:
         raise DataError(f"unknown balance method {balance!r} (expected {' or '.join(BALANCE_METHODS)})")
     out_dir = Path(out_dir)
@@ -511,45 +573,51 @@ def prepare(
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot create: {_one_line(exc.strerror or exc)}") from None
 
-    source_url, skipped = None, []
-    if email_dir is not None:
-        source, source_path = "email-dir", Path(email_dir)
-        examples, skipped = _read_email_corpus(source_path)
-        source_sha = _email_source_sha256(source_path)
-    else:
-        if download_sms:
-            source_url = SMS_URL  # looked up now, not bound as a default, so tests can point it elsewhere
-            sms = _download_sms(out_dir, source_url)
-        source, source_path = "sms", Path(sms)
-        examples = read_sms(source_path)
-        source_sha = _file_sha256(source_path)
-
-    missing = [label for label, n in _count(examples).items() if n == 0]
-    if missing:
-        raise DataError(f"{source_path}: no {missing[0]} messages; training needs both ham and spam")
-    balanced, left_out = _balance(examples, balance, seed)
-    train, val, test = split(balanced, seed)
-    if not (train and val and test):
-        raise DataError(f"{source_path}: {len(balanced)} messages after balancing: too few for a 70/10/20 split")
-    parts = dict(zip(SPLITS, (train, val, test, left_out)))
+    sources = _read_sources(out_dir, sms, download_sms, email_dir)
+    per_source = [_balance_and_split(src, balance, seed) for src in sources]
+    # Ids stay unique across sources: SMS ids are `sms:N`, and every mail id starts with an entry
+    # name that carries a label (`spam/…`, `easy_ham/…`, `ham.mbox#0`), which `sms:N` cannot.
+    parts = {name: [e for p in per_source for e in p[name]] for name in SPLITS}
 
     files = {}
     for name, items in parts.items():
         csv_path = out_dir / f"{name}.csv"
         write_split(csv_path, items)
         files[csv_path.name] = _file_sha256(csv_path)
+    if len(sources) == 1:
+        one = sources[0]
+        kind, path, sha, records = one.kind, str(one.path.resolve()), one.sha256, None
+    else:
+        kind = "+".join(src.kind for src in sources)
+        path = " + ".join(str(src.path.resolve()) for src in sources)
+        sha = hashlib.sha256("".join(f"{src.kind}\t{src.sha256}\n" for src in sources).encode()).hexdigest()
+        records = [
+            asdict(
+                SourceRecord(
+                    source=src.kind,
+                    path=str(src.path.resolve()),
+                    sha256=src.sha256,
+                    counts={name: _count(items) for name, items in p.items()},
+                    url=src.url,
+                    skipped_empty=src.skipped,
+                    duplicate_texts=_duplicate_texts(src.examples),
+                )
+            )  # fmt: skip
+            for src, p in zip(sources, per_source)
+        ]
     manifest = Manifest(
-        source=source,
-        source_path=str(source_path.resolve()),
-        source_sha256=source_sha,
+        source=kind,
+        source_path=path,
+        source_sha256=sha,
         seed=seed,
         balance=balance,
         counts={name: _count(items) for name, items in parts.items()},
         files=files,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        source_url=source_url,
-        skipped_empty=len(skipped),
-        duplicate_texts=_duplicate_texts(examples),
+        source_url=next((src.url for src in sources if src.url), None),
+        skipped_empty=sum(src.skipped for src in sources),
+        duplicate_texts=_duplicate_texts(e for src in sources for e in src.examples),
+        sources=records,
     )
     # Written last: a run that dies half-way leaves CSVs that do not match the (old) manifest's hashes.
     _write_atomic(out_dir / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
