@@ -476,7 +476,7 @@ def summarise(doc: dict) -> list[dict]:
 
 
 def _pm(stat: dict | None, ci: list[float] | None = None, scale: float = 100.0) -> str:
-    """"mean ± std [ci lo–hi]" in % (scale 1 for a measure that is in % already)."""
+    """Mean ± std [ci lo–hi] in % (scale 1 for a measure that is in % already)."""
     if stat is None:
         return "–"
     std = "" if stat["std"] is None else f" ± {scale * stat['std']:.2f}"
