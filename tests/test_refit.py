@@ -381,3 +381,33 @@ def test_time_budget_stops_top_mode_training(tmp_path, tiny_model, sms_file, cap
     assert out.final_fit == "fold (time budget)" and meta.extra["refit"]["final_fit"] == out.final_fit  # no time left for it
     assert "trained_candidate" not in out.counts and out.trained_share < 0.9  # the gated candidate's labels, not all
     assert any("time budget" in r.getMessage() and "after 1 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_final_fit_that_fails_the_golden_set_is_not_published(tmp_path, tiny_model, sms_file, monkeypatch):
+    """The final fit is trained on labels no fold checks; the golden set (never trained on) still judges it."""
+    import trainer.refit as refit
+
+    fresh = fresh_labels(tiny_model, sms_file)
+    labelled = [e for e in fresh if e.label == "spam"][:100] + [e for e in fresh if e.label == "ham"][:100]
+    real = refit._final_fit
+
+    def inverted(*args, **kwargs):  # a final model that calls every ham spam and every spam ham
+        final, _ = real(*args, **kwargs)
+        with torch.no_grad():
+            final.head.weight.neg_()
+            final.head.bias.neg_()
+        return final, [1 - s for s in _]
+
+    heads = {}
+    for final_fit in ("fold", "all"):
+        d = tmp_path / final_fit
+        d.mkdir()
+        if final_fit == "all":
+            monkeypatch.setattr(refit, "_final_fit", inverted)
+        out = refit_once(config(d, f"trainer.final_fit={final_fit}"), fill(d, labelled), base_model_dir=tiny_model.model_dir)
+        assert out.outcome == "promoted", out.reason
+        model, meta = load_model_dir(d / "models" / "current")
+        heads[final_fit] = model.head.weight.detach().clone()
+    assert out.final_fit == "fold (final fit failed the golden set)" and meta.extra["refit"]["final_fit"] == out.final_fit
+    assert out.final_golden.accuracy < 0.5 and "trained_candidate" not in out.counts and out.trained_share < 0.9
+    assert torch.equal(heads["all"], heads["fold"])  # the gated candidate was published

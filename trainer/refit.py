@@ -24,7 +24,9 @@ Final fit: the gate needs a fold the candidate has not seen (the hash "test" fol
 hyper-parameters; in top modes the number of epochs the gated candidate kept) is run again on
 every label in the store but the golden set, plus replay, and that model is published, with the
 gated candidate's metrics (meta extra `final_fit: "all labels"`). No label is kept out of
-training for good. "fold" publishes the gated candidate itself.
+training for good. The final model must still pass the golden-set part of the gate against the
+live model (the golden set is never trained on); if it does not, the gated candidate is published.
+"fold" publishes the gated candidate itself.
 
 Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
@@ -91,7 +93,8 @@ class RefitOutcome:
     seconds: float = 0.0
     golden_source: str = ""  # where the golden set came from: the golden_set path, "<live model>/golden.csv", or ""
     over_ham_fpr_bound: list[str] = field(default_factory=list)  # sets where the model live after the cycle is over max_ham_fpr
-    final_fit: str = ""  # what was published: "all labels", "fold" (the gated candidate), "fold (time budget)"
+    final_fit: str = ""  # what was published: "all labels", "fold" (the gated candidate), "fold (<why the final fit was not>)"
+    final_golden: Metrics | None = None  # the final fit's golden-set metrics (it must pass the golden gate too)
     train_seconds: dict[str, float] = field(default_factory=dict)  # "candidate", "final_fit"
 
     @property
@@ -107,6 +110,7 @@ class RefitOutcome:
         d["candidate"] = {k: m.to_dict() for k, m in self.candidate.items()}
         d["current"] = {k: m.to_dict() for k, m in self.current.items()}
         d["trained_share"] = self.trained_share
+        d["final_golden"] = self.final_golden.to_dict() if self.final_golden else None
         return d
 
 
@@ -306,16 +310,19 @@ def _refit_head(
     return model, cand, cur
 
 
-def _final_head(model: GPT2Classifier, meta: ModelMeta, rows: list[Example], class_weight: tuple[float, float] | None,
-                init: tuple[torch.Tensor, torch.Tensor], cfg: Config, device: torch.device, seed: int) -> GPT2Classifier:  # fmt: skip
-    """The head fitted again, as the candidate's was (from the live head), on `rows`: every feature is cached by now."""
+def _final_head(model: GPT2Classifier, meta: ModelMeta, rows: list[Example], golden: list[Example],
+                class_weight: tuple[float, float] | None, init: tuple[torch.Tensor, torch.Tensor], cfg: Config,
+                device: torch.device, seed: int) -> tuple[GPT2Classifier, list[float]]:  # fmt: skip
+    """The head fitted again, as the candidate's was (from the live head), on `rows`; its golden-set scores.
+
+    Every feature is cached by now."""
     with FeatureCache(cfg.trainer.models_dir / FEATURES_FILE) as cache:
-        x = features_for(model, rows, cache, device, cfg.batching.max_batch_tokens, max_length=meta.max_length)
-    weight, bias = fit_head(x, [LABELS.index(e.label) for e in rows], init, seed=seed, class_weight=class_weight)
+        x = features_for(model, rows + golden, cache, device, cfg.batching.max_batch_tokens, max_length=meta.max_length)
+    weight, bias = fit_head(x[: len(rows)], [LABELS.index(e.label) for e in rows], init, seed=seed, class_weight=class_weight)
     with torch.no_grad():
         model.head.weight.copy_(weight)
         model.head.bias.copy_(bias)
-    return model
+    return model, spam_probabilities(x[len(rows) :], weight, bias) if golden else []
 
 
 @dataclass
@@ -401,22 +408,26 @@ def _refit_top(
 
 def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config,
                device: torch.device, seed: int, init: tuple[torch.Tensor, torch.Tensor], run: _TopRun | None,
-               deadline: float | None) -> GPT2Classifier | None:  # fmt: skip
-    """The promoted candidate's recipe again on every label but the golden set, plus replay; None when the budget cut it short."""
+               deadline: float | None) -> tuple[GPT2Classifier | None, list[float]]:  # fmt: skip
+    """The promoted candidate's recipe again on every label but the golden set, plus replay, and its golden-set scores.
+
+    None when the time budget cut it short."""
     tc = cfg.trainer
     rows, class_weight = _rebalance(data.labelled + data.replay, tc.balance, tc.mode, seed)
-    if {e.id for e in rows} & {e.id for e in data.splits.get("golden", [])}:  # _load_data's promise, checked where it counts
+    golden = data.splits.get("golden", [])
+    if {e.id for e in rows} & {e.id for e in golden}:  # _load_data's promise, checked where it counts
         raise FilterdError("refit: the final fit would train on the golden set")
     if tc.mode == "head":
-        return _final_head(candidate, meta, rows, class_weight, init, cfg, device, seed)
+        return _final_head(candidate, meta, rows, golden, class_weight, init, cfg, device, seed)
     tokenizer = Tokenizer(meta.max_length)
     everything = _Encoded(tokenizer.encode_batch([e.text for e in rows]), [LABELS.index(e.label) for e in rows])
     epochs = max(1, run.best_epoch if run else tc.epochs)  # as many epochs as the gated candidate kept
     final, _, final_run = _train_top(model, tc.mode, everything, _Encoded([], []), device, seed, epochs=epochs, lr=tc.lr,
                                      deadline=deadline)  # fmt: skip
     if final_run.stopped:
-        return None
-    return final.cpu()
+        return None, []
+    golden_tokens = tokenizer.encode_batch([e.text for e in golden])
+    return final.cpu(), score(final, golden_tokens, device, cfg.batching.max_batch_tokens) if golden else []
 
 
 # -- one cycle ----------------------------------------------------------------------------------
@@ -476,6 +487,7 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     else:
         candidate, cand_scores, cur_scores, history, run = _refit_top(model, meta, data, cfg, device, seed, deadline)
     train_seconds = {"candidate": round(time.perf_counter() - t_train, 2)}
+    cand_head = (candidate.head.weight.detach().clone(), candidate.head.bias.detach().clone())
     threshold = meta.threshold
     cand = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cand_scores.items()}
     cur = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cur_scores.items()}
@@ -495,11 +507,21 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     if promote:
         if tc.final_fit == "all":
             t_final = time.perf_counter()
-            final = _final_fit(model, candidate, meta, data, cfg, device, seed, init, run, deadline)
+            final, final_golden = _final_fit(model, candidate, meta, data, cfg, device, seed, init, run, deadline)
             train_seconds["final_fit"] = round(time.perf_counter() - t_final, 2)
+            if final is not None and "golden" in cur:  # never trained on the golden set, so it can still judge the final model
+                outcome.final_golden = compute_metrics(data.labels("golden"), final_golden, threshold)
+                ok, why_final = gate({"golden": outcome.final_golden}, {"golden": cur["golden"]}, tc.max_regression,
+                                     tc.max_ham_fpr, live=live_dir is not None, golden_tolerance=tc.golden_tolerance)  # fmt: skip
+                if not ok:
+                    final, outcome.final_fit = None, "fold (final fit failed the golden set)"
+                    log.warning("refit: the final fit on all labels fails the golden set (%s): publishing the gated candidate", why_final)
             if final is None:
-                outcome.final_fit = "fold (time budget)"
-                log.warning("refit: the final fit on all labels ran out of max_cycle_seconds: publishing the gated candidate")
+                if not outcome.final_fit.startswith("fold ("):
+                    outcome.final_fit = "fold (time budget)"
+                    log.warning("refit: the final fit on all labels ran out of max_cycle_seconds: publishing the gated candidate")
+                if tc.mode == "head":  # the final head was written into the candidate's model: put the gated one back
+                    _set_head(candidate, cand_head)
             else:
                 candidate, outcome.final_fit = final, "all labels"
                 data.counts["trained_candidate"] = data.counts["trained"]
@@ -510,6 +532,12 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
         golden = data.splits.get("golden") if data.golden_source else None
         outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden, outcome, run)
     return outcome
+
+
+def _set_head(model: GPT2Classifier, head: tuple[torch.Tensor, torch.Tensor]) -> None:
+    with torch.no_grad():
+        model.head.weight.copy_(head[0])
+        model.head.bias.copy_(head[1])
 
 
 def _lacking_note(data: _Data) -> str:
@@ -524,7 +552,8 @@ def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: M
     tc = cfg.trainer
     extra: dict[str, Any] = {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts, "balance": tc.balance,
                              "golden_source": data.golden_source, "replay": data.counts["replay"],
-                             "final_fit": outcome.final_fit, "train_seconds": outcome.train_seconds}  # fmt: skip
+                             "final_fit": outcome.final_fit, "train_seconds": outcome.train_seconds,
+                             "final_fit_golden": outcome.final_golden.to_dict() if outcome.final_golden else None}  # fmt: skip
     if run is not None:  # top modes: the gated candidate's training
         extra["training"] = {"epochs": tc.epochs, "lr": tc.lr, "epochs_run": run.epochs, "best_epoch": run.best_epoch,
                              "steps": run.steps, "stopped_at_time_budget": run.stopped}  # fmt: skip
