@@ -498,7 +498,7 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     why += _lacking_note(data)
     outcome = RefitOutcome("promoted" if promote else "rejected", why, tc.mode, current_version=meta.version,
                            candidate=cand, current=cur, counts=data.counts, golden_source=data.golden_source,
-                           final_fit="fold", train_seconds=train_seconds)  # fmt: skip
+                           final_fit="fold" if promote else "", train_seconds=train_seconds)  # fmt: skip
     if promote or live_dir is not None:  # the model serving after this cycle
         outcome.over_ham_fpr_bound = over_bound({n: (cand if promote else cur)[n] for n in cur}, tc.max_ham_fpr)
     if outcome.over_ham_fpr_bound:
