@@ -1,8 +1,8 @@
 """The refit cycle: labels in the store -> a candidate model -> gate against the live one -> publish or not.
 
 One cycle (`refit_once`): read every labelled message, split each by a hash of its id (so a message
-never moves between train and test as the store grows, and the test split never holds a message some
-earlier refit trained on), rebalance the classes (`[trainer] balance`: class weights by default, or
+never moves between train and test as the store grows, and, with `final_fit = "fold"`, the test split
+never holds a message some earlier refit trained on), rebalance the classes (`[trainer] balance`: class weights by default, or
 oversampling; undersampling, the chapter's method, discards majority labels), train a candidate from
 the live model, and score candidate and live model on the same test split and the golden set at the
 live model's threshold. The golden set is `[trainer] golden_set`, else the live model's own
@@ -26,7 +26,9 @@ every label in the store but the golden set, plus replay, and that model is publ
 gated candidate's metrics (meta extra `final_fit: "all labels"`). No label is kept out of
 training for good. The final model must still pass the golden-set part of the gate against the
 live model (the golden set is never trained on); if it does not, the gated candidate is published.
-"fold" publishes the gated candidate itself.
+The price: after a final fit the live model has seen the test fold, so later cycles compare the
+candidate with a model that trained on those labels (stricter on unchanged labels, blind to relabelled
+ones); the golden set stays unseen. "fold" publishes the gated candidate itself.
 
 Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
