@@ -594,6 +594,15 @@ class TrainerConfig:
     golden_tolerance: float = _key(
         0.01, Number(0.0, 1.0), "on the golden set a candidate may lose at most this much accuracy, or gain this much ham FPR, vs the current model"
     )
+    replay: int = _key(1000, Int(0), "refit: at most this many messages per class of the live model's replay.csv mixed into training (0 = off)")
+    final_fit: str = _key(
+        "all", Choice(options=("all", "fold")), "after promotion: all = retrain on every label (+ replay) and publish that; fold = publish the gated candidate"
+    )
+    epochs: int = _key(2, Int(1), "top modes (last-block, last-2-blocks, all): training epochs per refit")
+    lr: float = _key(5e-5, Number(1e-9, 1.0), "top modes: AdamW learning rate")
+    max_cycle_seconds: float = _key(
+        0.0, Duration(positive=False), "top modes: training stops at this much time per cycle, keeping the best state so far (0 = no limit)"
+    )
     group: str = _key("filterd-trainer", _stream("a consumer group name"), "consumer group on label_stream")
     reservoir: Path | None = _key(
         None, PathKind(optional=True), 'keep a sample of classified texts here (SQLite, 0600) for pretrain --reservoir; "" = off'

@@ -17,7 +17,7 @@ from filterd.weights import load_model_dir
 from trainer.data import Example, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore
-from trainer.refit import RefitService, gate, over_bound, refit_once, split_of
+from trainer.refit import RefitService, _load_data, _read_replay, gate, over_bound, refit_once, split_of
 from trainer.store import LabelStore, message_id
 
 
@@ -99,7 +99,7 @@ def test_gate_on_a_scripted_sequence():
 def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
     labelled, _ = uci
     store = fill(tmp_path, labelled)
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, "trainer.final_fit=fold")  # the published model is the gated candidate (checked below)
     metrics = TrainerMetrics()
     out = refit_once(cfg, store, metrics=metrics, base_model_dir=tiny_model.model_dir)
 
@@ -180,13 +180,14 @@ def test_no_model_to_refit_from_fails_with_one_line(tmp_path, uci):
 def test_last_block_mode(tmp_path, tiny_model, uci):
     labelled, _ = uci
     store = fill(tmp_path, labelled[:80] + labelled[200:280])
-    cfg = config(tmp_path, "trainer.mode=last-block", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+    cfg = config(tmp_path, "trainer.mode=last-block", "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.replay=0")
     out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
     assert out.outcome == "promoted" and out.mode == "last-block", out.reason
     model, meta = load_model_dir(tmp_path / "models" / "current")
     old, _ = load_model_dir(tiny_model.model_dir)
     changed = {n for n, p in model.state_dict().items() if not torch.equal(p, old.state_dict()[n])}
     assert changed and all(n.startswith(("h.1.", "ln_f.", "head.")) for n in changed)  # tiny has 2 blocks: h.1 is the last
+    assert max((p - old.state_dict()[n]).abs().max().item() for n, p in model.state_dict().items()) > 1e-5  # lr 5e-5
     assert meta.trainable == "last-block" and (tmp_path / "models" / "current" / "plots" / "loss.png").is_file()
 
 
@@ -242,24 +243,171 @@ def test_flipped_labels_are_rejected_by_the_live_models_golden_set_by_default(tm
     assert models.current() == live.resolve() and models.versions() == [live.name]
 
 
-@pytest.mark.parametrize("method", ["undersample", "weight", "oversample"])
-def test_balance_uses_every_label_but_the_evaluation_fold(tmp_path, tiny_model, sms_file, method):
-    """A 2.5:1 spam-heavy store: undersampling trains on <50% of the stored labels (41% when val was held out too);
-    class weights or repeats train on every label but the test fold, ~80%."""
+def fresh_labels(tiny_model, sms_file) -> list[Example]:
+    """UCI messages the fixture model's golden set does not hold back (a golden message is never trained on)."""
     golden = {message_id(e.text) for e in read_split(tiny_model.model_dir / "golden.csv")}
-    fresh = [e for e in read_sms(sms_file) if message_id(e.text) not in golden]  # labels the golden set does not hold back
+    return [e for e in read_sms(sms_file) if message_id(e.text) not in golden]
+
+
+@pytest.mark.parametrize("final_fit", ["fold", "all"])
+@pytest.mark.parametrize("method", ["undersample", "weight", "oversample"])
+def test_balance_uses_every_label_but_the_evaluation_fold(tmp_path, tiny_model, sms_file, method, final_fit):
+    """A 2.5:1 spam-heavy store: undersampling trains on <50% of the stored labels (41% when val was held out too);
+    class weights or repeats train on every label but the test fold, ~80%, and a final fit on all of them (100%)."""
+    fresh = fresh_labels(tiny_model, sms_file)
     store = fill(tmp_path, [e for e in fresh if e.label == "spam"][:200] + [e for e in fresh if e.label == "ham"][:80])
-    cfg = config(tmp_path, f"trainer.balance={method}", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+    cfg = config(tmp_path, f"trainer.balance={method}", "trainer.max_regression=1", "trainer.max_ham_fpr=1",
+                 f"trainer.final_fit={final_fit}")  # fmt: skip
     out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
     assert out.outcome == "promoted", out.reason
 
     stored = out.counts["store"]
     assert stored["spam"] >= 2.4 * stored["ham"] and out.counts["balanced"]["ham"] == stored["ham"], out.counts
     assert out.trained_share == sum(out.counts["trained"].values()) / sum(stored.values())
-    if method == "undersample":  # the chapter's method: 60% of the spam dropped, then 20% (and, before, val's 10%) held out
-        assert out.trained_share <= 0.5 and out.counts["balanced"]["spam"] == stored["ham"]
-    else:  # every label but the test fold (mode head: the val fold is trained on too)
+    if method == "undersample":  # the chapter's method: 60% of the spam dropped (then, with final_fit fold, 20% held out)
+        assert out.trained_share <= (0.5 if final_fit == "fold" else 0.6) and out.counts["balanced"]["spam"] == stored["ham"]
+        assert (out.counts["trained"] == out.counts["balanced"]) == (final_fit == "all")
+    elif final_fit == "fold":  # every label but the test fold (mode head: the val fold is trained on too)
         assert out.trained_share >= 0.75 and out.counts["balanced"] == stored
         assert sum(out.counts["trained"].values()) + sum(out.counts["test"].values()) == sum(stored.values())
+    else:  # gated on the test fold, then trained on everything
+        assert out.trained_share == 1.0 and out.counts["trained"] == stored and out.final_fit == "all labels"
     if method == "oversample":  # the train split's classes are evened out with repeats
         assert out.counts["train"]["ham"] == out.counts["train"]["spam"] > out.counts["trained"]["ham"]
+
+
+def test_fit_writes_a_replay_sample_of_its_train_split(tiny_model, sms_data):
+    replay = read_split(tiny_model.model_dir / "replay.csv")
+    train = {e.text for e in read_split(sms_data / "train.csv")}
+    assert replay and {e.text for e in replay} <= train  # up to 1,000 per class: the fixture's whole train split
+    train_counts = Counter(e.label for e in read_split(sms_data / "train.csv"))
+    assert Counter(e.label for e in replay) == {label: min(1000, n) for label, n in train_counts.items()}
+    for name in ("test", "holdout"):  # never an evaluation text (unless the corpus repeats it in train)
+        if (sms_data / f"{name}.csv").is_file():
+            assert not {e.text for e in replay} & ({e.text for e in read_split(sms_data / f"{name}.csv")} - train)
+
+
+def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file):
+    """Replay joins the train split only; a replay text that is in the store or the golden set is not replayed."""
+    replay = _read_replay(tiny_model.model_dir)
+    fresh = fresh_labels(tiny_model, sms_file)
+    replay_ids = {e.id for e in replay}
+    labelled = [e for e in fresh if e.label == "spam"][:100] + [e for e in fresh if e.label == "ham"][:100]
+    in_store = [e for e in replay if e.id not in {message_id(x.text) for x in labelled}][:30]  # replay texts a user labelled
+    golden = read_split(tiny_model.model_dir / "golden.csv") + replay[-20:]  # and some in the configured golden set
+    write_split(tmp_path / "golden.csv", golden)
+    store = fill(tmp_path, labelled + in_store)
+    cfg = config(tmp_path, "trainer.replay=300", "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1")
+
+    data = _load_data(cfg, store, 123, tiny_model.model_dir)
+    stored_ids = {r.id for r in store.rows()}
+    golden_ids = {message_id(e.text) for e in golden}
+    used = {e.id for e in data.replay}
+    assert data.counts["replay"] == {"ham": 300, "spam": 300} and len(used) == 600
+    assert used <= replay_ids and not used & stored_ids and not used & golden_ids
+    assert used <= {e.id for e in data.splits["train"]}
+    assert not used & {e.id for name in ("test", "golden") for e in data.splits[name]}
+    assert {e.id for e in data.splits["test"]} <= stored_ids - golden_ids
+    for label in ("ham", "spam"):  # weight balance in mode head: train = the store's train split + replay, once each
+        assert data.counts["train"][label] == data.counts["trained"][label] + 300
+    assert _load_data(config(tmp_path, "trainer.replay=0"), store, 123, tiny_model.model_dir).counts["replay"] == {"ham": 0, "spam": 0}
+
+    out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted", out.reason
+    assert out.counts["replay"] == {"ham": 300, "spam": 300}
+    current = tmp_path / "models" / "current"
+    _, meta = load_model_dir(current)
+    assert meta.extra["refit"]["replay"] == out.counts["replay"]
+    carried = {message_id(e.text) for e in read_split(current / "replay.csv")}
+    assert carried == {message_id(e.text) for e in read_split(tiny_model.model_dir / "replay.csv")}  # carried on whole
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "replay.csv").write_bytes(b"\xff\xfe not a split")
+    assert _read_replay(tmp_path / "bad") == []  # a damaged replay file costs the replay (a warning), not the cycle
+
+
+def test_final_fit_trains_the_promoted_candidate_on_every_label(tmp_path, tiny_model, sms_file):
+    """Gate on the test fold, then publish the same recipe trained on all labels: 100% of them, not ~80%."""
+    fresh = fresh_labels(tiny_model, sms_file)
+    labelled = [e for e in fresh if e.label == "spam"][:150] + [e for e in fresh if e.label == "ham"][:150]
+    runs, heads = {}, {}
+    for final_fit in ("fold", "all"):
+        d = tmp_path / final_fit
+        d.mkdir()
+        store = fill(d, labelled)
+        cfg = config(d, f"trainer.final_fit={final_fit}", "trainer.max_regression=1", "trainer.max_ham_fpr=1")
+        runs[final_fit] = out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+        assert out.outcome == "promoted", out.reason
+        model, meta = load_model_dir(d / "models" / "current")
+        heads[final_fit] = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+        assert meta.extra["refit"]["final_fit"] == out.final_fit and meta.metrics["test"]["accuracy"] == out.candidate["test"].accuracy
+
+    fold, every = runs["fold"], runs["all"]
+    assert fold.final_fit == "fold" and 0.75 <= fold.trained_share < 0.9  # today's: everything but the test fold
+    assert every.final_fit == "all labels" and every.trained_share == 1.0 and every.counts["trained"] == every.counts["store"]
+    assert every.counts["trained_candidate"] == fold.counts["trained"]  # the gated candidate is the same...
+    assert every.candidate["test"].accuracy == fold.candidate["test"].accuracy  # ...and its metrics are the ones reported
+    assert not torch.equal(heads["all"][0], heads["fold"][0])  # but the published model is another one
+    assert set(every.train_seconds) == {"candidate", "final_fit"} and set(fold.train_seconds) == {"candidate"}
+
+
+def test_top_mode_epochs_lr_and_final_fit(tmp_path, tiny_model, sms_file):
+    fresh = fresh_labels(tiny_model, sms_file)
+    store = fill(tmp_path, [e for e in fresh if e.label == "spam"][:40] + [e for e in fresh if e.label == "ham"][:40])
+    cfg = config(tmp_path, "trainer.mode=last-block", "trainer.epochs=1", "trainer.lr=1e-7", "trainer.replay=0",
+                 "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1")  # fmt: skip
+    out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted" and out.final_fit == "all labels" and out.trained_share == 1.0, out.reason
+    model, meta = load_model_dir(tmp_path / "models" / "current")
+    training = meta.extra["refit"]["training"]
+    assert training["epochs"] == training["epochs_run"] == training["best_epoch"] == 1 and training["lr"] == 1e-7
+    assert not training["stopped_at_time_budget"]
+    old, _ = load_model_dir(tiny_model.model_dir)
+    moved = max((p - old.state_dict()[n]).abs().max().item() for n, p in model.state_dict().items())
+    assert 0 < moved < 1e-5  # trained (the final fit: 10 steps of ~lr each); the default lr moves weights > 1e-5 in one step
+
+
+def test_time_budget_stops_top_mode_training(tmp_path, tiny_model, sms_file, caplog):
+    fresh = fresh_labels(tiny_model, sms_file)
+    store = fill(tmp_path, [e for e in fresh if e.label == "spam"][:40] + [e for e in fresh if e.label == "ham"][:40])
+    cfg = config(tmp_path, "trainer.mode=last-block", "trainer.max_cycle_seconds=1ms", "trainer.replay=0",
+                 "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1")  # fmt: skip
+    with caplog.at_level("INFO", logger="filterd.trainer"):
+        out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "promoted", out.reason
+    _, meta = load_model_dir(tmp_path / "models" / "current")
+    training = meta.extra["refit"]["training"]
+    assert training["stopped_at_time_budget"] and training["steps"] == 1 and training["epochs_run"] == 1 < training["epochs"]
+    assert out.final_fit == "fold (time budget)" and meta.extra["refit"]["final_fit"] == out.final_fit  # no time left for it
+    assert "trained_candidate" not in out.counts and out.trained_share < 0.9  # the gated candidate's labels, not all
+    assert any("time budget" in r.getMessage() and "after 1 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_final_fit_that_fails_the_golden_set_is_not_published(tmp_path, tiny_model, sms_file, monkeypatch):
+    """The final fit is trained on labels no fold checks; the golden set (never trained on) still judges it."""
+    import trainer.refit as refit
+
+    fresh = fresh_labels(tiny_model, sms_file)
+    labelled = [e for e in fresh if e.label == "spam"][:100] + [e for e in fresh if e.label == "ham"][:100]
+    real = refit._final_fit
+
+    def inverted(*args, **kwargs):  # a final model that calls every ham spam and every spam ham
+        final, _ = real(*args, **kwargs)
+        with torch.no_grad():
+            final.head.weight.neg_()
+            final.head.bias.neg_()
+        return final, [1 - s for s in _]
+
+    heads = {}
+    for final_fit in ("fold", "all"):
+        d = tmp_path / final_fit
+        d.mkdir()
+        if final_fit == "all":
+            monkeypatch.setattr(refit, "_final_fit", inverted)
+        out = refit_once(config(d, f"trainer.final_fit={final_fit}"), fill(d, labelled), base_model_dir=tiny_model.model_dir)
+        assert out.outcome == "promoted", out.reason
+        model, meta = load_model_dir(d / "models" / "current")
+        heads[final_fit] = model.head.weight.detach().clone()
+    assert out.final_fit == "fold (final fit failed the golden set)" and meta.extra["refit"]["final_fit"] == out.final_fit
+    assert out.final_golden.accuracy < 0.5 and "trained_candidate" not in out.counts and out.trained_share < 0.9
+    assert torch.equal(heads["all"], heads["fold"])  # the gated candidate was published

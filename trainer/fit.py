@@ -3,7 +3,9 @@
 The vocabulary head is replaced by Linear(d_model, 2); by default only the last transformer
 block, the final layer norm and the head are trained (AdamW, lr 5e-5, weight decay 0.1, 5
 epochs, batch 8). Each batch is padded to its longest message. The model with the best
-validation accuracy is kept, evaluated on every split, and published as a model directory.
+validation accuracy is kept, evaluated on every split, and published as a model directory,
+with golden.csv (a sample of the test split: the golden set refits gate on) and replay.csv (a
+sample of the train split: what refits mix back in so as not to forget it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ TRAINABLE = ("head", "last-block", "last-2-blocks", "all")
 SPLITS = ("train", "val", "test", "holdout")
 GOLDEN_FILE = "golden.csv"  # in a model directory: a sample of the fit's test split, the golden set refits gate on
 GOLDEN_PER_CLASS = 200
+REPLAY_FILE = "replay.csv"  # in a model directory: a sample of the fit's train split, which refits mix back in
+REPLAY_PER_CLASS = 1000
 
 
 @dataclass
@@ -280,6 +284,7 @@ def fit(cfg: FitConfig) -> FitResult:
         reports = [SplitReport(name, metrics[name], enc[name].labels, scores[name]) for name in enc]
         write_artifacts(staged, meta, reports, history)
         write_split(staged / GOLDEN_FILE, golden_sample(splits["test"], cfg.seed))
+        write_split(staged / REPLAY_FILE, replay_sample(splits["train"], cfg.seed))
         publish_directory(staged, cfg.out)
     except BaseException:
         import shutil
@@ -293,10 +298,18 @@ def fit(cfg: FitConfig) -> FitResult:
 
 def golden_sample(test: Sequence[Example], seed: int, per_class: int = GOLDEN_PER_CLASS) -> list[Example]:
     """A seeded sample of the test split, up to `per_class` per label: the trusted set refits of this model gate on."""
-    rng = random.Random(seed)
+    return _stratified_sample(test, random.Random(seed), per_class)
+
+
+def replay_sample(train: Sequence[Example], seed: int, per_class: int = REPLAY_PER_CLASS) -> list[Example]:
+    """A seeded sample of the train split (never test/holdout), up to `per_class` per label: refits replay it so as not to forget."""
+    return _stratified_sample(train, random.Random(f"replay:{seed}"), per_class)
+
+
+def _stratified_sample(examples: Sequence[Example], rng: random.Random, per_class: int) -> list[Example]:
     out: list[Example] = []
     for label in LABELS:
-        of_label = [e for e in test if e.label == label]
+        of_label = [e for e in examples if e.label == label]
         out += rng.sample(of_label, min(per_class, len(of_label)))
     return out
 

@@ -1,8 +1,8 @@
 """The refit cycle: labels in the store -> a candidate model -> gate against the live one -> publish or not.
 
 One cycle (`refit_once`): read every labelled message, split each by a hash of its id (so a message
-never moves between train and test as the store grows, and the test split never holds a message some
-earlier refit trained on), rebalance the classes (`[trainer] balance`: class weights by default, or
+never moves between train and test as the store grows, and, with `final_fit = "fold"`, the test split
+never holds a message some earlier refit trained on), rebalance the classes (`[trainer] balance`: class weights by default, or
 oversampling; undersampling, the chapter's method, discards majority labels), train a candidate from
 the live model, and score candidate and live model on the same test split and the golden set at the
 live model's threshold. The golden set is `[trainer] golden_set`, else the live model's own
@@ -14,9 +14,28 @@ within `max_regression`, ham FPR within `max_ham_fpr` or not above the live mode
 absolute `max_ham_fpr`, a better candidate is still promoted and the bound becomes an alert (a
 warning and `filterd_trainer_over_ham_fpr_bound`); only a first model (no live one) must pass it.
 
+Replay: the live model's `replay.csv` (a sample of its fit's train split, carried into every
+promoted version like golden.csv) is mixed into the train split, up to `[trainer] replay` messages
+per class, so a refit adapts to the site without forgetting the original data. Replay messages that
+are in the store or the golden set are dropped, and replay never reaches the test fold or the golden set.
+
+Final fit: the gate needs a fold the candidate has not seen (the hash "test" fold). With
+`[trainer] final_fit = "all"` (the default), once the gate promotes, the same recipe (mode, seed,
+hyper-parameters; in top modes the number of epochs the gated candidate kept) is run again on
+every label in the store but the golden set, plus replay, and that model is published, with the
+gated candidate's metrics (meta extra `final_fit: "all labels"`). No label is kept out of
+training for good. The final model must still pass the golden-set part of the gate against the
+live model (the golden set is never trained on); if it does not, the gated candidate is published.
+The price: after a final fit the live model has seen the test fold, so later cycles compare the
+candidate with a model that trained on those labels (stricter on unchanged labels, blind to relabelled
+ones); the golden set stays unseen. "fold" publishes the gated candidate itself.
+
 Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
-the model on the texts with trainer.fit's machinery.
+the model on the texts with trainer.fit's machinery (`[trainer] epochs`, `lr`); there a final fit
+doubles the training time. `[trainer] max_cycle_seconds` bounds a top-mode cycle's training: at the
+budget the current step finishes and the best state so far is kept; a final fit cut short by it is
+dropped and the gated candidate published instead (both logged).
 
 A cycle never raises: a failure is an outcome (`failed`, with a one-line reason), so the
 service's loop keeps running. `RefitService` runs cycles every `interval`, or sooner once
@@ -50,7 +69,7 @@ from filterd.weights import ModelMeta, load_model_dir
 from .data import Example, balance, read_split
 from .evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
 from .features import FeatureCache, features_for, fit_head, spam_probabilities
-from .fit import GOLDEN_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
+from .fit import GOLDEN_FILE, REPLAY_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
 from .publish import ModelStore
 from .store import LabelStore, message_id
 
@@ -76,10 +95,15 @@ class RefitOutcome:
     seconds: float = 0.0
     golden_source: str = ""  # where the golden set came from: the golden_set path, "<live model>/golden.csv", or ""
     over_ham_fpr_bound: list[str] = field(default_factory=list)  # sets where the model live after the cycle is over max_ham_fpr
+    final_fit: str = ""  # what was published: "all labels", "fold" (the gated candidate), "fold (<why the final fit was not>)"
+    final_golden: Metrics | None = None  # the final fit's golden-set metrics (it must pass the golden gate too)
+    train_seconds: dict[str, float] = field(default_factory=dict)  # "candidate", "final_fit"
 
     @property
     def trained_share(self) -> float:
-        """Labels used for training / labels stored (distinct messages; the evaluation fold and golden set are not trained on)."""
+        """Stored labels the published model (else the candidate) trained on / labels stored (distinct messages).
+
+        The golden set is never trained on; the test fold only by a final fit; replay messages are not counted."""
         stored = sum(self.counts.get("store", {}).values())
         return sum(self.counts.get("trained", {}).values()) / stored if stored else 0.0
 
@@ -88,6 +112,7 @@ class RefitOutcome:
         d["candidate"] = {k: m.to_dict() for k, m in self.candidate.items()}
         d["current"] = {k: m.to_dict() for k, m in self.current.items()}
         d["trained_share"] = self.trained_share
+        d["final_golden"] = self.final_golden.to_dict() if self.final_golden else None
         return d
 
 
@@ -152,13 +177,17 @@ class _Data:
     counts: dict[str, dict[str, int]]
     class_weight: tuple[float, float] | None = None  # (ham, spam) loss weights for the head's fit (balance = "weight")
     golden_source: str = ""
+    labelled: list[Example] = field(default_factory=list)  # every store message but the golden set, balanced: the final fit's
+    replay: list[Example] = field(default_factory=list)  # replay messages mixed into train (and into the final fit)
+    replay_file: list[Example] = field(default_factory=list)  # the source model's whole replay.csv, carried on when promoted
 
     def labels(self, name: str) -> list[int]:
         return [LABELS.index(e.label) for e in self.splits[name]]
 
-    def sha256(self) -> str:
-        """Identifies the training data (the `data_manifest_sha256` of a refit model)."""
-        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in SPLITS for e in self.splits.get(n, []))
+    def sha256(self, final: bool = False) -> str:
+        """Identifies the training data (the `data_manifest_sha256` of a refit model); `final`: the final fit's."""
+        named = {"all": self.labelled + self.replay} if final else self.splits
+        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in (("all",) if final else SPLITS) for e in named.get(n, []))
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -175,6 +204,40 @@ def _golden(cfg: Config, model_dir: Path | None) -> tuple[list[Example], str]:
         return [], ""
     golden = {message_id(e.text): e for e in reversed(read_split(path))}  # keyed by text like the store; the first copy wins
     return [Example(i, e.label, e.text) for i, e in reversed(golden.items())], str(path)
+
+
+def _read_replay(model_dir: Path | None) -> list[Example]:
+    """The model's replay.csv, one entry per text (ids are message ids, like the store's); [] when absent or unreadable."""
+    path = model_dir / REPLAY_FILE if model_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        unique = {message_id(e.text): e for e in reversed(read_split(path))}
+    except (FilterdError, OSError) as e:  # a damaged replay file costs the replay, not the cycle
+        log.warning("refit: %s unreadable, refitting without replay: %s", path, " ".join(str(e).split()))
+        return []
+    return [Example(i, e.label, e.text) for i, e in reversed(unique.items())]
+
+
+def _replay_sample(replay: list[Example], exclude: set[str], per_class: int, seed: int) -> list[Example]:
+    """Up to `per_class` replay messages per label (seeded), none of them in `exclude` (the store and the golden set)."""
+    rng = random.Random(f"replay:{seed}")
+    out: list[Example] = []
+    for label in LABELS:
+        pool = [e for e in replay if e.label == label and e.id not in exclude]
+        out += rng.sample(pool, min(per_class, len(pool)))
+    return out
+
+
+def _rebalance(train: list[Example], balance_: str, mode: str, seed: int) -> tuple[list[Example], tuple[float, float] | None]:
+    """The train split as trained on, and the (ham, spam) loss weights of the head's fit (balance "weight", mode head)."""
+    if balance_ == "oversample" or (balance_ == "weight" and mode != "head"):  # top modes: weights as repeats
+        return _oversample(train, seed), None
+    if balance_ == "weight":  # n / (2 n_c): the mean weight per message stays 1
+        n = _count(train)
+        total = sum(n.values())
+        return train, (total / (2 * n["ham"]), total / (2 * n["spam"]))
+    return train, None
 
 
 def _oversample(examples: list[Example], seed: int) -> list[Example]:
@@ -200,6 +263,7 @@ def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None
     if min(have.values()) < tc.min_per_class:
         return f"too few labels: {have['spam']} spam, {have['ham']} ham (min_per_class {tc.min_per_class})"
     rows = [Example(r.id, r.label, r.text) for r in store.rows()]
+    stored_ids = {e.id for e in rows}
     golden, golden_source = _golden(cfg, model_dir)
     held_out = {e.id for e in golden}  # keyed by text like the store; never trained on, whatever the store holds
     rows = [e for e in rows if e.id not in held_out]
@@ -211,16 +275,16 @@ def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None
     if lacking:
         return f"the train split has no {lacking[0]} messages ({len(splits['train'])} in all)"
     trained = _count(splits["train"])
-    class_weight = None
-    if tc.balance == "oversample" or (tc.balance == "weight" and tc.mode != "head"):  # top modes: weights as repeats
-        splits["train"] = _oversample(splits["train"], seed)
-    elif tc.balance == "weight":  # n / (2 n_c): the mean weight per message stays 1
-        n = sum(trained.values())
-        class_weight = (n / (2 * trained["ham"]), n / (2 * trained["spam"]))
+    # Replay goes into train only: a message in the store (whatever its fold) or the golden set is not replayed,
+    # so nothing is both trained on and evaluated.
+    replay_file = _read_replay(model_dir)
+    replay = _replay_sample(replay_file, stored_ids | held_out, tc.replay, seed)
+    splits["train"], class_weight = _rebalance(splits["train"] + replay, tc.balance, tc.mode, seed)
     if golden:
         splits["golden"] = golden
-    counts = {"store": have, "balanced": _count(balanced), "trained": trained} | {name: _count(ex) for name, ex in splits.items()}
-    return _Data(splits, counts, class_weight, golden_source)
+    counts = {"store": have, "balanced": _count(balanced), "trained": trained, "replay": _count(replay)}
+    counts |= {name: _count(ex) for name, ex in splits.items()}
+    return _Data(splits, counts, class_weight, golden_source, balanced, replay, replay_file)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -248,9 +312,39 @@ def _refit_head(
     return model, cand, cur
 
 
+def _final_head(model: GPT2Classifier, meta: ModelMeta, rows: list[Example], golden: list[Example],
+                class_weight: tuple[float, float] | None, init: tuple[torch.Tensor, torch.Tensor], cfg: Config,
+                device: torch.device, seed: int) -> tuple[GPT2Classifier, list[float]]:  # fmt: skip
+    """The head fitted again, as the candidate's was (from the live head), on `rows`; its golden-set scores.
+
+    Every feature is cached by now."""
+    with FeatureCache(cfg.trainer.models_dir / FEATURES_FILE) as cache:
+        x = features_for(model, rows + golden, cache, device, cfg.batching.max_batch_tokens, max_length=meta.max_length)
+    weight, bias = fit_head(x[: len(rows)], [LABELS.index(e.label) for e in rows], init, seed=seed, class_weight=class_weight)
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    return model, spam_probabilities(x[len(rows) :], weight, bias) if golden else []
+
+
+@dataclass
+class _TopRun:
+    epochs: int = 0  # epochs begun
+    best_epoch: int = 0  # the epoch whose state was kept
+    steps: int = 0
+    stopped: bool = False  # the time budget ended training early
+    seconds: float = 0.0
+
+
 def _train_top(model: GPT2Classifier, mode: str, train: _Encoded, val: _Encoded, device: torch.device, seed: int,
-               epochs: int = 2, lr: float = 5e-5, batch_size: int = 8) -> tuple[GPT2Classifier, dict]:  # fmt: skip
-    """Fine-tune the top of a copy of `model` as trainer.fit does; keeps the epoch with the best val accuracy."""
+               epochs: int = 2, lr: float = 5e-5, batch_size: int = 8,
+               deadline: float | None = None) -> tuple[GPT2Classifier, dict, _TopRun]:  # fmt: skip
+    """Fine-tune the top of a copy of `model` as trainer.fit does; keeps the epoch with the best val accuracy.
+
+    No val messages (a final fit): the last epoch is kept. `deadline` (time.perf_counter()): training stops after
+    the step that reaches it; the epoch so far is evaluated and the best state so far kept.
+    """
+    t_start = time.perf_counter()
     candidate = copy.deepcopy(model).to(device=device, dtype=torch.float32)
     frozen_blocks = set_trainable(candidate, mode)
     params = [p for p in candidate.parameters() if p.requires_grad]
@@ -258,44 +352,84 @@ def _train_top(model: GPT2Classifier, mode: str, train: _Encoded, val: _Encoded,
     gen = torch.Generator().manual_seed(seed)
     history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "seconds")}
     best, best_state = (-1.0, math.inf), {}
+    run = _TopRun()
     for epoch in range(1, epochs + 1):
+        if run.stopped:
+            break
         t0 = time.perf_counter()
+        run.epochs = epoch
         candidate.train()
         order = torch.randperm(len(train.labels), generator=gen).tolist()
-        loss_sum = correct = 0.0
+        loss_sum = correct = n = 0.0
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             loss, right = train_step(candidate, optimizer, train, idx, device, frozen_blocks)
             loss_sum += loss * len(idx)
             correct += right
+            n += len(idx)
+            run.steps += 1
+            if deadline is not None and time.perf_counter() >= deadline:
+                run.stopped = True
+                break
         candidate.eval()
         v_loss, v_acc = _val_loss_acc(candidate, val, device) if val.labels else (0.0, 0.0)
-        n = len(train.labels)
         for k, v in (("epoch", epoch), ("train_loss", loss_sum / n), ("val_loss", v_loss), ("train_acc", correct / n),
                      ("val_acc", v_acc), ("seconds", time.perf_counter() - t0)):  # fmt: skip
             history[k].append(v)
-        if (v_acc, -v_loss) > (best[0], -best[1]):
-            best = (v_acc, v_loss)
+        if not val.labels:  # nothing to choose by: the last state stays
+            run.best_epoch = epoch
+        elif (v_acc, -v_loss) > (best[0], -best[1]):
+            best, run.best_epoch = (v_acc, v_loss), epoch
             best_state = {k: p.detach().clone() for k, p in candidate.named_parameters() if p.requires_grad}
         log.info("refit: epoch %d/%d train loss %.4f val acc %.2f%%", epoch, epochs, loss_sum / n, 100 * v_acc)
+    if run.stopped:
+        log.warning("refit: time budget (max_cycle_seconds) reached after %d steps in epoch %d/%d: keeping epoch %d's state",
+                    run.steps, run.epochs, epochs, run.best_epoch)  # fmt: skip
     with torch.no_grad():
         for k, p in candidate.named_parameters():
             if k in best_state:
                 p.copy_(best_state[k])
-    return candidate.eval(), history
+    run.seconds = time.perf_counter() - t_start
+    return candidate.eval(), history, run
 
 
 def _refit_top(
-    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int
-) -> tuple[GPT2Classifier, Scores, Scores, dict]:
+    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int, deadline: float | None
+) -> tuple[GPT2Classifier, Scores, Scores, dict, _TopRun]:
     """last-block / last-2-blocks / all: fine-tune on the texts; both models scored with forward passes."""
+    tc = cfg.trainer
     tokenizer = Tokenizer(meta.max_length)
     enc = {name: _Encoded(tokenizer.encode_batch([e.text for e in ex]), data.labels(name)) for name, ex in data.splits.items()}
-    candidate, history = _train_top(model, cfg.trainer.mode, enc["train"], enc["val"], device, seed)
+    candidate, history, run = _train_top(model, tc.mode, enc["train"], enc["val"], device, seed, epochs=tc.epochs, lr=tc.lr,
+                                         deadline=deadline)  # fmt: skip
     tokens = cfg.batching.max_batch_tokens
     cand = {name: score(candidate, e.tokens, device, tokens) for name, e in enc.items()}
     cur = {name: score(model, enc[name].tokens, device, tokens) for name in ("test", "golden") if name in enc}
-    return candidate.cpu(), cand, cur, history
+    return candidate.cpu(), cand, cur, history, run
+
+
+def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config,
+               device: torch.device, seed: int, init: tuple[torch.Tensor, torch.Tensor], run: _TopRun | None,
+               deadline: float | None) -> tuple[GPT2Classifier | None, list[float]]:  # fmt: skip
+    """The promoted candidate's recipe again on every label but the golden set, plus replay, and its golden-set scores.
+
+    None when the time budget cut it short."""
+    tc = cfg.trainer
+    rows, class_weight = _rebalance(data.labelled + data.replay, tc.balance, tc.mode, seed)
+    golden = data.splits.get("golden", [])
+    if {e.id for e in rows} & {e.id for e in golden}:  # _load_data's promise, checked where it counts
+        raise FilterdError("refit: the final fit would train on the golden set")
+    if tc.mode == "head":
+        return _final_head(candidate, meta, rows, golden, class_weight, init, cfg, device, seed)
+    tokenizer = Tokenizer(meta.max_length)
+    everything = _Encoded(tokenizer.encode_batch([e.text for e in rows]), [LABELS.index(e.label) for e in rows])
+    epochs = max(1, run.best_epoch if run else tc.epochs)  # as many epochs as the gated candidate kept
+    final, _, final_run = _train_top(model, tc.mode, everything, _Encoded([], []), device, seed, epochs=epochs, lr=tc.lr,
+                                     deadline=deadline)  # fmt: skip
+    if final_run.stopped:
+        return None, []
+    golden_tokens = tokenizer.encode_batch([e.text for e in golden])
+    return final.cpu(), score(final, golden_tokens, device, cfg.batching.max_batch_tokens) if golden else []
 
 
 # -- one cycle ----------------------------------------------------------------------------------
@@ -311,7 +445,8 @@ def refit_once(
     t0 = time.perf_counter()
     seq = store.last_seq()  # labels arriving during the cycle count as new for the next one
     try:
-        result = _cycle(cfg, store, seed, base_model_dir)
+        budget = cfg.trainer.max_cycle_seconds
+        result = _cycle(cfg, store, seed, base_model_dir, t0 + budget if budget > 0 else None)
     except Exception as e:  # noqa: BLE001 -- a cycle's failure must not end the service's loop
         reason = " ".join(str(e).split()) or type(e).__name__
         log.debug("refit failed", exc_info=True)
@@ -327,7 +462,7 @@ def refit_once(
     return result
 
 
-def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | None) -> RefitOutcome:
+def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | None, deadline: float | None) -> RefitOutcome:
     tc = cfg.trainer
     models = ModelStore(tc.models_dir)
     live_dir = models.current()
@@ -344,13 +479,17 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     device = pick_device(cfg.model.device)
     model.to(device).eval()
     sizes = " / ".join(f"{name} {len(ex)}" for name, ex in data.splits.items())
-    log.info("refit: %s from %s on %s: %s; balance %s, trained on %d of %d stored labels", tc.mode, meta.version, device,
-             sizes, tc.balance, sum(data.counts["trained"].values()), sum(data.counts["store"].values()))  # fmt: skip
-    history = None
+    log.info("refit: %s from %s on %s: %s; balance %s, trained on %d of %d stored labels (+%d replay)", tc.mode, meta.version,
+             device, sizes, tc.balance, sum(data.counts["trained"].values()), sum(data.counts["store"].values()),
+             len(data.replay))  # fmt: skip
+    init = (model.head.weight.detach().clone(), model.head.bias.detach().clone())  # the head a final head fit starts from
+    history, run, t_train = None, None, time.perf_counter()
     if tc.mode == "head":
         candidate, cand_scores, cur_scores = _refit_head(model, meta, data, cfg, device, seed)
     else:
-        candidate, cand_scores, cur_scores, history = _refit_top(model, meta, data, cfg, device, seed)
+        candidate, cand_scores, cur_scores, history, run = _refit_top(model, meta, data, cfg, device, seed, deadline)
+    train_seconds = {"candidate": round(time.perf_counter() - t_train, 2)}
+    cand_head = (candidate.head.weight.detach().clone(), candidate.head.bias.detach().clone())
     threshold = meta.threshold
     cand = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cand_scores.items()}
     cur = {name: compute_metrics(data.labels(name), s, threshold) for name, s in cur_scores.items()}
@@ -360,16 +499,47 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
                          golden_tolerance=tc.golden_tolerance)  # fmt: skip
     why += _lacking_note(data)
     outcome = RefitOutcome("promoted" if promote else "rejected", why, tc.mode, current_version=meta.version,
-                           candidate=cand, current=cur, counts=data.counts, golden_source=data.golden_source)  # fmt: skip
+                           candidate=cand, current=cur, counts=data.counts, golden_source=data.golden_source,
+                           final_fit="fold" if promote else "", train_seconds=train_seconds)  # fmt: skip
     if promote or live_dir is not None:  # the model serving after this cycle
         outcome.over_ham_fpr_bound = over_bound({n: (cand if promote else cur)[n] for n in cur}, tc.max_ham_fpr)
     if outcome.over_ham_fpr_bound:
         log.warning("refit: the live model's ham FPR is over max_ham_fpr %.2f%% on %s (an alert; no-worse candidates still win)",
                     100 * tc.max_ham_fpr, ", ".join(outcome.over_ham_fpr_bound))  # fmt: skip
     if promote:
+        if tc.final_fit == "all":
+            t_final = time.perf_counter()
+            final, final_golden = _final_fit(model, candidate, meta, data, cfg, device, seed, init, run, deadline)
+            train_seconds["final_fit"] = round(time.perf_counter() - t_final, 2)
+            if final is not None and "golden" in cur:  # never trained on the golden set, so it can still judge the final model
+                outcome.final_golden = compute_metrics(data.labels("golden"), final_golden, threshold)
+                ok, why_final = gate({"golden": outcome.final_golden}, {"golden": cur["golden"]}, tc.max_regression,
+                                     tc.max_ham_fpr, live=live_dir is not None, golden_tolerance=tc.golden_tolerance)  # fmt: skip
+                if not ok:
+                    final, outcome.final_fit = None, "fold (final fit failed the golden set)"
+                    log.warning("refit: the final fit on all labels fails the golden set (%s): publishing the gated candidate", why_final)
+            if final is None:
+                if not outcome.final_fit.startswith("fold ("):
+                    outcome.final_fit = "fold (time budget)"
+                    log.warning("refit: the final fit on all labels ran out of max_cycle_seconds: publishing the gated candidate")
+                if tc.mode == "head":  # the final head was written into the candidate's model: put the gated one back
+                    _set_head(candidate, cand_head)
+            else:
+                candidate, outcome.final_fit = final, "all labels"
+                data.counts["trained_candidate"] = data.counts["trained"]
+                data.counts["trained"] = _count(data.labelled)  # what the published model trained on
+            log.info("refit: candidate trained in %.1fs, final fit on %d labels + %d replay in %.1fs (%s published)",
+                     train_seconds["candidate"], len(data.labelled), len(data.replay), train_seconds["final_fit"],
+                     outcome.final_fit)  # fmt: skip
         golden = data.splits.get("golden") if data.golden_source else None
-        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden)
+        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden, outcome, run)
     return outcome
+
+
+def _set_head(model: GPT2Classifier, head: tuple[torch.Tensor, torch.Tensor]) -> None:
+    with torch.no_grad():
+        model.head.weight.copy_(head[0])
+        model.head.bias.copy_(head[1])
 
 
 def _lacking_note(data: _Data) -> str:
@@ -380,18 +550,23 @@ def _lacking_note(data: _Data) -> str:
 
 def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: _Data,
              cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int,
-             golden: list[Example] | None = None) -> str:  # fmt: skip
+             golden: list[Example] | None, outcome: RefitOutcome, run: _TopRun | None) -> str:  # fmt: skip
     tc = cfg.trainer
+    extra: dict[str, Any] = {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts, "balance": tc.balance,
+                             "golden_source": data.golden_source, "replay": data.counts["replay"],
+                             "final_fit": outcome.final_fit, "train_seconds": outcome.train_seconds,
+                             "final_fit_golden": outcome.final_golden.to_dict() if outcome.final_golden else None}  # fmt: skip
+    if run is not None:  # top modes: the gated candidate's training
+        extra["training"] = {"epochs": tc.epochs, "lr": tc.lr, "epochs_run": run.epochs, "best_epoch": run.best_epoch,
+                             "steps": run.steps, "stopped_at_time_budget": run.stopped}  # fmt: skip
     new = ModelMeta(
         version="", base=meta.base, base_kind=meta.base_kind, config=meta.config, max_length=meta.max_length,
-        threshold=meta.threshold, trainable=tc.mode, metrics={n: m.to_dict() for n, m in cand.items()},
-        data_manifest_sha256=data.sha256(),
-        extra={"refit": {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts,
-                         "balance": tc.balance, "golden_source": data.golden_source}},
+        threshold=meta.threshold, trainable=tc.mode, metrics={n: m.to_dict() for n, m in cand.items()},  # the gated candidate's
+        data_manifest_sha256=data.sha256(final=outcome.final_fit == "all labels"), extra={"refit": extra},
     )  # fmt: skip
     reports = [SplitReport(n, cand[n], data.labels(n), cand_scores[n]) for n in cand]
-    # The golden set travels with every promotion, so it outlives the model whose fit sampled it.
-    files = {GOLDEN_FILE: golden} if golden else None
+    # The golden set and the replay sample travel with every promotion, so they outlive the model whose fit sampled them.
+    files = {name: ex for name, ex in ((GOLDEN_FILE, golden), (REPLAY_FILE, data.replay_file)) if ex} or None
     path = models.publish(candidate, new, reports, history, files=files)
     try:  # the new model is live: housekeeping trouble is logged, not turned into a failed cycle
         models.prune(tc.keep)

@@ -101,7 +101,10 @@ def test_labels_refit_hot_swap_poisoned_refit_rejected_and_rollback(tmp_path, re
         for label in ("spam", "ham"):
             for i, text in enumerate(uci[label][300:360]):
                 w.writerow([f"golden-{label}-{i}", label, text])
-    config = write_config(tmp_path, redis_server.url, golden)
+    # No replay: ~1,000 replayed messages per class outvote 400 flipped labels, so the poisoned candidate barely
+    # moves, is no worse on the golden set and is promoted (harmlessly; bench/RESULTS.md "Refit"). Here the
+    # candidate must learn the flips for the golden set to show them.
+    config = write_config(tmp_path, redis_server.url, golden, replay=0)
     labelled = [("spam", t) for t in uci["spam"][:200]] + [("ham", t) for t in uci["ham"][:200]]
 
     d = FilterdProcess(models / "current", redis_server.url, tmp_path / "filterd.log").start()
