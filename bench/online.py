@@ -32,6 +32,8 @@ outcome and wall time.
 `--base` selects the backbone (default random:tiny; a `filterd-trainer pretrain` directory makes the
 "with pretrain" arm); `--set trainer.KEY=VALUE` passes refit settings (e.g. trainer.epochs=4).
 First models are cached under `--work` (keyed by scenario, base and seed), so arms and reruns share them.
+
+    python -m bench.online --report bench/results/online_*.json --plot-dir bench/results  # runs' arms side by side
 """
 
 from __future__ import annotations
@@ -358,7 +360,33 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def report(paths: Sequence[Path], plot_dir: Path | None = None) -> str:
+    """One table per (scenario, base, schedule) over the arms of several runs (e.g. arms run separately), with their commands."""
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        groups.setdefault((doc["scenario"], doc["base"], doc["refit_every"], doc["delay"], doc["after"]), []).append(doc)
+    out = []
+    for docs in groups.values():
+        merged = dict(docs[0], arms=[])
+        for doc in docs:
+            note = f" ({', '.join(doc['overrides'])})" if doc.get("overrides") else ""
+            merged["arms"] += [dict(a, arm=a["arm"] + note) for a in doc["arms"]]
+        out.append(table(merged) + "\n" + "\n".join(f"- `{d['command']}`" for d in docs) + "\n")
+        if plot_dir is not None:
+            base = "".join(c if c.isalnum() else "-" for c in Path(merged["base"]).name)
+            plot(merged, plot_dir / f"online_{merged['scenario']}_{base}_every{merged['refit_every']}.png")
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["--report"]:
+        rp = argparse.ArgumentParser(prog="bench.online --report")
+        rp.add_argument("--report", nargs="+", type=Path, required=True)
+        rp.add_argument("--plot-dir", type=Path)
+        ra = rp.parse_args(argv)
+        print(report(ra.report, ra.plot_dir))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", choices=SCENARIOS, required=True)
     ap.add_argument("--arms", nargs="+", default=["head", "all", "tfidf", "tfidf-site"], choices=MODES + BASELINES)
