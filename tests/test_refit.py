@@ -411,3 +411,29 @@ def test_a_final_fit_that_fails_the_golden_set_is_not_published(tmp_path, tiny_m
     assert out.final_fit == "fold (final fit failed the golden set)" and meta.extra["refit"]["final_fit"] == out.final_fit
     assert out.final_golden.accuracy < 0.5 and "trained_candidate" not in out.counts and out.trained_share < 0.9
     assert torch.equal(heads["all"], heads["fold"])  # the gated candidate was published
+
+
+def test_after_a_final_fit_the_gate_judges_on_labels_neither_model_saw(tmp_path, tiny_model, sms_file):
+    """A final fit trains on the test fold; the next cycle must not judge the candidate there against a model
+    that memorised it (that froze a site on its first refit): those messages train the candidate, and the
+    gate uses the test-fold messages labelled since."""
+    fresh = fresh_labels(tiny_model, sms_file)
+    spam, ham = [e for e in fresh if e.label == "spam"], [e for e in fresh if e.label == "ham"]
+    store = fill(tmp_path, spam[:120] + ham[:120])
+    cfg = config(tmp_path, "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1")
+    first = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
+    assert first.outcome == "promoted" and first.final_fit == "all labels", first.reason
+    _, meta = load_model_dir(tmp_path / "models" / "current")
+    seen = store.last_seq()
+    assert meta.extra["refit"]["test_seen_through"] == seen
+    old_test = {e.id for e in _load_data(config(tmp_path, "trainer.final_fit=fold"), store, 123).splits["test"]}
+    assert old_test
+
+    store.add_many([(e.text, e.label, "test") for e in spam[120:200] + ham[120:200]])
+    data = _load_data(cfg, store, 123, tmp_path / "models" / "current")
+    test_ids = {e.id for e in data.splits["test"]}
+    train_ids = {e.id for e in data.splits["train"]}
+    assert data.seen_through == seen and test_ids and not test_ids & old_test  # only messages labelled since
+    assert old_test <= train_ids  # the ones the live model learnt now train the candidate
+    assert all(split_of(i) == "test" for i in test_ids)
+    assert all(r.seq > seen for r in store.rows() if r.id in test_ids)

@@ -26,9 +26,10 @@ every label in the store but the golden set, plus replay, and that model is publ
 gated candidate's metrics (meta extra `final_fit: "all labels"`). No label is kept out of
 training for good. The final model must still pass the golden-set part of the gate against the
 live model (the golden set is never trained on); if it does not, the gated candidate is published.
-The price: after a final fit the live model has seen the test fold, so later cycles compare the
-candidate with a model that trained on those labels (stricter on unchanged labels, blind to relabelled
-ones); the golden set stays unseen. "fold" publishes the gated candidate itself.
+A final fit records the last label change it saw (`test_seen_through`): the next cycle moves
+the test-fold messages up to it into train (the live model learnt them, so judging on them would
+favour it) and gates on the test-fold messages labelled since, which neither model has seen; the
+golden set is unseen throughout. "fold" publishes the gated candidate itself.
 
 Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
@@ -47,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import json
 import logging
 import math
 import random
@@ -180,6 +182,8 @@ class _Data:
     labelled: list[Example] = field(default_factory=list)  # every store message but the golden set, balanced: the final fit's
     replay: list[Example] = field(default_factory=list)  # replay messages mixed into train (and into the final fit)
     replay_file: list[Example] = field(default_factory=list)  # the source model's whole replay.csv, carried on when promoted
+    max_seq: int = 0  # the latest label change among the messages read
+    seen_through: int | None = None  # test-fold messages up to this change were trained on by the source model (moved to train)
 
     def labels(self, name: str) -> list[int]:
         return [LABELS.index(e.label) for e in self.splits[name]]
@@ -262,13 +266,24 @@ def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None
     have = store.counts()
     if min(have.values()) < tc.min_per_class:
         return f"too few labels: {have['spam']} spam, {have['ham']} ham (min_per_class {tc.min_per_class})"
-    rows = [Example(r.id, r.label, r.text) for r in store.rows()]
+    seqs: dict[str, int] = {}
+    rows = []
+    for r in store.rows():
+        seqs[r.id] = r.seq
+        rows.append(Example(r.id, r.label, r.text))
     stored_ids = {e.id for e in rows}
     golden, golden_source = _golden(cfg, model_dir)
     held_out = {e.id for e in golden}  # keyed by text like the store; never trained on, whatever the store holds
     rows = [e for e in rows if e.id not in held_out]
     balanced = balance(rows, "undersample", seed)[0] if tc.balance == "undersample" else rows
     splits = {name: [e for e in balanced if split_of(e.id) == name] for name in SPLITS}
+    seen_through = _test_seen_through(model_dir)
+    if seen_through is not None:
+        # The live model was fitted on every label up to change `seen_through` (a final fit): test-fold messages it
+        # trained on would favour it unfairly, so they train the candidate, and the gate judges both on the
+        # test-fold messages labelled (or relabelled) since, which neither has seen.
+        splits["train"] += [e for e in splits["test"] if seqs[e.id] <= seen_through]
+        splits["test"] = [e for e in splits["test"] if seqs[e.id] > seen_through]
     if tc.mode == "head":
         splits["train"] += splits.pop("val")
     lacking = [label for label, n in _count(splits["train"]).items() if n == 0]
@@ -284,7 +299,18 @@ def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None
         splits["golden"] = golden
     counts = {"store": have, "balanced": _count(balanced), "trained": trained, "replay": _count(replay)}
     counts |= {name: _count(ex) for name, ex in splits.items()}
-    return _Data(splits, counts, class_weight, golden_source, balanced, replay, replay_file)
+    return _Data(splits, counts, class_weight, golden_source, balanced, replay, replay_file,
+                 max(seqs.values(), default=0), seen_through)  # fmt: skip
+
+
+def _test_seen_through(model_dir: Path | None) -> int | None:
+    """The last label change a model's training saw in the test fold (recorded by a final fit), or None."""
+    try:
+        meta = json.loads((model_dir / "filterd.json").read_text()) if model_dir is not None else {}
+        value = meta.get("extra", {}).get("refit", {}).get("test_seen_through")
+        return int(value) if value is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -555,7 +581,8 @@ def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: M
     extra: dict[str, Any] = {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts, "balance": tc.balance,
                              "golden_source": data.golden_source, "replay": data.counts["replay"],
                              "final_fit": outcome.final_fit, "train_seconds": outcome.train_seconds,
-                             "final_fit_golden": outcome.final_golden.to_dict() if outcome.final_golden else None}  # fmt: skip
+                             "final_fit_golden": outcome.final_golden.to_dict() if outcome.final_golden else None,
+                             "test_seen_through": data.max_seq if outcome.final_fit == "all labels" else data.seen_through}  # fmt: skip
     if run is not None:  # top modes: the gated candidate's training
         extra["training"] = {"epochs": tc.epochs, "lr": tc.lr, "epochs_run": run.epochs, "best_epoch": run.best_epoch,
                              "steps": run.steps, "stopped_at_time_budget": run.stopped}  # fmt: skip
