@@ -578,7 +578,10 @@ class TrainerConfig:
     interval: float = _key(3600.0, Duration(), "time between refit attempts")
     metrics_listen: HostPort = _key(parse_hostport("127.0.0.1:9465"), Address(), "the trainer's /metrics")
     min_new_labels: int = _key(100, Int(0), "new labels needed since the last refit before refitting")
-    mode: str = _key("head", Choice(options=TRAINABLE), "what a refit trains: head | last-block | last-2-blocks | all")
+    mode: str = _key(
+        "auto", Choice(options=("auto", *TRAINABLE)),
+        "what a refit trains: auto (all up to 30M parameters, else head) | head | last-block | last-2-blocks | all",
+    )  # fmt: skip
     max_regression: float = _key(0.01, Number(0.0, 1.0), "a candidate may lose at most this much accuracy vs the current model")
     max_ham_fpr: float = _key(
         0.02, Number(0.0, 1.0), "ham false-positive rate bound: gates a first model; over it a better candidate still wins and an alert is raised"

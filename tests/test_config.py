@@ -296,7 +296,7 @@ BAD = [
     ('[smtp]\ntimeout = "5 minutes"', '[smtp] timeout: must be a duration such as "500ms"'),
     ('[smtp]\ntimeout = "0s"', "[smtp] timeout: must be a duration > 0"),
     ('[trainer]\ninterval = "-1h"', "[trainer] interval: must be a duration"),
-    ('[trainer]\nmode = "everything"', "[trainer] mode: must be one of head, last-block, last-2-blocks, all"),
+    ('[trainer]\nmode = "everything"', "[trainer] mode: must be one of auto, head, last-block, last-2-blocks, all"),
     ("[trainer]\nmax_ham_fpr = 2", "[trainer] max_ham_fpr: must be a number in 0..1, got 2"),
     ("[trainer]\nkeep = 0", "[trainer] keep: must be an integer >= 1, got 0"),
     ('[redis]\nurl = "http://127.0.0.1:6379"', "[redis] url: must be a URL starting with redis://, rediss:// or unix://"),

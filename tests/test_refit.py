@@ -42,6 +42,7 @@ def config(tmp_path, *extra: str):
             "trainer.max_regression=0.02",  # the test split is ~80 messages: one message is 1.2%
             "redis.enabled=false",
             "model.device=cpu",
+            "trainer.mode=head",  # what most tests here exercise; the default "auto" is all for the tiny model (its own tests)
             *extra,
         ],
     )
@@ -437,3 +438,16 @@ def test_after_a_final_fit_the_gate_judges_on_labels_neither_model_saw(tmp_path,
     assert old_test <= train_ids  # the ones the live model learnt now train the candidate
     assert all(split_of(i) == "test" for i in test_ids)
     assert all(r.seq > seen for r in store.rows() if r.id in test_ids)
+
+
+def test_auto_mode_is_all_for_small_models_and_head_for_gpt2(tmp_path, tiny_model):
+    from trainer.refit import resolve_mode
+
+    assert load_config(None, []).trainer.mode == "auto"
+    assert resolve_mode("auto", tiny_model.model_dir) == "all"  # 3.4M parameters
+    assert resolve_mode("last-block", tiny_model.model_dir) == "last-block"
+    big = tmp_path / "big"
+    big.mkdir()
+    meta = (tiny_model.model_dir / "filterd.json").read_text().replace('"n_embd": 64', '"n_embd": 768').replace('"n_layer": 2', '"n_layer": 12')
+    (big / "filterd.json").write_text(meta)
+    assert resolve_mode("auto", big) == "head"  # 124M-shaped: a full fine-tune per cycle would take hours on a CPU

@@ -31,7 +31,8 @@ the test-fold messages up to it into train (the live model learnt them, so judgi
 favour it) and gates on the test-fold messages labelled since, which neither model has seen; the
 golden set is unseen throughout. "fold" publishes the gated candidate itself.
 
-Mode "head" (the default) trains only the head, on cached backbone features (trainer.features):
+Mode "auto" (the default, `resolve_mode`) is "all" for small models and "head" for GPT-2-sized ones.
+Mode "head" trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
 the model on the texts with trainer.fit's machinery (`[trainer] epochs`, `lr`); there a final fit
 doubles the training time. `[trainer] max_cycle_seconds` bounds a top-mode cycle's training: at the
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -488,11 +490,32 @@ def refit_once(
     return result
 
 
+AUTO_ALL_MAX_PARAMS = 30_000_000  # mode "auto": fine-tune everything up to this size (minutes per cycle on a CPU), else the head
+
+
+def resolve_mode(mode: str, model_dir: Path | None) -> str:
+    """The refit mode a cycle runs: `mode`, or for "auto" "all" on models up to AUTO_ALL_MAX_PARAMS and "head" above.
+
+    Measured with bench/online.py (bench/RESULTS.md): on small models a full fine-tune adapts to a site where a head
+    on a backbone that never saw its mail cannot (a cold start from a random base is hopeless in head mode), at tens
+    of seconds per cycle; for GPT-2 124M and up a full fine-tune per cycle costs hours on a CPU, and head stays.
+    """
+    if mode != "auto":
+        return mode
+    if model_dir is None:
+        return "head"
+    meta = ModelMeta.from_json((Path(model_dir) / "filterd.json").read_text(), str(model_dir))
+    return "all" if meta.config.n_params() <= AUTO_ALL_MAX_PARAMS else "head"
+
+
 def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | None, deadline: float | None) -> RefitOutcome:
-    tc = cfg.trainer
-    models = ModelStore(tc.models_dir)
+    models = ModelStore(cfg.trainer.models_dir)
     live_dir = models.current()
     source = live_dir or (Path(base_model_dir) if base_model_dir is not None else None)
+    mode = resolve_mode(cfg.trainer.mode, source)
+    if mode != cfg.trainer.mode:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, mode=mode))
+    tc = cfg.trainer
     data = _load_data(cfg, store, seed, source)
     if isinstance(data, str):
         return RefitOutcome("skipped", data, tc.mode, counts={"store": store.counts()})
