@@ -351,7 +351,8 @@ def plot(doc: dict, path: Path) -> None:
     ax.axvline(doc["arms"][0]["after"]["range"][0], color="grey", linestyle=":", label=f"{doc['after']} labels")
     ax.set_xlabel("messages seen (arrival order)")
     ax.set_ylabel(f"accuracy % per {doc['window']} messages")
-    ax.set_title(f"{doc['scenario']} ({doc['base']}), refit every {doc['refit_every']} labels")
+    bases = " / ".join(Path(b).name for b in doc["base"].split(" / "))
+    ax.set_title(f"{doc['scenario']} ({bases}), refit every {doc['refit_every']} labels", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -365,17 +366,19 @@ def report(paths: Sequence[Path], plot_dir: Path | None = None) -> str:
     groups: dict[tuple, list[dict]] = {}
     for path in paths:
         doc = json.loads(Path(path).read_text())
-        groups.setdefault((doc["scenario"], doc["base"], doc["refit_every"], doc["delay"], doc["after"]), []).append(doc)
+        groups.setdefault((doc["scenario"], doc["refit_every"], doc["delay"], doc["after"]), []).append(doc)
     out = []
     for docs in groups.values():
-        merged = dict(docs[0], arms=[])
+        bases = sorted({d["base"] for d in docs})
+        merged = dict(docs[0], arms=[], base=" / ".join(bases))
         for doc in docs:
             note = f" ({', '.join(doc['overrides'])})" if doc.get("overrides") else ""
+            if len(bases) > 1:
+                note += f" [{Path(doc['base']).name}]"
             merged["arms"] += [dict(a, arm=a["arm"] + note) for a in doc["arms"]]
         out.append(table(merged) + "\n" + "\n".join(f"- `{d['command']}`" for d in docs) + "\n")
         if plot_dir is not None:
-            base = "".join(c if c.isalnum() else "-" for c in Path(merged["base"]).name)
-            plot(merged, plot_dir / f"online_{merged['scenario']}_{base}_every{merged['refit_every']}.png")
+            plot(merged, plot_dir / f"online_{merged['scenario']}_every{merged['refit_every']}.png")
     return "\n".join(out)
 
 
