@@ -549,7 +549,9 @@ class SmtpConfig:
     data_done_timeout: float = _key(
         540.0, Duration(), "end of DATA to our reply (classify + relay); keep below Postfix's smtp_data_done_timeout (10m)"
     )
-    session_timeout: float = _key(1800.0, Duration(), "total session deadline: then 421 4.4.2 and close (a message being filtered is answered first)")
+    session_timeout: float = _key(
+        1800.0, Duration(), "total session deadline: then 421 4.4.2 and close (a message being filtered is answered first)"
+    )
     max_connections: int = _key(400, Int(1), "sessions at once; more get 421 4.7.0 (lowered to fit the open files limit)")
     max_connections_per_client: int = _key(200, Int(1), "sessions at once from one client address; more get 421 4.7.0")
     max_scan_bytes: int = _key(
@@ -584,10 +586,14 @@ class TrainerConfig:
     )  # fmt: skip
     max_regression: float = _key(0.01, Number(0.0, 1.0), "a candidate may lose at most this much accuracy vs the current model")
     max_ham_fpr: float = _key(
-        0.02, Number(0.0, 1.0), "ham false-positive rate bound: gates a first model; over it a better candidate still wins and an alert is raised"
+        0.02,
+        Number(0.0, 1.0),
+        "ham false-positive rate bound: gates a first model; over it a better candidate still wins and an alert is raised",
     )
     balance: str = _key(
-        "weight", Choice(options=("weight", "oversample", "undersample")), "refit class balance: weight | oversample | undersample (drops labels)"
+        "weight",
+        Choice(options=("weight", "oversample", "undersample")),
+        "refit class balance: weight | oversample | undersample (drops labels)",
     )
     min_per_class: int = _key(20, Int(1), "labels of each class needed before any refit")
     keep: int = _key(5, Int(1), "model versions kept in models_dir (the live one always stays)")
@@ -595,22 +601,32 @@ class TrainerConfig:
         None, PathKind(optional=True), 'CSV (id,label,text) every candidate must pass; "" = the live model\'s golden.csv'
     )
     golden_tolerance: float = _key(
-        0.01, Number(0.0, 1.0), "on the golden set a candidate may lose at most this much accuracy, or gain this much ham FPR, vs the current model"
+        0.01,
+        Number(0.0, 1.0),
+        "on the golden set a candidate may lose at most this much accuracy, or gain this much ham FPR, vs the current model",
     )
-    replay: int = _key(1000, Int(0), "refit: at most this many messages per class of the live model's replay.csv mixed into training (0 = off)")
+    replay: int = _key(
+        1000, Int(0), "refit: at most this many messages per class of the live model's replay.csv mixed into training (0 = off)"
+    )
     final_fit: str = _key(
-        "all", Choice(options=("all", "fold")), "after promotion: all = retrain on every label (+ replay) and publish that; fold = publish the gated candidate"
+        "all",
+        Choice(options=("all", "fold")),
+        "after promotion: all = retrain on every label (+ replay) and publish that; fold = publish the gated candidate",
     )
     epochs: int = _key(2, Int(1), "top modes (last-block, last-2-blocks, all): training epochs per refit")
     lr: float = _key(5e-5, Number(1e-9, 1.0), "top modes: AdamW learning rate")
     max_cycle_seconds: float = _key(
-        0.0, Duration(positive=False), "top modes: training stops at this much time per cycle, keeping the best state so far (0 = no limit)"
+        0.0,
+        Duration(positive=False),
+        "top modes: training stops at this much time per cycle, keeping the best state so far (0 = no limit)",
     )
     group: str = _key("filterd-trainer", _stream("a consumer group name"), "consumer group on label_stream")
     reservoir: Path | None = _key(
         None, PathKind(optional=True), 'keep a sample of classified texts here (SQLite, 0600) for pretrain --reservoir; "" = off'
     )
-    reservoir_size: int = _key(20000, Int(1), "texts the reservoir keeps at most (a uniform sample of the last reservoir_max_age)")
+    reservoir_size: int = _key(
+        20000, Int(1), "texts the reservoir keeps at most (a uniform sample of the last reservoir_max_age)"
+    )
     reservoir_max_age: float = _key(30 * 86400.0, Duration(), "reservoir texts older than this are deleted")
 
 

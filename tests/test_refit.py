@@ -298,7 +298,9 @@ def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file
     golden = read_split(tiny_model.model_dir / "golden.csv") + replay[-20:]  # and some in the configured golden set
     write_split(tmp_path / "golden.csv", golden)
     store = fill(tmp_path, labelled + in_store)
-    cfg = config(tmp_path, "trainer.replay=300", "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1")
+    cfg = config(
+        tmp_path, "trainer.replay=300", "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1"
+    )
 
     data = _load_data(cfg, store, 123, tiny_model.model_dir)
     stored_ids = {r.id for r in store.rows()}
@@ -311,7 +313,10 @@ def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file
     assert {e.id for e in data.splits["test"]} <= stored_ids - golden_ids
     for label in ("ham", "spam"):  # weight balance in mode head: train = the store's train split + replay, once each
         assert data.counts["train"][label] == data.counts["trained"][label] + 300
-    assert _load_data(config(tmp_path, "trainer.replay=0"), store, 123, tiny_model.model_dir).counts["replay"] == {"ham": 0, "spam": 0}
+    assert _load_data(config(tmp_path, "trainer.replay=0"), store, 123, tiny_model.model_dir).counts["replay"] == {
+        "ham": 0,
+        "spam": 0,
+    }
 
     out = refit_once(cfg, store, base_model_dir=tiny_model.model_dir)
     assert out.outcome == "promoted", out.reason
@@ -341,7 +346,10 @@ def test_final_fit_trains_the_promoted_candidate_on_every_label(tmp_path, tiny_m
         assert out.outcome == "promoted", out.reason
         model, meta = load_model_dir(d / "models" / "current")
         heads[final_fit] = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
-        assert meta.extra["refit"]["final_fit"] == out.final_fit and meta.metrics["test"]["accuracy"] == out.candidate["test"].accuracy
+        assert (
+            meta.extra["refit"]["final_fit"] == out.final_fit
+            and meta.metrics["test"]["accuracy"] == out.candidate["test"].accuracy
+        )
 
     fold, every = runs["fold"], runs["all"]
     assert fold.final_fit == "fold" and 0.75 <= fold.trained_share < 0.9  # today's: everything but the test fold
@@ -448,6 +456,11 @@ def test_auto_mode_is_all_for_small_models_and_head_for_gpt2(tmp_path, tiny_mode
     assert resolve_mode("last-block", tiny_model.model_dir) == "last-block"
     big = tmp_path / "big"
     big.mkdir()
-    meta = (tiny_model.model_dir / "filterd.json").read_text().replace('"n_embd": 64', '"n_embd": 768').replace('"n_layer": 2', '"n_layer": 12')
+    meta = (
+        (tiny_model.model_dir / "filterd.json")
+        .read_text()
+        .replace('"n_embd": 64', '"n_embd": 768')
+        .replace('"n_layer": 2', '"n_layer": 12')
+    )
     (big / "filterd.json").write_text(meta)
     assert resolve_mode("auto", big) == "head"  # 124M-shaped: a full fine-tune per cycle would take hours on a CPU

@@ -172,7 +172,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     before = models.current_version()
     version = models.rollback()
     if cfg.redis.enabled and ModelStore.announce(cfg.redis.url, cfg.redis.model_channel, version) is None:
-        print(f"warning: could not announce on {cfg.redis.model_channel}; filterd picks the change up by polling", file=sys.stderr)
+        print(
+            f"warning: could not announce on {cfg.redis.model_channel}; filterd picks the change up by polling", file=sys.stderr
+        )
     print(f"current: {before} -> {version}")
     return 0
 

@@ -181,5 +181,3 @@ class LabelIntake:
         if self.metrics is not None:
             for label, n in collections.Counter(r.label for r in results).items():
                 self.metrics.count_label(label, n)
-
-

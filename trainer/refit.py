@@ -566,7 +566,9 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
                                      tc.max_ham_fpr, live=live_dir is not None, golden_tolerance=tc.golden_tolerance)  # fmt: skip
                 if not ok:
                     final, outcome.final_fit = None, "fold (final fit failed the golden set)"
-                    log.warning("refit: the final fit on all labels fails the golden set (%s): publishing the gated candidate", why_final)
+                    log.warning(
+                        "refit: the final fit on all labels fails the golden set (%s): publishing the gated candidate", why_final
+                    )
             if final is None:
                 if not outcome.final_fit.startswith("fold ("):
                     outcome.final_fit = "fold (time budget)"
