@@ -151,7 +151,7 @@ def test_defaults_are_the_documented_ones():
     )
     assert (t.min_new_labels, t.mode, t.max_regression, t.max_ham_fpr, t.min_per_class, t.keep, t.golden_set, t.group) == (
         100,
-        "head",
+        "auto",
         0.01,
         0.02,
         20,
