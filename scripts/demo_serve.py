@@ -90,6 +90,7 @@ def main() -> int:
     sink = Sink()
     controller = Controller(sink, hostname="127.0.0.1", port=sink_port, decode_data=False, enable_SMTPUTF8=True)
     try:
+        shutil.rmtree(work / "redis", ignore_errors=True)  # a rerun must not show (or wait on) the last run's results
         (work / "redis").mkdir(parents=True, exist_ok=True)
         started.append(subprocess.Popen(
             ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(work / "redis"),
