@@ -68,13 +68,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from filterd.engine import Engine
 from filterd.tokenizer import Tokenizer
 from trainer.data import MAX_TEXT_CHARS, Example, balance, read_email_dir, read_sms, split, write_split
-from trainer.evaluate import bootstrap_ci, compute_metrics, ham_fpr_at_recall, roca_pct
+from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, roca_pct
 from trainer.fit import TRAINABLE, FitConfig, fit
 
 from .daemon_redis import SHARED
@@ -294,14 +293,6 @@ def train_filterd(
     return scorer, info
 
 
-def _accuracy_at(threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
-    return lambda y, s: float(np.mean((s >= threshold) == (y == 1)))
-
-
-def _ham_fpr_at(threshold: float) -> Callable[[np.ndarray, np.ndarray], float | None]:
-    return lambda y, s: float(np.mean(s[y == 0] >= threshold)) if np.any(y == 0) else None
-
-
 def _fpr_at_recall(recall: float) -> Callable[[Sequence[int], Sequence[float]], float | None]:
     return lambda y, s: ham_fpr_at_recall(y, s, recall)
 
@@ -309,7 +300,10 @@ def _fpr_at_recall(recall: float) -> Callable[[Sequence[int], Sequence[float]], 
 def spam_track(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5, n_boot: int = BOOTSTRAP) -> dict:
     """Ham FPR at fixed spam recall, (1-ROCA)% and bootstrap 95% intervals (`<measure>_ci`, [lo, hi] or None)."""
     out: dict = {}
-    measures: dict[str, Callable] = {"accuracy": _accuracy_at(threshold), "ham_fpr": _ham_fpr_at(threshold)}
+    measures: dict[str, Callable] = {
+        "accuracy": lambda y, s: accuracy_at(y, s, threshold),
+        "ham_fpr": lambda y, s: ham_fpr_at(y, s, threshold),
+    }
     for r in RECALLS:
         key = f"ham_fpr_at_{round(100 * r)}"
         measures[key] = _fpr_at_recall(r)

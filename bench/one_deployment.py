@@ -19,6 +19,7 @@ Intervals: percentile bootstrap over messages (`trainer.evaluate.bootstrap_ci`, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,12 +30,11 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from filterd.engine import Engine
 from trainer.data import LABELS, prepare, read_split
-from trainer.evaluate import bootstrap_ci, compute_metrics, roca_pct
+from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, roca_pct, spam_recall_at
 from trainer.fit import FitConfig, fit
 
 from .daemon_redis import SHARED
@@ -86,18 +86,6 @@ def train(work: Path, name: str, args: argparse.Namespace) -> dict:
     return record
 
 
-def _acc(thr: float):  # type: ignore[no-untyped-def]
-    return lambda y, s: float(np.mean((s >= thr) == (y == 1)))
-
-
-def _ham_fpr(thr: float):  # type: ignore[no-untyped-def]
-    return lambda y, s: float(np.mean(s[y == 0] >= thr)) if np.any(y == 0) else None
-
-
-def _recall(thr: float):  # type: ignore[no-untyped-def]
-    return lambda y, s: float(np.mean(s[y == 1] >= thr)) if np.any(y == 1) else None
-
-
 def score(engine: Engine, labels: list[int], texts: list[str]) -> dict:
     t0 = time.perf_counter()
     scores = [v.score for v in engine.classify_texts(texts)]
@@ -109,8 +97,9 @@ def score(engine: Engine, labels: list[int], texts: list[str]) -> dict:
         "score_s": round(time.perf_counter() - t0, 1),
         "roca_pct": roca_pct(labels, scores),
     }
-    for key, value, stat in (("accuracy", m.accuracy, _acc(thr)), ("ham_fpr", m.ham_fpr, _ham_fpr(thr)),
-                             ("spam_recall", m.spam_recall, _recall(thr))):  # fmt: skip
+    for key, value, at in (("accuracy", m.accuracy, accuracy_at), ("ham_fpr", m.ham_fpr, ham_fpr_at),
+                           ("spam_recall", m.spam_recall, spam_recall_at)):  # fmt: skip
+        stat = functools.partial(at, threshold=thr)
         defined = (key != "ham_fpr" or m.n > sum(labels)) and (key != "spam_recall" or sum(labels) > 0)
         row[key] = value if defined else None
         row[f"{key}_ci95"] = bootstrap_ci(labels, scores, stat) if defined else None

@@ -60,7 +60,7 @@ from filterd.mail import extract_text
 from filterd.model import LABELS
 from filterd.weights import ModelMeta, build_model, resolve_base, write_model_files
 from trainer.data import Example, balance, read_messages, read_sms, split, write_split
-from trainer.evaluate import bootstrap_ci, compute_metrics, ham_fpr_at_recall, lam_pct, roca_pct
+from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, lam_pct, roca_pct
 from trainer.fit import FitConfig, fit
 from trainer.publish import ModelStore
 from trainer.refit import refit_once, split_of
@@ -263,16 +263,12 @@ def _train_tfidf(examples: Sequence[Example], seed: int) -> Callable[[Sequence[s
 # --------------------------------------------------------------------------- measures
 
 
-def _acc(y: np.ndarray, s: np.ndarray, threshold: float = 0.5) -> float:
-    return float(np.mean((s >= threshold) == (y == 1))) if len(y) else 0.0
-
-
 def measures(labels: Sequence[int], scores: Sequence[float], threshold: float, n_boot: int, seed: int) -> dict:
     y, s = np.asarray(labels), np.asarray(scores, dtype=float)
     m = compute_metrics(y, s, threshold)
     stats: dict[str, Callable] = {
-        "accuracy": lambda a, b: _acc(a, b, threshold),
-        "ham_fpr": lambda a, b: float(np.mean(b[a == 0] >= threshold)) if np.any(a == 0) else None,
+        "accuracy": lambda a, b: accuracy_at(a, b, threshold),
+        "ham_fpr": lambda a, b: ham_fpr_at(a, b, threshold),
         "roca_pct": roca_pct,
         "lam_pct": lambda a, b: lam_pct(a, b, threshold),
         "ham_fpr_at_95_recall": lambda a, b: ham_fpr_at_recall(a, b, 0.95),
@@ -287,8 +283,8 @@ def measures(labels: Sequence[int], scores: Sequence[float], threshold: float, n
 
 def curve(labels: Sequence[int], scores: Sequence[float], threshold: float, window: int) -> list[dict]:
     y, s = np.asarray(labels), np.asarray(scores, dtype=float)
-    return [{"end": min(i + window, len(y)), "accuracy": _acc(y[i : i + window], s[i : i + window], threshold),
-             "ham_fpr": float(np.mean(s[i : i + window][y[i : i + window] == 0] >= threshold)) if np.any(y[i : i + window] == 0) else None}
+    return [{"end": min(i + window, len(y)), "accuracy": accuracy_at(y[i : i + window], s[i : i + window], threshold),
+             "ham_fpr": ham_fpr_at(y[i : i + window], s[i : i + window], threshold)}
             for i in range(0, len(y), window)]  # fmt: skip
 
 

@@ -167,6 +167,24 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
 # --------------------------------------------------------------------------- spam-track measures
 
 
+def accuracy_at(labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Accuracy of "spam iff score >= threshold" (0.0 for no messages): cheap enough to be a bootstrap statistic."""
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    return float(np.mean((s >= threshold) == (y == 1))) if len(y) else 0.0
+
+
+def ham_fpr_at(labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> float | None:
+    """Share of ham scored at or above `threshold` (None without ham, so a bootstrap skips that resample)."""
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    return float(np.mean(s[y == 0] >= threshold)) if np.any(y == 0) else None
+
+
+def spam_recall_at(labels: Sequence[int], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> float | None:
+    """Share of spam scored at or above `threshold` (None without spam)."""
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    return float(np.mean(s[y == 1] >= threshold)) if np.any(y == 1) else None
+
+
 def ham_fpr_at_recall(labels: Sequence[int], scores: Sequence[float], recall: float) -> float | None:
     """The lowest ham FPR of any threshold that keeps at least `recall` of the spam (None without both classes).
 

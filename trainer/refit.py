@@ -208,8 +208,13 @@ def _golden(cfg: Config, model_dir: Path | None) -> tuple[list[Example], str]:
         path = model_dir / GOLDEN_FILE
     if path is None:
         return [], ""
-    golden = {message_id(e.text): e for e in reversed(read_split(path))}  # keyed by text like the store; the first copy wins
-    return [Example(i, e.label, e.text) for i, e in reversed(golden.items())], str(path)
+    return _read_by_text(path), str(path)
+
+
+def _read_by_text(path: Path) -> list[Example]:
+    """A split CSV with message ids (keyed by text, like the store's) as ids, one entry per text: the first copy wins."""
+    unique = {message_id(e.text): e for e in reversed(read_split(path))}
+    return [Example(i, e.label, e.text) for i, e in reversed(unique.items())]
 
 
 def _read_replay(model_dir: Path | None) -> list[Example]:
@@ -218,11 +223,10 @@ def _read_replay(model_dir: Path | None) -> list[Example]:
     if path is None or not path.is_file():
         return []
     try:
-        unique = {message_id(e.text): e for e in reversed(read_split(path))}
+        return _read_by_text(path)
     except (FilterdError, OSError) as e:  # a damaged replay file costs the replay, not the cycle
         log.warning("refit: %s unreadable, refitting without replay: %s", path, " ".join(str(e).split()))
         return []
-    return [Example(i, e.label, e.text) for i, e in reversed(unique.items())]
 
 
 def _replay_sample(replay: list[Example], exclude: set[str], per_class: int, seed: int) -> list[Example]:
