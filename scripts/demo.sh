@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: prepare the UCI SMS data and, when it is there, the
-# SpamAssassin mail corpus (one model for both: bench/RESULTS.md, "SMS and mail in one deployment"),
-# fine-tune, evaluate, classify, then run `filterd serve` with Redis and SMTP and push real SMS and
-# mail through it.
+# SpamAssassin mail corpus, fine-tune one model per source, evaluate, classify, then run one
+# `filterd serve` per source (SMS over Redis, mail over SMTP) and push real SMS and mail through them.
 # Uses pretrained GPT-2 when a checkpoint can be found (local Hugging Face cache, $FILTERD_GPT2_DIR,
 # or a download); otherwise says so and trains a small model from random initialisation.
 set -euo pipefail
@@ -15,16 +14,16 @@ mkdir -p "$WORK"
 
 SMS_SOURCE=(--download-sms)
 [ -f "$SMS" ] && SMS_SOURCE=(--sms "$SMS")
+# One model per source (bench/RESULTS.md, "SMS and mail in one deployment": a joint model's ham FPR
+# on SMS is 2-3 times an SMS-only model's), served by one filterd instance each.
+echo "== 1. prepare: UCI SMS Spam Collection, undersampled, split 70/10/20 (seed 123)"
+filterd-trainer prepare "${SMS_SOURCE[@]}" --out "$WORK/data-sms" --seed 123
 if [ -d "$CORPUS" ]; then
-  echo "== 1. prepare: UCI SMS Spam Collection + SpamAssassin mail, each undersampled and split 70/10/20 (seed 123)"
-  MAIL_SOURCE=(--email-dir "$CORPUS"); TRAINED_ON="SMS and mail"
-  FIT_EXTRA=(--max-length 256)  # the first 256 tokens of a mail: keeps the fit to a few minutes on a CPU
+  echo "   and the SpamAssassin mail corpus, on its own (a second model: one model per source)"
+  filterd-trainer prepare --email-dir "$CORPUS" --out "$WORK/data-mail" --seed 123
 else
-  echo "== 1. prepare: UCI SMS Spam Collection, undersampled, split 70/10/20 (seed 123)"
-  echo "      (no SpamAssassin corpus at $CORPUS: an SMS-only model, which is not to be trusted on mail)"
-  MAIL_SOURCE=(); TRAINED_ON="SMS only"; FIT_EXTRA=()
+  echo "   (no SpamAssassin corpus at $CORPUS: the SMS model also stands in for mail, and is not to be trusted there)"
 fi
-filterd-trainer prepare "${SMS_SOURCE[@]}" "${MAIL_SOURCE[@]}" --out "$WORK/data" --seed 123
 
 echo "== 2. fit"
 if python -c 'from filterd.weights import resolve_base; resolve_base("gpt2")' 2>/dev/null; then
@@ -35,30 +34,41 @@ else
   echo "NOTE: no pretrained GPT-2 checkpoint here (no network); training a 2-layer GPT-2 from RANDOM"
   echo "      initialisation instead. Put a Hugging Face checkpoint in \$FILTERD_GPT2_DIR/gpt2 for the real thing."
 fi
-filterd-trainer fit --data "$WORK/data" --base "$BASE" --trainable "$TRAINABLE" "${FIT_EXTRA[@]}" --out "$WORK/model" > "$WORK/fit.json"
+echo "-- the SMS model"
+filterd-trainer fit --data "$WORK/data-sms" --base "$BASE" --trainable "$TRAINABLE" --out "$WORK/model-sms" > "$WORK/fit-sms.json"
+MAIL_MODEL="$WORK/model-sms"
+if [ -d "$CORPUS" ]; then
+  echo "-- the mail model (the first 256 tokens of a mail: keeps the fit to a few minutes on a CPU)"
+  filterd-trainer fit --data "$WORK/data-mail" --base "$BASE" --trainable "$TRAINABLE" --max-length 256 \
+    --out "$WORK/model-mail" > "$WORK/fit-mail.json"
+  MAIL_MODEL="$WORK/model-mail"
+fi
 
 echo "== 3. evaluate (balanced test split, and the natural-prior holdout of ham left out by balancing)"
-filterd-trainer evaluate --model "$WORK/model" --data "$WORK/data" --split all
+echo "-- the SMS model"
+filterd-trainer evaluate --model "$WORK/model-sms" --data "$WORK/data-sms" --split all
+if [ -d "$CORPUS" ]; then
+  echo "-- the mail model"
+  filterd-trainer evaluate --model "$WORK/model-mail" --data "$WORK/data-mail" --split all
+fi
 
-echo "== 4. classify: SMS texts"
-filterd classify --model "$WORK/model" \
+echo "== 4. classify: SMS texts (the SMS model)"
+filterd classify --model "$WORK/model-sms" \
   "WINNER!! As a valued customer you have been selected to receive a £900 prize reward! Call 09061701461" \
   "Are we still on for dinner tonight? I'll be there at 7" \
   "URGENT! Your mobile number has won a 2000 bonus caller prize. Text CLAIM to 81010 now" \
   "Sorry, I'll call you later, in a meeting"
 
-if [ -d "$CORPUS" ]; then
-  echo "== 5. classify: raw mail (SpamAssassin corpus; this model was trained on $TRAINED_ON)"
-  for f in "$CORPUS"/spam/00001.* "$CORPUS"/easy_ham/00001.*; do
-    printf '%s  ' "$(basename "$(dirname "$f")")/$(basename "$f" | cut -c1-5)"
-    filterd classify --model "$WORK/model" --email "$f"
-  done
-fi
-echo "== model directory: $WORK/model (report: $WORK/model/report.md, plots: $WORK/model/plots/)"
-
-echo "== 6. filterd serve: SMS through a Redis stream, mail through SMTP"
 MAIL=()
 if [ -d "$CORPUS" ]; then
+  echo "== 5. classify: raw mail from the SpamAssassin corpus (the mail model)"
+  for f in "$CORPUS"/spam/00001.* "$CORPUS"/easy_ham/00001.*; do
+    printf '%s  ' "$(basename "$(dirname "$f")")/$(basename "$f" | cut -c1-5)"
+    filterd classify --model "$MAIL_MODEL" --email "$f"
+  done
   MAIL=("$CORPUS"/spam/00001.* "$CORPUS"/spam/00002.* "$CORPUS"/easy_ham/00001.* "$CORPUS"/easy_ham/00002.*)
 fi
-python scripts/demo_serve.py --model "$WORK/model" --work "$WORK" --trained-on "$TRAINED_ON" --mail "${MAIL[@]}"
+echo "== model directories: $WORK/model-sms, $MAIL_MODEL (each has report.md and plots/)"
+
+echo "== 6. filterd serve, one instance per source: SMS through a Redis stream, mail through SMTP"
+python scripts/demo_serve.py --sms-model "$WORK/model-sms" --mail-model "$MAIL_MODEL" --work "$WORK" --mail "${MAIL[@]}"

@@ -1,11 +1,13 @@
-"""The daemon part of `make demo`: filterd serve with Redis and SMTP, real messages through both.
+"""The daemon part of `make demo`: one `filterd serve` per source, real SMS and mail through them.
 
-Starts a private redis-server and an SMTP sink standing in for Postfix's re-injection port (all on
-loopback ports picked free), writes a filterd.toml, runs `filterd serve`, sends SMS through the
-Redis stream and mail through SMTP, prints the verdicts and a few metrics, and stops everything it
-started, also on failure.
+A model per source (bench/RESULTS.md, "SMS and mail in one deployment"), so one instance per source,
+each with its own config, model and metrics port: `sms.toml` reads the Redis stream, `mail.toml`
+is the SMTP content filter. Starts a private redis-server and an SMTP sink standing in for Postfix's
+re-injection port (all on loopback ports picked free), writes both configs, runs both daemons,
+sends SMS through the Redis stream and mail through SMTP, prints the verdicts and a few metrics, and
+stops everything it started, also on failure.
 
-    python scripts/demo_serve.py --model work/demo/model --work work/demo
+    python scripts/demo_serve.py --sms-model work/demo/model-sms --mail-model work/demo/model-mail --work work/demo
 """
 
 from __future__ import annotations
@@ -77,15 +79,24 @@ def metric_lines(port: int, prefixes: tuple[str, ...]) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(prefixes) and not ln.endswith(" 0.0")]
 
 
+def start_filterd(name: str, config: Path, work: Path, started: list[subprocess.Popen]) -> Path:
+    log = work / f"filterd-{name}.log"
+    print(f"{name}: config {config}; log {log}")
+    with open(log, "wb") as out:
+        started.append(subprocess.Popen([shutil.which("filterd") or "filterd", "serve", "--config", str(config)],
+                                        stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+    return log
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--sms-model", type=Path, required=True, help="the model of the SMS instance (Redis)")
+    ap.add_argument("--mail-model", type=Path, required=True, help="the model of the mail instance (SMTP)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--mail", type=Path, nargs="*", default=[], help="raw RFC 822 files to send through SMTP")
-    ap.add_argument("--trained-on", default="SMS only", help="what the model was trained on, for the printout")
     args = ap.parse_args()
     work = args.work.resolve()
-    redis_port, smtp_port, sink_port, metrics_port = (free_port() for _ in range(4))
+    redis_port, smtp_port, sink_port, sms_metrics, mail_metrics = (free_port() for _ in range(5))
     started: list[subprocess.Popen] = []
     sink = Sink()
     controller = Controller(sink, hostname="127.0.0.1", port=sink_port, decode_data=False, enable_SMTPUTF8=True)
@@ -96,21 +107,26 @@ def main() -> int:
             ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(work / "redis"),
              "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL))  # fmt: skip
         controller.start()
-        config = work / "filterd.toml"
-        config.write_text(
-            f'[model]\npath = "{args.model.resolve()}"\ndevice = "cpu"\n'
+        sms_config, mail_config = work / "sms.toml", work / "mail.toml"
+        sms_config.write_text(
+            f'[model]\npath = "{args.sms_model.resolve()}"\ndevice = "cpu"\n'
             f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n'
-            f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nnext_hop = "127.0.0.1:{sink_port}"\naction = "tag"\n'
-            f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+            f"[smtp]\nenabled = false\n"
+            f'[metrics]\nlisten = "127.0.0.1:{sms_metrics}"\n'
         )
-        log = work / "filterd.log"
-        print(f"config {config}; filterd log {log}")
-        with open(log, "wb") as out:
-            started.append(subprocess.Popen([shutil.which("filterd") or "filterd", "serve", "--config", str(config)],
-                                            stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 120, started[-1], log)
-        print(f"filterd serving: SMTP 127.0.0.1:{smtp_port} -> next hop 127.0.0.1:{sink_port}, "
-              f"Redis 127.0.0.1:{redis_port} filterd:in -> filterd:out")  # fmt: skip
+        mail_config.write_text(
+            f'[model]\npath = "{args.mail_model.resolve()}"\ndevice = "cpu"\n'
+            f"[redis]\nenabled = false\n"
+            f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nnext_hop = "127.0.0.1:{sink_port}"\naction = "tag"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{mail_metrics}"\n'
+        )
+        sms_log = start_filterd("sms", sms_config, work, started)
+        sms_proc = started[-1]
+        mail_log = start_filterd("mail", mail_config, work, started)
+        wait_http(f"http://127.0.0.1:{sms_metrics}/healthz", 120, sms_proc, sms_log)
+        wait_http(f"http://127.0.0.1:{mail_metrics}/healthz", 120, started[-1], mail_log)
+        print(f"filterd serving: SMS on Redis 127.0.0.1:{redis_port} filterd:in -> filterd:out (model {args.sms_model}); "
+              f"mail on SMTP 127.0.0.1:{smtp_port} -> next hop 127.0.0.1:{sink_port} (model {args.mail_model})")  # fmt: skip
 
         r = redis.Redis(port=redis_port)
         for i, text in enumerate(SMS):
@@ -119,7 +135,7 @@ def main() -> int:
         deadline = time.monotonic() + 60
         while r.xlen("filterd:out") < len(SMS) and time.monotonic() < deadline:
             time.sleep(0.1)
-        print("\n-- SMS through Redis (filterd:in -> filterd:out)")
+        print("\n-- SMS through Redis (filterd:in -> filterd:out), the SMS instance")
         results = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange("filterd:out")]
         for f in sorted(results, key=lambda f: f["id"]):
             text = SMS[int(f["id"].split("-")[1])]
@@ -127,7 +143,7 @@ def main() -> int:
         for _, f in r.xrange("filterd:dead"):
             print(f"dead  ({f[b'error'].decode()})  id={f.get(b'id', b'').decode()}")
 
-        print(f"\n-- mail through SMTP (filterd as a Postfix content filter; the model was trained on {args.trained_on})")
+        print("\n-- mail through SMTP (the mail instance, as a Postfix content filter)")
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as c:
             for i, path in enumerate(args.mail):
                 raw = path.read_bytes()
@@ -140,11 +156,15 @@ def main() -> int:
             print(f"{msg['X-Spam-Flag']:3s}  {msg['X-Spam-Status']}\n     {name.parent.name}/{name.name[:5]}  "
                   f"Subject: {str(msg['Subject'])[:60]}")  # fmt: skip
 
-        print(f"\n-- metrics: http://127.0.0.1:{metrics_port}/metrics (health: /healthz); a few of them:")
-        for line in metric_lines(metrics_port, ("filterd_messages_total", "filterd_smtp_replies_total", "filterd_dead_letters_total",
-                                                "filterd_model_info", "filterd_batch_size_count")):  # fmt: skip
-            print("  " + line)
-        print(f"(the demo stops these services now; `filterd serve --config {config}` runs them again)")
+        for name, port in (("sms", sms_metrics), ("mail", mail_metrics)):
+            print(f"\n-- metrics of the {name} instance: http://127.0.0.1:{port}/metrics (health: /healthz); a few of them:")
+            for line in metric_lines(port, ("filterd_messages_total", "filterd_smtp_replies_total", "filterd_dead_letters_total",
+                                            "filterd_model_info", "filterd_batch_size_count")):  # fmt: skip
+                print("  " + line)
+        print(
+            f"(the demo stops these services now; `filterd serve --config {sms_config}` and "
+            f"`filterd serve --config {mail_config}` run them again)"
+        )
         return 0
     finally:
         for p in reversed(started):
