@@ -368,7 +368,8 @@ def report(paths: Sequence[Path], plot_dir: Path | None = None) -> str:
         bases = sorted({d["base"] for d in docs})
         merged = dict(docs[0], arms=[], base=" / ".join(bases))
         for doc in docs:
-            note = f" ({', '.join(doc['overrides'])})" if doc.get("overrides") else ""
+            notes = doc.get("overrides", []) + ([f"max_length={doc['max_length']}"] if doc.get("max_length") else [])
+            note = f" ({', '.join(notes)})" if notes else ""
             if len(bases) > 1:
                 note += f" [{Path(doc['base']).name}]"
             merged["arms"] += [dict(a, arm=a["arm"] + note) for a in doc["arms"]]
@@ -401,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the refits")
+    ap.add_argument("--max-length", type=int, help="tokens the models read (default: 256 for mail, the longest message for SMS)")
     ap.add_argument("--work", type=Path, default=Path("work/online"))
     ap.add_argument(
         "--write-pretrain-corpus",
@@ -416,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     load0 = os.getloadavg()
     sc = load_scenario(args.scenario, args.seed)
+    if args.max_length:  # the first model's max_length, which every refit keeps
+        sc.max_length = args.max_length
     if args.limit:
         sc.stream = sc.stream[: args.limit]
     y = [LABELS.index(e.label) for e in sc.stream]
@@ -434,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "first_model_meta": json.loads((first / "filterd.json").read_text()).get("metrics", {}).get("test") if first else None,
         "stream": {"n": len(y), "spam": sum(y)}, "initial": {k: len(v) for k, v in sc.initial.items()},
         "refit_every": args.refit_every, "delay": args.delay, "after": args.after, "window": args.window,
-        "overrides": args.set, "seed": args.seed, "bootstrap": args.bootstrap,
+        "overrides": args.set, "max_length": args.max_length, "seed": args.seed, "bootstrap": args.bootstrap,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_start": load0},
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arms": [],
     }  # fmt: skip
