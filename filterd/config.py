@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
+from .decision import LEVELS as SPAM_LEVELS
+from .decision import SOFT_REJECT, door_levels, level_key, normalize_entry, policy_problem
 from .errors import ConfigError
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "RedisConfig",
+    "PolicyConfig",
+    "PolicyDoorConfig",
     "RoutesConfig",
     "SmtpConfig",
     "TrainerConfig",
@@ -416,6 +420,49 @@ class Threshold(Kind):
 
 
 @dataclass(frozen=True)
+class LevelKind(Kind):
+    """A [policy] level: a P(spam), "model" (the model's own threshold), "off", or (per door) "inherit"."""
+
+    inherit: bool = False
+
+    @property
+    def expect(self) -> str:
+        words = '"model", "off"' + (', "inherit"' if self.inherit else "")
+        return f"a number in 0..1, {words}"
+
+    def parse(self, value: Any) -> float | str:
+        if value in ("model", "off") or (self.inherit and value == "inherit"):
+            return value
+        try:
+            return Number(0.0, 1.0).parse(value)
+        except ValueError:
+            raise self.fail() from None
+
+    def dump(self, value: float | str) -> Any:
+        return value if isinstance(value, str) else Number().dump(value)
+
+
+@dataclass(frozen=True)
+class AddressList(Kind):
+    """An array of envelope addresses or domains ("user@example.com", "example.com", "@example.com")."""
+
+    expect = 'an array of addresses or domains, e.g. ["user@example.com", "example.com"]'
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail()
+        for v in value:
+            try:
+                normalize_entry(v)
+            except ValueError as e:
+                raise ValueError(f"{e} (use user@example.com or example.com)") from None
+        return tuple(value)
+
+    def dump(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+
+@dataclass(frozen=True)
 class Section(Kind):
     """A sub-table; its keys are the fields of `cls`."""
 
@@ -439,7 +486,7 @@ def _section(cls: type, doc: str) -> Any:
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
+ACTIONS = SPAM_LEVELS  # [smtp] action (deprecated): one level at the spam threshold
 ON_ERROR = ("accept", "tempfail")
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")  # as `filterd-trainer fit --trainable`
 LEVELS = ("debug", "info", "warning", "error")
@@ -562,6 +609,56 @@ class SmtpConfig:
     )
 
 
+def _level(default: str, action: str, inherit: bool = False) -> Any:
+    where = "this door" if inherit else "every door"
+    docs = {
+        "tag": "spam threshold: at or above it mail is spam and tagged (X-Spam-Flag: YES)",
+        "subject": "spam at or above it also gets subject_prefix in the Subject",
+        "quarantine": "spam at or above it is quarantined (SMTP: to [smtp] quarantine_rcpt)",
+        "discard": "spam at or above it is dropped while the sender is told it was delivered",
+        "reject": "spam at or above it is refused (5xx) by doors before the queue (SMTP only from [policy.smtp])",
+        SOFT_REJECT: "from it up to the next level: deferred with 4xx (doors before the queue only)",
+    }
+    doc = docs[action] + (' ("inherit" = as in [policy])' if inherit else f" ({where})")
+    return _key(default, LevelKind(inherit=inherit), doc)
+
+
+@dataclass(frozen=True)
+class PolicyDoorConfig:
+    """[policy.smtp], [policy.milter], [policy.http], [policy.redis]: one door's levels."""
+
+    tag_score: Any = _level("inherit", "tag", True)
+    subject_score: Any = _level("inherit", "subject", True)
+    quarantine_score: Any = _level("inherit", "quarantine", True)
+    discard_score: Any = _level("inherit", "discard", True)
+    reject_score: Any = _level("inherit", "reject", True)
+    soft_reject_score: Any = _level("inherit", SOFT_REJECT, True)
+
+
+def _door(source: str) -> Any:
+    return _section(PolicyDoorConfig, f"[policy.{source}] levels for the {source} door")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: what happens to spam (levels, lists), for every door; see filterd/decision.py."""
+
+    tag_score: Any = _level("model", "tag")
+    subject_score: Any = _level("off", "subject")
+    quarantine_score: Any = _level("off", "quarantine")
+    discard_score: Any = _level("off", "discard")
+    reject_score: Any = _level("off", "reject")
+    soft_reject_score: Any = _level("off", SOFT_REJECT)
+    allow_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders (address or domain) never scored: ham")
+    allow_recipients: tuple[str, ...] = _key((), AddressList(), "mail whose every recipient is listed is never scored: ham")
+    deny_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders never scored: spam, at the door's top level")
+    deny_recipients: tuple[str, ...] = _key((), AddressList(), "mail to any listed recipient (spam traps) is spam, not scored")
+    smtp: PolicyDoorConfig = _door("smtp")
+    milter: PolicyDoorConfig = _door("milter")
+    http: PolicyDoorConfig = _door("http")
+    redis: PolicyDoorConfig = _door("redis")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz of the daemon."""
@@ -646,6 +743,7 @@ class Config:
     batching: BatchingConfig = _section(BatchingConfig, "[batching]")
     redis: RedisConfig = _section(RedisConfig, "[redis]")
     smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
+    policy: PolicyConfig = _section(PolicyConfig, "[policy]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
     logging: LoggingConfig = _section(LoggingConfig, "[logging]")
@@ -653,6 +751,20 @@ class Config:
     def warnings(self) -> list[str]:
         """Risky but valid settings (non-loopback listeners, plaintext remote Redis...), one line each."""
         return [w for check in _WARNINGS if (w := check(self))]
+
+    def deprecations(self) -> list[str]:
+        """One line per deprecated key set in the file or a --set (it still works, mapped onto [policy])."""
+        explicit = getattr(self, "_explicit", frozenset())  # set by the loader: which keys the user wrote
+        out = []
+        if ("model", "threshold") in explicit:
+            value = "model" if self.model.threshold is None else self.model.threshold
+            out.append(f"[model] threshold is deprecated: set [policy] tag_score = {_toml_scalar(value)} instead")
+        if ("smtp", "action") in explicit:
+            a = self.smtp.action
+            at = _toml_scalar(door_levels(self, "smtp")["tag"][0])  # the spam threshold it acted at
+            hint = "tag is the default" if a == "tag" else f"[policy.smtp] {level_key(a)} = {at} does the same"
+            out.append(f"[smtp] action is deprecated: remove it ({hint}); see the README's Policy section")
+        return out
 
     def to_toml(self, *, redact: bool = True) -> str:
         """The effective configuration as TOML (loads back to an equal Config unless a password was redacted)."""
@@ -701,7 +813,7 @@ def _load(path: Path | str | None, overrides: Sequence[str]) -> tuple[Config, Or
         file_origin, raw = _Origin(str(path), path.absolute().parent), _read_toml(path)
     cfg = _build(Config, raw, (), lambda where: file_origin)  # the file must be valid on its own
     if not overrides:
-        return cfg, lambda where: file_origin
+        return _with_explicit(cfg, raw), lambda where: file_origin
     origins: dict[Where, _Origin] = {}
     for text in overrides:
         where, value = _parse_override(text)
@@ -716,7 +828,19 @@ def _load(path: Path | str | None, overrides: Sequence[str]) -> tuple[Config, Or
                 return origins[where[:n]]
         return file_origin
 
-    return _build(Config, raw, (), origin_of), origin_of
+    return _with_explicit(_build(Config, raw, (), origin_of), raw), origin_of
+
+
+def _with_explicit(cfg: Config, raw: Mapping[str, Any]) -> Config:
+    """Note which keys the user wrote (not a field: equality and dumps ignore it), for `deprecations`."""
+    def paths(table: Mapping[str, Any], where: Where) -> list[Where]:
+        out: list[Where] = []
+        for k, v in table.items():
+            out += paths(v, where + (k,)) if isinstance(v, dict) else [where + (k,)]
+        return out
+
+    object.__setattr__(cfg, "_explicit", frozenset(paths(raw, ())))
+    return cfg
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -880,10 +1004,16 @@ def _check_ingress(cfg: Config) -> Problem:
     return None
 
 
+def _check_policy(cfg: Config) -> Problem:
+    return policy_problem(cfg)
+
+
 def _check_quarantine(cfg: Config) -> Problem:
-    if cfg.smtp.enabled and cfg.smtp.action == "quarantine" and not cfg.smtp.quarantine_rcpt:
+    if not cfg.smtp.enabled or cfg.smtp.quarantine_rcpt or "quarantine" not in door_levels(cfg, "smtp"):
+        return None
+    if cfg.smtp.action == "quarantine":
         return ("smtp", "quarantine_rcpt"), 'required when action = "quarantine"'
-    return None
+    return ("smtp", "quarantine_rcpt"), "required when a quarantine_score applies to the smtp door"
 
 
 def _same_socket(a: HostPort, b: HostPort) -> bool:
@@ -944,6 +1074,7 @@ def _check_read_count(cfg: Config) -> Problem:
 
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_ingress,
+    _check_policy,
     _check_quarantine,
     _check_smtp_loop,
     _check_listen_clash,
@@ -986,10 +1117,11 @@ def _warn_redis_plaintext(cfg: Config) -> str | None:
 
 
 def _warn_reject(cfg: Config) -> str | None:
-    if not cfg.smtp.enabled or cfg.smtp.action != "reject":
+    if not cfg.smtp.enabled or "reject" not in door_levels(cfg, "smtp"):
         return None
+    setting = '[smtp] action = "reject"' if cfg.smtp.action == "reject" else "[policy.smtp] reject_score"
     return (
-        '[smtp] action = "reject" suits a before-queue filter (smtpd_proxy_filter) only: after the queue, '
+        f"{setting} suits a before-queue filter (smtpd_proxy_filter) only: after the queue, "
         "Postfix turns the 550 into a bounce to a usually forged sender (backscatter)"
     )
 
