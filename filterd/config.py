@@ -1144,6 +1144,8 @@ def _toml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
     # json's escapes are TOML's, except that TOML also wants DEL escaped
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 

@@ -78,6 +78,7 @@ class Decision:
     score: float | None  # P(spam); None when a list decided without the model
     reasons: tuple[str, ...]  # why, for logs and replies
     threshold: float = 0.5  # the spam threshold (tag level) in effect
+    listed: str = ""  # the list that decided without the model (allow_senders, deny_recipients, ...), else ""
 
     @property
     def spam(self) -> bool:
@@ -277,9 +278,9 @@ class Policy:
         table = self.tables[message.source]
         threshold = table.resolved(model_threshold)[0]
         if why := self.lists.allowed(message):
-            return Decision("ham", "pass", None, (why, "not scored"), threshold)
+            return Decision("ham", "pass", None, (why, "not scored"), threshold, _list_name(why))
         if why := self.lists.denied(message):
-            return Decision("spam", table.top(), None, (why, "not scored"), threshold)
+            return Decision("spam", table.top(), None, (why, "not scored"), threshold, _list_name(why))
         return None
 
     def decide(self, message: Message, score: float | None, model_threshold: float = 0.5) -> Decision:
@@ -296,6 +297,10 @@ class Policy:
             return Decision(verdict, "pass", score, (f"score {score:.4f} < {threshold:.4f} (tag_score)",), threshold)
         at, _, action = max(reached)
         return Decision(verdict, action, score, (f"score {score:.4f} >= {at:.4f} ({level_key(action)})",), threshold)
+
+
+def _list_name(why: str) -> str:
+    return next(w for w in why.split() if w.endswith(("_senders", "_recipients")))
 
 
 def decide(message: Message, score: float | None, policy: Policy | None = None, model_threshold: float = 0.5) -> Decision:
