@@ -505,7 +505,9 @@ class ModelConfig:
     min_reload_interval: float = _key(
         5.0, Duration(positive=False), "reloads at most this often (SIGHUP excepted); an unchanged model is never reloaded"
     )
-    threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
+    threshold: float | None = _key(
+        None, Threshold(), 'deprecated, use [policy] tag_score: "model" (the model\'s own) or P(spam) 0..1 at which mail is spam'
+    )
 
     def resolved_dtype(self, device_type: str) -> str:
         """The dtype to load with on a torch device type ("cuda" or "cpu")."""
@@ -580,13 +582,15 @@ class SmtpConfig:
     enabled: bool = _key(True, Bool(), "accept mail over SMTP")
     listen: HostPort = _key(parse_hostport("127.0.0.1:10025"), Address(), "where mail comes in from the MTA")
     next_hop: HostPort = _key(parse_hostport("127.0.0.1:10026"), Address(), "where accepted mail is re-injected")
-    action: str = _key("tag", Choice(options=ACTIONS), "spam action: tag | subject | quarantine | discard | reject")
+    action: str = _key(
+        "tag", Choice(options=ACTIONS), "deprecated, use [policy.smtp] levels: what spam gets: tag | subject | quarantine | discard | reject"
+    )
     quarantine_rcpt: str = _key(
         "",
         Text("an address without spaces or <>", pattern=r"[^\s<>,;\"]+"),
-        "recipient of quarantined spam (action = quarantine)",
+        "recipient of quarantined spam (the quarantine level)",
     )
-    subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject when action = subject")
+    subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject of spam at the subject level")
     max_message_bytes: int = _key(26214400, Int(1), "larger messages get 552 5.3.4")
     max_recipients: int = _key(1000, Int(1), "RCPT TO beyond this get 452 4.5.3")
     timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for each next-hop command")
@@ -610,17 +614,17 @@ class SmtpConfig:
 
 
 def _level(default: str, action: str, inherit: bool = False) -> Any:
-    where = "this door" if inherit else "every door"
+    if inherit:
+        return _key(default, LevelKind(inherit=True), f'the {action} level for this door; "inherit" = [policy] {level_key(action)}')
     docs = {
         "tag": "spam threshold: at or above it mail is spam and tagged (X-Spam-Flag: YES)",
-        "subject": "spam at or above it also gets subject_prefix in the Subject",
-        "quarantine": "spam at or above it is quarantined (SMTP: to [smtp] quarantine_rcpt)",
+        "subject": "spam at or above it also gets [smtp] subject_prefix in the Subject",
+        "quarantine": "spam at or above it is quarantined (SMTP: sent to [smtp] quarantine_rcpt only)",
         "discard": "spam at or above it is dropped while the sender is told it was delivered",
-        "reject": "spam at or above it is refused (5xx) by doors before the queue (SMTP only from [policy.smtp])",
+        "reject": "spam at or above it is refused (5xx) by doors before the queue; SMTP takes it only from [policy.smtp]",
         SOFT_REJECT: "from it up to the next level: deferred with 4xx (doors before the queue only)",
     }
-    doc = docs[action] + (' ("inherit" = as in [policy])' if inherit else f" ({where})")
-    return _key(default, LevelKind(inherit=inherit), doc)
+    return _key(default, LevelKind(), docs[action])
 
 
 @dataclass(frozen=True)
