@@ -631,12 +631,12 @@ def _level(default: str, action: str, inherit: bool = False) -> Any:
 class PolicyDoorConfig:
     """[policy.smtp], [policy.milter], [policy.http], [policy.redis]: one door's levels."""
 
-    tag_score: Any = _level("inherit", "tag", True)
-    subject_score: Any = _level("inherit", "subject", True)
-    quarantine_score: Any = _level("inherit", "quarantine", True)
-    discard_score: Any = _level("inherit", "discard", True)
-    reject_score: Any = _level("inherit", "reject", True)
-    soft_reject_score: Any = _level("inherit", SOFT_REJECT, True)
+    tag_score: float | str = _level("inherit", "tag", True)
+    subject_score: float | str = _level("inherit", "subject", True)
+    quarantine_score: float | str = _level("inherit", "quarantine", True)
+    discard_score: float | str = _level("inherit", "discard", True)
+    reject_score: float | str = _level("inherit", "reject", True)
+    soft_reject_score: float | str = _level("inherit", SOFT_REJECT, True)
 
 
 def _door(source: str) -> Any:
@@ -647,12 +647,12 @@ def _door(source: str) -> Any:
 class PolicyConfig:
     """[policy]: what happens to spam (levels, lists), for every door; see filterd/decision.py."""
 
-    tag_score: Any = _level("model", "tag")
-    subject_score: Any = _level("off", "subject")
-    quarantine_score: Any = _level("off", "quarantine")
-    discard_score: Any = _level("off", "discard")
-    reject_score: Any = _level("off", "reject")
-    soft_reject_score: Any = _level("off", SOFT_REJECT)
+    tag_score: float | str = _level("model", "tag")
+    subject_score: float | str = _level("off", "subject")
+    quarantine_score: float | str = _level("off", "quarantine")
+    discard_score: float | str = _level("off", "discard")
+    reject_score: float | str = _level("off", "reject")
+    soft_reject_score: float | str = _level("off", SOFT_REJECT)
     allow_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders (address or domain) never scored: ham")
     allow_recipients: tuple[str, ...] = _key((), AddressList(), "mail whose every recipient is listed is never scored: ham")
     deny_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders never scored: spam, at the door's top level")
@@ -1008,10 +1008,6 @@ def _check_ingress(cfg: Config) -> Problem:
     return None
 
 
-def _check_policy(cfg: Config) -> Problem:
-    return policy_problem(cfg)
-
-
 def _check_quarantine(cfg: Config) -> Problem:
     if not cfg.smtp.enabled or cfg.smtp.quarantine_rcpt or "quarantine" not in door_levels(cfg, "smtp"):
         return None
@@ -1078,7 +1074,7 @@ def _check_read_count(cfg: Config) -> Problem:
 
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_ingress,
-    _check_policy,
+    policy_problem,  # levels in order, what each door can do, old and new keys not both
     _check_quarantine,
     _check_smtp_loop,
     _check_listen_clash,

@@ -94,7 +94,7 @@ def normalize_entry(entry: str) -> str:
     if e.startswith("@"):
         e = e[1:]
     local, at, domain = e.rpartition("@")
-    if not domain or (at and not local) or any(c.isspace() or c in "<>,;\"" for c in e) or "@" in local:
+    if not domain or (at and not local) or any(c.isspace() or c in '<>,;"' for c in e) or "@" in local:
         raise ValueError(f"not an address or domain: {entry!r}")
     return e
 
@@ -187,7 +187,8 @@ def policy_problem(cfg: Config) -> tuple[tuple[str, ...], str] | None:
         return ("model", "threshold"), "deprecated, and [policy] tag_score is set too: keep only tag_score"
     legacy = cfg.smtp.action
     if legacy != "tag" and _set(getattr(p.smtp, level_key(legacy))):
-        return ("smtp", "action"), f"deprecated, and [policy.smtp] {level_key(legacy)} is set too: keep only the [policy.smtp] level"
+        why = f"deprecated, and [policy.smtp] {level_key(legacy)} is set too: keep only the [policy.smtp] level"
+        return ("smtp", "action"), why
     if p.tag_score == "off":
         return ("policy", "tag_score"), 'the spam threshold cannot be "off" (use "model" or a number)'
     for source in SOURCES:
@@ -233,6 +234,7 @@ class Table:
 
     def resolved(self, model_threshold: float) -> tuple[float, list[tuple[float, int, str]]]:
         """(spam threshold, [(score, rank, action)]) with "model" filled in and spam levels clamped to the threshold."""
+
         def value(v: Level) -> float:
             return model_threshold if v == "model" else float(v)
 
@@ -306,4 +308,3 @@ def _list_name(why: str) -> str:
 def decide(message: Message, score: float | None, policy: Policy | None = None, model_threshold: float = 0.5) -> Decision:
     """`policy.decide` (default policy: tag at the model's threshold)."""
     return (policy or Policy.default()).decide(message, score, model_threshold)
-

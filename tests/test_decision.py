@@ -116,7 +116,7 @@ def test_check_config_prints_a_deprecation_line_per_old_key(tmp_path, capsys):
     assert "deprecated: [model] threshold is deprecated: set [policy] tag_score = 0.7 instead" in err
     assert any(line.startswith("deprecated: [smtp] action is deprecated") and "reject_score = 0.7" in line for line in err)
     assert any("backscatter" in line for line in err)  # the warning stays
-    cfg.write_text('[policy]\ntag_score = 0.7\n[redis]\nenabled = false\n')
+    cfg.write_text("[policy]\ntag_score = 0.7\n[redis]\nenabled = false\n")
     assert main(["check-config", "--config", str(cfg)]) == 0
     assert "deprecat" not in capsys.readouterr().err
 

@@ -99,10 +99,10 @@ class RedisIngress:
             return Outcome(entry_id, fields, decision=listed, seconds=time.perf_counter() - t0)
         try:
             result = await self.score(text or "")
+            decision = self.policy.decide(message, result.score, getattr(result, "threshold", 0.5))  # NaN: ValueError
         except Exception as e:  # the model failed: count it, keep the entry pending for a retry
             log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
-        decision = self.policy.decide(message, result.score, getattr(result, "threshold", 0.5))
         return Outcome(entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0)
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:

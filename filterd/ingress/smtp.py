@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import multiprocessing
 import re
 import resource
@@ -846,6 +847,9 @@ class FilterHandler:
         except Exception as e:  # the model failed: on_error decides between relaying untagged and 451
             log.error("smtp: classification failed: %r", e)
             return None, type(e).__name__
+        if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
+            log.error("smtp: the model scored NaN")
+            return None, "nan-score"
         return scored, ""
 
     def _observe(self, verdict: str, score: float | None, t0: float) -> None:

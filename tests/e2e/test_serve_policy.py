@@ -25,7 +25,9 @@ def test_smtp_allow_listed_spam_is_delivered_untagged_deny_listed_is_discarded(t
                 assert s.sendmail("someone@else.example", ["user2@example.net"], spam) == {}
                 assert s.sendmail("someone@else.example", ["trap@example.net"], spam) == {}  # 250: discarded
             got = {r.rcpt_tos[0]: r for r in sink.wait_for(2)}
-            actions = {a: d.metric(f'filterd_actions_total{{action="{a}",source="smtp"}}') for a in ("pass", "subject", "discard")}
+            actions = {
+                a: d.metric(f'filterd_actions_total{{action="{a}",source="smtp"}}') for a in ("pass", "subject", "discard")
+            }
         finally:
             assert d.stop() == 0
     assert set(got) == {"user1@example.net", "user2@example.net"}  # nothing reached the trap
