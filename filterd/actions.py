@@ -20,10 +20,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from .decision import LEVELS, Decision
+
 if TYPE_CHECKING:
     from .config import SmtpConfig
 
-ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
+ACTIONS = LEVELS  # what `decide`'s single-level shortcut may do with spam
 ON_ERROR = ("accept", "tempfail")
 
 TEMPFAIL_REPLY = "451 4.3.0 Temporary failure classifying message, try again later"
@@ -34,6 +36,7 @@ REPLIES = {  # RFC 3463 enhanced codes; relayed outcomes are answered only once 
     "quarantine": "250 2.0.0 Ok: spam quarantined",
     "discard": "250 2.0.0 Ok: discarded as spam",  # the client must believe it was delivered
     "reject": "550 5.7.1 Message rejected as spam",
+    "soft-reject": "451 4.7.1 Message deferred as possible spam, try again later",  # no [policy] gives smtp this
     "accept-unknown": "250 2.0.0 Ok: queued unclassified",
     "tempfail": TEMPFAIL_REPLY,
 }
@@ -67,7 +70,8 @@ _FOLD_AT = 78  # RFC 5322's recommended width for the lines we write
 
 @dataclass(frozen=True)
 class Policy:
-    """What to do with spam, and with mail that could not be classified."""
+    """How the SMTP door carries out a Decision (quarantine address, Subject prefix) and what it does
+    with mail that could not be classified; `action` is only for `decide`'s single-level shortcut."""
 
     action: str = "tag"  # tag | subject | quarantine | discard | reject
     quarantine_rcpt: str = ""
@@ -147,14 +151,21 @@ def spam_headers(c: Classification | None) -> list[tuple[str, str]]:
 
 
 def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
-    if c is None:  # no Flag and no Score: nothing was measured
+    d = None if c is None else Decision(c.verdict, "", c.score, (), c.threshold)
+    return _decision_fields(d, c.model if c else "", error)
+
+
+def _decision_fields(d: Decision | None, model: str, error: str) -> list[tuple[str, str]]:
+    if d is None:  # no Flag and no Score: nothing was measured
         return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]
-    spam = c.verdict == "spam"
-    score = f"{c.score:.4f}"
+    yes = "Yes" if d.spam else "No"
+    if d.score is None:  # a list decided: no Score, the list named instead of a model
+        return [("X-Spam-Flag", yes.upper()), ("X-Spam-Status", f"{yes}, listed={_token(d.listed, 40)}")]
+    score = f"{d.score:.4f}"
     return [
-        ("X-Spam-Flag", "YES" if spam else "NO"),
+        ("X-Spam-Flag", yes.upper()),
         ("X-Spam-Score", score),
-        ("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={score} threshold={c.threshold:.4f} model={_token(c.model, 200)}"),
+        ("X-Spam-Status", f"{yes}, score={score} threshold={d.threshold:.4f} model={_token(model, 200)}"),
     ]
 
 
@@ -234,22 +245,27 @@ def _skip(action: str) -> Outcome:
 
 
 def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, policy: Policy, error: str = "") -> Outcome:
-    """The outcome for one message. Ham is always relayed, tagged; spam gets `policy.action`; a failed
-    classification (c is None, `error` says why) is relayed with an Unknown status or deferred, as
-    `policy.on_error` says."""
-    if c is None and policy.on_error == "tempfail":
+    """Single-level shortcut: spam (by `c.verdict`) gets `policy.action`, ham passes; see `apply`."""
+    d = None if c is None else Decision(c.verdict, policy.action if c.verdict == "spam" else "pass", c.score, (), c.threshold)
+    return apply(raw, recipients, d, c.model if c else "", policy, error)
+
+
+def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str, policy: Policy, error: str = "") -> Outcome:
+    """The outcome for one message: `d.action` carried out (filterd.decision decided it; `model` names
+    the model for the headers). Every relayed message gets our headers; a failed classification (d is
+    None, `error` says why) is relayed with an Unknown status or deferred, as `policy.on_error` says."""
+    if d is None and policy.on_error == "tempfail":
         return _skip("tempfail")
-    spam = c is not None and c.verdict == "spam"
-    if spam and policy.action in ("discard", "reject"):
-        return _skip(policy.action)
+    if d is not None and d.action in ("discard", "reject", "soft-reject"):
+        return _skip(d.action)
 
     raw = bytes(raw)
     eol = _eol(raw)
     end = _header_block(raw)
     block = _without_ours(raw[:end])
-    added = _field_bytes(_spam_fields(c, error), eol)
+    added = _field_bytes(_decision_fields(d, model, error), eol)
     rcpts = tuple(recipients)
-    action = "accept-unknown" if c is None else policy.action if spam else "pass"
+    action = "accept-unknown" if d is None else d.action
 
     prefix = _prefix_bytes(policy.subject_prefix)
     if action == "subject" and prefix.strip():

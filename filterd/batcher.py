@@ -86,13 +86,14 @@ class BatchObserver(Protocol):
 
 @dataclass(frozen=True)
 class Scored:
+    """A score, not a verdict: what it means is filterd.decision's business (per door, per [policy])."""
+
     score: float  # P(spam)
-    verdict: str  # "spam" | "ham", by the scoring engine's threshold
     model: str  # version of the engine that scored it
     tokens: int
     queued_s: float  # arrival to the start of its batch
     inference_s: float  # the forward pass it was part of
-    threshold: float = 0.5  # the threshold `verdict` was decided by (SMTP headers report it)
+    threshold: float = 0.5  # the scoring model's own threshold: what "model" means in [policy]
 
 
 @dataclass(eq=False)
@@ -369,9 +370,8 @@ class Batcher:
             self._notify("on_batch", len(batch.requests), batch.padded_tokens, batch.real_tokens, seconds)
             for req, score in zip(batch.requests, scores):
                 if not req.future.done():  # a cancelled caller must not break the others
-                    verdict = "spam" if score >= threshold else "ham"
                     req.future.set_result(
-                        Scored(score, verdict, version, len(req.tokens), batch.started - req.arrived, seconds, threshold)
+                        Scored(score, version, len(req.tokens), batch.started - req.arrived, seconds, threshold)
                     )
         finally:
             self._slot.release()

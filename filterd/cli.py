@@ -99,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging.level, cfg.logging.format)
     for warning in cfg.warnings():
         logging.getLogger("filterd").warning("config: %s", warning)
+    for line in cfg.deprecations():
+        logging.getLogger("filterd").warning("config: %s", line)
     return serve(cfg)
 
 
@@ -108,6 +110,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = check_config(args.config, args.set)
     for warning in cfg.warnings():
         print(f"warning: {warning}", file=sys.stderr)
+    for line in cfg.deprecations():
+        print(f"deprecated: {line}", file=sys.stderr)
     if args.print:
         sys.stdout.write(cfg.to_toml())
     print(f"{args.config or '(defaults)'}: ok", file=sys.stderr)

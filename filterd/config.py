@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
+from .decision import LEVELS as SPAM_LEVELS
+from .decision import SOFT_REJECT, door_levels, level_key, normalize_entry, policy_problem
 from .errors import ConfigError
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "RedisConfig",
+    "PolicyConfig",
+    "PolicyDoorConfig",
     "RoutesConfig",
     "SmtpConfig",
     "TrainerConfig",
@@ -416,6 +420,49 @@ class Threshold(Kind):
 
 
 @dataclass(frozen=True)
+class LevelKind(Kind):
+    """A [policy] level: a P(spam), "model" (the model's own threshold), "off", or (per door) "inherit"."""
+
+    inherit: bool = False
+
+    @property
+    def expect(self) -> str:
+        words = '"model", "off"' + (', "inherit"' if self.inherit else "")
+        return f"a number in 0..1, {words}"
+
+    def parse(self, value: Any) -> float | str:
+        if value in ("model", "off") or (self.inherit and value == "inherit"):
+            return value
+        try:
+            return Number(0.0, 1.0).parse(value)
+        except ValueError:
+            raise self.fail() from None
+
+    def dump(self, value: float | str) -> Any:
+        return value if isinstance(value, str) else Number().dump(value)
+
+
+@dataclass(frozen=True)
+class AddressList(Kind):
+    """An array of envelope addresses or domains ("user@example.com", "example.com", "@example.com")."""
+
+    expect = 'an array of addresses or domains, e.g. ["user@example.com", "example.com"]'
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail()
+        for v in value:
+            try:
+                normalize_entry(v)
+            except ValueError as e:
+                raise ValueError(f"{e} (use user@example.com or example.com)") from None
+        return tuple(value)
+
+    def dump(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+
+@dataclass(frozen=True)
 class Section(Kind):
     """A sub-table; its keys are the fields of `cls`."""
 
@@ -439,7 +486,7 @@ def _section(cls: type, doc: str) -> Any:
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-ACTIONS = ("tag", "subject", "quarantine", "discard", "reject")
+ACTIONS = SPAM_LEVELS  # [smtp] action (deprecated): one level at the spam threshold
 ON_ERROR = ("accept", "tempfail")
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")  # as `filterd-trainer fit --trainable`
 LEVELS = ("debug", "info", "warning", "error")
@@ -458,7 +505,9 @@ class ModelConfig:
     min_reload_interval: float = _key(
         5.0, Duration(positive=False), "reloads at most this often (SIGHUP excepted); an unchanged model is never reloaded"
     )
-    threshold: float | None = _key(None, Threshold(), '"model" (the model\'s own) or P(spam) 0..1 at which mail is spam')
+    threshold: float | None = _key(
+        None, Threshold(), 'deprecated, use [policy] tag_score: "model" (the model\'s own) or P(spam) 0..1 at which mail is spam'
+    )
 
     def resolved_dtype(self, device_type: str) -> str:
         """The dtype to load with on a torch device type ("cuda" or "cpu")."""
@@ -533,13 +582,15 @@ class SmtpConfig:
     enabled: bool = _key(True, Bool(), "accept mail over SMTP")
     listen: HostPort = _key(parse_hostport("127.0.0.1:10025"), Address(), "where mail comes in from the MTA")
     next_hop: HostPort = _key(parse_hostport("127.0.0.1:10026"), Address(), "where accepted mail is re-injected")
-    action: str = _key("tag", Choice(options=ACTIONS), "spam action: tag | subject | quarantine | discard | reject")
+    action: str = _key(
+        "tag", Choice(options=ACTIONS), "deprecated, use [policy.smtp] levels: what spam gets: tag | subject | quarantine | discard | reject"
+    )
     quarantine_rcpt: str = _key(
         "",
         Text("an address without spaces or <>", pattern=r"[^\s<>,;\"]+"),
-        "recipient of quarantined spam (action = quarantine)",
+        "recipient of quarantined spam (the quarantine level)",
     )
-    subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject when action = subject")
+    subject_prefix: str = _key("[SPAM] ", Text("a string"), "prepended to the Subject of spam at the subject level")
     max_message_bytes: int = _key(26214400, Int(1), "larger messages get 552 5.3.4")
     max_recipients: int = _key(1000, Int(1), "RCPT TO beyond this get 452 4.5.3")
     timeout: float = _key(300.0, Duration(), "idle timeout for a client session and for each next-hop command")
@@ -560,6 +611,56 @@ class SmtpConfig:
     max_inflight_bytes: int = _key(
         268435456, Int(1), "message bytes held by all sessions together; beyond it 452 4.3.1 (Postfix retries)"
     )
+
+
+def _level(default: str, action: str, inherit: bool = False) -> Any:
+    if inherit:
+        return _key(default, LevelKind(inherit=True), f'the {action} level for this door; "inherit" = [policy] {level_key(action)}')
+    docs = {
+        "tag": "spam threshold: at or above it mail is spam and tagged (X-Spam-Flag: YES)",
+        "subject": "spam at or above it also gets [smtp] subject_prefix in the Subject",
+        "quarantine": "spam at or above it is quarantined (SMTP: sent to [smtp] quarantine_rcpt only)",
+        "discard": "spam at or above it is dropped while the sender is told it was delivered",
+        "reject": "spam at or above it is refused (5xx) by doors before the queue; SMTP takes it only from [policy.smtp]",
+        SOFT_REJECT: "from it up to the next level: deferred with 4xx (doors before the queue only)",
+    }
+    return _key(default, LevelKind(), docs[action])
+
+
+@dataclass(frozen=True)
+class PolicyDoorConfig:
+    """[policy.smtp], [policy.milter], [policy.http], [policy.redis]: one door's levels."""
+
+    tag_score: float | str = _level("inherit", "tag", True)
+    subject_score: float | str = _level("inherit", "subject", True)
+    quarantine_score: float | str = _level("inherit", "quarantine", True)
+    discard_score: float | str = _level("inherit", "discard", True)
+    reject_score: float | str = _level("inherit", "reject", True)
+    soft_reject_score: float | str = _level("inherit", SOFT_REJECT, True)
+
+
+def _door(source: str) -> Any:
+    return _section(PolicyDoorConfig, f"[policy.{source}] levels for the {source} door")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: what happens to spam (levels, lists), for every door; see filterd/decision.py."""
+
+    tag_score: float | str = _level("model", "tag")
+    subject_score: float | str = _level("off", "subject")
+    quarantine_score: float | str = _level("off", "quarantine")
+    discard_score: float | str = _level("off", "discard")
+    reject_score: float | str = _level("off", "reject")
+    soft_reject_score: float | str = _level("off", SOFT_REJECT)
+    allow_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders (address or domain) never scored: ham")
+    allow_recipients: tuple[str, ...] = _key((), AddressList(), "mail whose every recipient is listed is never scored: ham")
+    deny_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders never scored: spam, at the door's top level")
+    deny_recipients: tuple[str, ...] = _key((), AddressList(), "mail to any listed recipient (spam traps) is spam, not scored")
+    smtp: PolicyDoorConfig = _door("smtp")
+    milter: PolicyDoorConfig = _door("milter")
+    http: PolicyDoorConfig = _door("http")
+    redis: PolicyDoorConfig = _door("redis")
 
 
 @dataclass(frozen=True)
@@ -646,6 +747,7 @@ class Config:
     batching: BatchingConfig = _section(BatchingConfig, "[batching]")
     redis: RedisConfig = _section(RedisConfig, "[redis]")
     smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
+    policy: PolicyConfig = _section(PolicyConfig, "[policy]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
     logging: LoggingConfig = _section(LoggingConfig, "[logging]")
@@ -653,6 +755,20 @@ class Config:
     def warnings(self) -> list[str]:
         """Risky but valid settings (non-loopback listeners, plaintext remote Redis...), one line each."""
         return [w for check in _WARNINGS if (w := check(self))]
+
+    def deprecations(self) -> list[str]:
+        """One line per deprecated key set in the file or a --set (it still works, mapped onto [policy])."""
+        explicit = getattr(self, "_explicit", frozenset())  # set by the loader: which keys the user wrote
+        out = []
+        if ("model", "threshold") in explicit:
+            value = "model" if self.model.threshold is None else self.model.threshold
+            out.append(f"[model] threshold is deprecated: set [policy] tag_score = {_toml_scalar(value)} instead")
+        if ("smtp", "action") in explicit:
+            a = self.smtp.action
+            at = _toml_scalar(door_levels(self, "smtp")["tag"][0])  # the spam threshold it acted at
+            hint = "tag is the default" if a == "tag" else f"[policy.smtp] {level_key(a)} = {at} does the same"
+            out.append(f"[smtp] action is deprecated: remove it ({hint}); see the README's Policy section")
+        return out
 
     def to_toml(self, *, redact: bool = True) -> str:
         """The effective configuration as TOML (loads back to an equal Config unless a password was redacted)."""
@@ -701,7 +817,7 @@ def _load(path: Path | str | None, overrides: Sequence[str]) -> tuple[Config, Or
         file_origin, raw = _Origin(str(path), path.absolute().parent), _read_toml(path)
     cfg = _build(Config, raw, (), lambda where: file_origin)  # the file must be valid on its own
     if not overrides:
-        return cfg, lambda where: file_origin
+        return _with_explicit(cfg, raw), lambda where: file_origin
     origins: dict[Where, _Origin] = {}
     for text in overrides:
         where, value = _parse_override(text)
@@ -716,7 +832,19 @@ def _load(path: Path | str | None, overrides: Sequence[str]) -> tuple[Config, Or
                 return origins[where[:n]]
         return file_origin
 
-    return _build(Config, raw, (), origin_of), origin_of
+    return _with_explicit(_build(Config, raw, (), origin_of), raw), origin_of
+
+
+def _with_explicit(cfg: Config, raw: Mapping[str, Any]) -> Config:
+    """Note which keys the user wrote (not a field: equality and dumps ignore it), for `deprecations`."""
+    def paths(table: Mapping[str, Any], where: Where) -> list[Where]:
+        out: list[Where] = []
+        for k, v in table.items():
+            out += paths(v, where + (k,)) if isinstance(v, dict) else [where + (k,)]
+        return out
+
+    object.__setattr__(cfg, "_explicit", frozenset(paths(raw, ())))
+    return cfg
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -881,9 +1009,11 @@ def _check_ingress(cfg: Config) -> Problem:
 
 
 def _check_quarantine(cfg: Config) -> Problem:
-    if cfg.smtp.enabled and cfg.smtp.action == "quarantine" and not cfg.smtp.quarantine_rcpt:
+    if not cfg.smtp.enabled or cfg.smtp.quarantine_rcpt or "quarantine" not in door_levels(cfg, "smtp"):
+        return None
+    if cfg.smtp.action == "quarantine":
         return ("smtp", "quarantine_rcpt"), 'required when action = "quarantine"'
-    return None
+    return ("smtp", "quarantine_rcpt"), "required when a quarantine_score applies to the smtp door"
 
 
 def _same_socket(a: HostPort, b: HostPort) -> bool:
@@ -944,6 +1074,7 @@ def _check_read_count(cfg: Config) -> Problem:
 
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_ingress,
+    policy_problem,  # levels in order, what each door can do, old and new keys not both
     _check_quarantine,
     _check_smtp_loop,
     _check_listen_clash,
@@ -986,10 +1117,11 @@ def _warn_redis_plaintext(cfg: Config) -> str | None:
 
 
 def _warn_reject(cfg: Config) -> str | None:
-    if not cfg.smtp.enabled or cfg.smtp.action != "reject":
+    if not cfg.smtp.enabled or "reject" not in door_levels(cfg, "smtp"):
         return None
+    setting = '[smtp] action = "reject"' if cfg.smtp.action == "reject" else "[policy.smtp] reject_score"
     return (
-        '[smtp] action = "reject" suits a before-queue filter (smtpd_proxy_filter) only: after the queue, '
+        f"{setting} suits a before-queue filter (smtpd_proxy_filter) only: after the queue, "
         "Postfix turns the 550 into a bounce to a usually forged sender (backscatter)"
     )
 
@@ -1012,6 +1144,8 @@ def _toml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
     # json's escapes are TOML's, except that TOML also wants DEL escaped
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 

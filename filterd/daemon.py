@@ -23,6 +23,7 @@ from typing import Any
 
 from .batcher import Batcher, Scored
 from .config import format_duration
+from .decision import Policy
 from .engine import Engine
 from .errors import ConfigError
 from .ingress.redis_streams import RedisIngress
@@ -52,6 +53,7 @@ class Daemon:
         self.cfg = cfg
         self.metrics = FilterdMetrics()
         self.stop = asyncio.Event()
+        self.policy = Policy.from_config(cfg)  # one decision for every door ([policy], legacy keys mapped)
         self.holder = ModelHolder(cfg.model.path, self._load, self.metrics, min_interval_s=cfg.model.min_reload_interval)
         self.batcher: Batcher | None = None
         self.redis: RedisIngress | None = None
@@ -62,9 +64,7 @@ class Daemon:
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
-        if self.cfg.model.threshold is not None:  # the operator's threshold overrides the model's own
-            engine.threshold = self.cfg.model.threshold
-        warm_up(engine)
+        warm_up(engine)  # [model] threshold (deprecated) is [policy] tag_score now: engines keep their own
         return engine
 
     async def score_text(self, text: str) -> Scored:
@@ -104,7 +104,7 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics)
+            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics, policy=self.policy)
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
@@ -140,11 +140,12 @@ class Daemon:
             self.metrics.ingress_up.labels("smtp").set_function(lambda: 1.0 if smtp.up else 0.0)
             sources.append("smtp")
         if cfg.redis.enabled:
-            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics)
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics, policy=self.policy)
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
-        self.metrics.prime(sources)
+        on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": ()}
+        self.metrics.prime(sources, {s: sorted(self.policy.actions(s)) + list(on_error[s]) for s in sources})
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
         if self.reservoir is not None:
             self._jobs["reservoir"] = self.reservoir.run(self.stop)

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("smtp", "redis")
 VERDICTS = ("spam", "ham", "error")
+# filterd_actions_total's `action`: filterd.decision.ACTIONS, plus what a door does with mail it could not classify.
+ACTIONS = ("pass", "soft-reject", "tag", "subject", "quarantine", "discard", "reject", "accept-unknown", "tempfail")
 RELOAD_OUTCOMES = ("ok", "failed")
 REFIT_OUTCOMES = ("promoted", "rejected", "failed")
 LABELS = ("ham", "spam")
@@ -138,6 +140,10 @@ class FilterdMetrics(StreamMetrics):
         self.smtp_replies = Counter(
             "filterd_smtp_replies_total", "SMTP replies sent to clients, by reply code.", ["code"], registry=r
         )
+        self.actions = Counter(
+            "filterd_actions_total", "What each door did with a message ([policy] decision, or on_error), by door.",
+            ["source", "action"], registry=r,
+        )  # fmt: skip
         # `reason` must come from a small fixed set (never an exception message): each value is a series.
         self.dead_letters = Counter(
             "filterd_dead_letters_total", "Entries written to the dead-letter stream, by reason.", ["reason"], registry=r
@@ -186,12 +192,22 @@ class FilterdMetrics(StreamMetrics):
         if verdict != "error" and score is not None and not math.isnan(score):
             self.spam_score.observe(score)
 
-    def prime(self, sources: Sequence[str]) -> None:
-        """Create the zero-valued series up front: rate() and absent-series alerts need them from the first scrape."""
+    def count_action(self, source: str, action: str) -> None:
+        """One message acted on by a door (`action` from ACTIONS: a fixed set, each value a series)."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        self.actions.labels(source, action).inc()
+
+    def prime(self, sources: Sequence[str], actions: Mapping[str, Iterable[str]] | None = None) -> None:
+        """Create the zero-valued series up front: rate() and absent-series alerts need them from the first scrape.
+
+        `actions`: per source, the actions it can take (its [policy] levels); default every action."""
         for source in sources:
             self.classify_seconds.labels(source)
             for verdict in VERDICTS:
                 self.messages.labels(source, verdict)
+            for action in (actions or {}).get(source, ACTIONS):
+                self.actions.labels(source, action)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         for source in sources:

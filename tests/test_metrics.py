@@ -30,6 +30,7 @@ FILTERD = {
     "filterd_model_reloads_total": ("counter", {"outcome"}),
     "filterd_smtp_replies_total": ("counter", {"code"}),
     "filterd_dead_letters_total": ("counter", {"reason"}),
+    "filterd_actions_total": ("counter", {"source", "action"}),
 }
 TRAINER = {
     "filterd_trainer_labels_total": ("counter", {"label"}),
@@ -138,6 +139,24 @@ def test_observations_land_where_expected():
     assert reg.get_sample_value("filterd_queue_depth") == 7.0
     with pytest.raises(ValueError):
         m.observe_result(source="smtp", verdict="maybe", score=0.5, seconds=0.1)
+
+
+def test_actions_per_door_primed_with_the_policys_actions_then_counted():
+    m = FilterdMetrics()
+    m.prime(["smtp", "redis"], {"smtp": ["pass", "tag", "reject", "accept-unknown"], "redis": ["pass", "tag"]})
+    reg = m.registry
+    value = lambda s, a: reg.get_sample_value("filterd_actions_total", {"source": s, "action": a})
+    assert value("smtp", "reject") == 0.0 and value("redis", "tag") == 0.0  # primed
+    assert value("redis", "reject") is None  # not a series the redis door can ever have
+    m.count_action("smtp", "reject")
+    m.count_action("smtp", "reject")
+    m.count_action("redis", "pass")
+    assert (value("smtp", "reject"), value("redis", "pass"), value("smtp", "pass")) == (2.0, 1.0, 0.0)
+    with pytest.raises(ValueError):
+        m.count_action("smtp", "bounce")  # a fixed set: each value is a series
+    every = FilterdMetrics()
+    every.prime(["redis"])  # no policy given: every action
+    assert every.registry.get_sample_value("filterd_actions_total", {"source": "redis", "action": "soft-reject"}) == 0.0
 
 
 def test_two_instances_do_not_clash():

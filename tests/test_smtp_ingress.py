@@ -14,7 +14,8 @@ import pytest
 
 from filterd.actions import strip_spam_headers
 from filterd.batcher import QueueFull, Scored
-from filterd.config import SmtpConfig, parse_hostport
+from filterd.config import SmtpConfig, check_config, parse_hostport
+from filterd.decision import Policy
 from filterd.ingress.smtp import SmtpIngress
 from filterd.metrics import FilterdMetrics
 
@@ -28,7 +29,7 @@ async def word_score(text: str) -> Scored:
     """Spam when the text has a spam word: deterministic and fast, the ingress is under test here."""
     await asyncio.sleep(0.001)
     s = 0.97 if any(w in text.lower() for w in SPAM_WORDS) else 0.02
-    return Scored(s, "spam" if s >= 0.5 else "ham", "v-test", len(text.split()), 0.0, 0.0, 0.5)
+    return Scored(s, "v-test", len(text.split()), 0.0, 0.0, 0.5)
 
 
 def smtp_cfg(sink: SmtpSink, **kw) -> SmtpConfig:
@@ -295,3 +296,33 @@ def test_lines_longer_than_rfc_limit_are_relayed_unchanged(sink):
 
     assert serve(smtp_cfg(sink))(body)[0] == 250
     assert sink.wait_for(1)[0].data.endswith(raw)
+
+
+def test_a_listed_sender_is_not_scored_and_a_nan_score_follows_on_error(sink):
+    """The door asks filterd.decision: an allow-listed sender skips the model; a NaN score is a failed
+    classification (on_error = tempfail: 451), not ham."""
+    scored: list[str] = []
+
+    async def nan_score(text: str) -> Scored:
+        scored.append(text)
+        return Scored(float("nan"), "v-test", 1, 0.0, 0.0, 0.5)
+
+    metrics = FilterdMetrics()
+    policy = Policy.from_config(check_config(None, ['policy.allow_senders=["friend.example"]', "redis.enabled=false"]))
+
+    async def main():
+        ingress = SmtpIngress(smtp_cfg(sink, on_error="tempfail"), nan_score, metrics, policy=policy)
+        await ingress.start()
+        try:
+            listed = await send(ingress.port, message("you are a winner", "prize"), mail_from="a@Friend.Example")
+            return listed, await send(ingress.port, message("you are a winner", "prize"))
+        finally:
+            await ingress.close()
+
+    listed, nan = asyncio.run(main())
+    assert listed[0] == 250 and nan[0] == 451
+    assert len(scored) == 1  # only the second message went to the model
+    msg = headers_of(sink.wait_for(1)[0].data)
+    assert msg["X-Spam-Flag"] == "NO" and msg["X-Spam-Status"] == "No, listed=allow_senders"
+    value = lambda a: metrics.registry.get_sample_value("filterd_actions_total", {"source": "smtp", "action": a})
+    assert (value("pass"), value("tempfail")) == (1.0, 1.0)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
+from ..decision import Decision, Message, Policy
 from ..streams import (  # noqa: F401  (re-exported: the trainer's intake used to import them from here)
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
@@ -31,14 +32,15 @@ log = logging.getLogger("filterd.redis")
 class Scorer(Protocol):
     """What the ingress needs from the batcher: a score for one message's text."""
 
-    def __call__(self, text: str) -> Awaitable[Any]: ...  # -> Scored (score, verdict, model)
+    def __call__(self, text: str) -> Awaitable[Any]: ...  # -> Scored (score, model, threshold: 0.5 when absent)
 
 
 @dataclass(frozen=True)
 class Outcome:
     entry_id: bytes
     fields: dict[bytes, bytes]
-    result: Any = None  # Scored, when classified
+    result: Any = None  # Scored, when the model scored it
+    decision: Decision | None = None  # when classified (a listed entry has a decision and no result)
     error: str | None = None  # dead-letter reason, when the entry itself is bad
     failed: bool = False  # classification failed: leave pending, it is retried after claim_idle_ms
     seconds: float = 0.0
@@ -61,11 +63,12 @@ class RedisIngress:
     """Scores `in_stream` as consumer `consumer` of `group` and writes results; see the module docstring."""
 
     def __init__(self, cfg: Any, consumer: str, score: Callable[[str], Awaitable[Any]], metrics: Any | None = None,
-                 **settings: Any) -> None:  # fmt: skip
+                 policy: Policy | None = None, **settings: Any) -> None:  # fmt: skip
         self.cfg = cfg
         self.consumer = consumer
         self.score = score
         self.metrics = metrics
+        self.policy = policy or Policy.default()
         s = StreamSettings.from_config(cfg, stream=cfg.in_stream, group=cfg.group, name="redis", consumer=consumer, **settings)
         self.stream = StreamConsumer(s, self._handle, metrics)
 
@@ -90,12 +93,17 @@ class RedisIngress:
         text, reason = validate_entry(fields, self.cfg.max_text_bytes)
         if reason:
             return Outcome(entry_id, fields, error=reason)
+        message = Message("redis")  # an entry carries no envelope: only [policy.redis] levels apply
+        listed = self.policy.listed(message)
+        if listed is not None:
+            return Outcome(entry_id, fields, decision=listed, seconds=time.perf_counter() - t0)
         try:
             result = await self.score(text or "")
+            decision = self.policy.decide(message, result.score, getattr(result, "threshold", 0.5))  # NaN: ValueError
         except Exception as e:  # the model failed: count it, keep the entry pending for a retry
             log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
-        return Outcome(entry_id, fields, result=result, seconds=time.perf_counter() - t0)
+        return Outcome(entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0)
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:
         """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""
@@ -124,15 +132,17 @@ class RedisIngress:
                     tx.xadd(cfg.dead_stream, {**without_large_fields(o.fields, cfg.max_text_bytes), b"error": o.error.encode()},
                             **maxlen)  # fmt: skip
                     continue
-                r = o.result
-                score = f"{r.score:.6f}"
+                d = o.decision
+                assert d is not None
+                score = "" if d.score is None else f"{d.score:.6f}"  # "": a list decided, the model was not asked
+                model = o.result.model if o.result is not None else ""
                 tx.xadd(cfg.out_stream, {
-                    b"id": o.fields.get(b"id", b""), b"entry": o.entry_id, b"verdict": r.verdict,
-                    b"score": score, b"model": r.model, b"latency_ms": f"{o.seconds * 1000:.1f}",
+                    b"id": o.fields.get(b"id", b""), b"entry": o.entry_id, b"verdict": d.verdict,
+                    b"score": score, b"model": model, b"latency_ms": f"{o.seconds * 1000:.1f}", b"action": d.action,
                 }, **maxlen)  # fmt: skip
-                route = (cfg.routes or {}).get(r.verdict)
+                route = (cfg.routes or {}).get(d.verdict)
                 if route:
-                    tx.xadd(route, {**o.fields, b"verdict": r.verdict, b"score": score}, **maxlen)
+                    tx.xadd(route, {**o.fields, b"verdict": d.verdict, b"score": score, b"action": d.action}, **maxlen)
 
         if acked:
             await self.stream.commit([o.entry_id for o in acked], fill)
@@ -147,5 +157,7 @@ class RedisIngress:
                 self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
             elif o.failed:
                 self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
-            else:
-                self.metrics.observe_result(source="redis", verdict=o.result.verdict, score=o.result.score, seconds=o.seconds)
+            elif o.decision is not None:
+                d = o.decision
+                self.metrics.observe_result(source="redis", verdict=d.verdict, score=d.score, seconds=o.seconds)
+                self.metrics.count_action("redis", d.action)

@@ -4,8 +4,8 @@ Postfix hands each queued message to `[smtp] listen`. filterd proxies the envelo
 next_hop` as it arrives, like Postfix's smtpd_proxy_filter: the next-hop transaction is opened at
 MAIL FROM, each RCPT TO is passed on and answered with the next hop's verdict on that recipient
 (a 5xx there is a 5xx here, so Postfix bounces only that recipient and delivers the others).
-At the end of DATA filterd classifies through the shared batcher, applies the action
-(`filterd/actions.py` decides, nothing here does), sends the message, and answers with the next
+At the end of DATA filterd classifies through the shared batcher, asks `filterd/decision.py` what
+to do ([policy]), carries it out (`filterd/actions.py`: headers, Subject, recipients), sends the message, and answers with the next
 hop's final reply: 250 only once the next hop took the message, 5xx when it refused it for good,
 451 for anything that may work later (timeouts, lost connections, 4xx), so the message stays in
 Postfix's queue and nothing is lost or half-delivered. The destination is always the configured
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import multiprocessing
 import re
 import resource
@@ -35,9 +36,11 @@ from typing import Any, Awaitable, Callable, Iterator
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..actions import Classification, Outcome, Policy, decide
+from .. import decision
+from ..actions import Outcome, Policy, apply
 from ..batcher import QueueFull, Scored
-from ..config import HostPort, SmtpConfig
+from ..config import Config, HostPort, SmtpConfig
+from ..decision import Decision, Message
 from ..mail import extract_text
 from ..metrics import FilterdMetrics
 
@@ -649,17 +652,18 @@ class _Server(SMTP):
 
 class FilterHandler:
     """The filter's side of the conversation: next-hop steps, classification, the reply; the
-    decision itself is `actions.decide`."""
+    decision itself is `decision.Policy.decide`, carried out by `actions.apply`."""
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        budget: ByteBudget | None = None,
+        budget: ByteBudget | None = None, policy: decision.Policy | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.score = score
         self.budget = budget or ByteBudget(cfg.max_inflight_bytes)
         self.metrics = metrics
-        self.policy = Policy.from_config(cfg)
+        self.decider = policy or decision.Policy.from_config(Config(smtp=cfg))  # alone: [smtp] action, mapped
+        self.policy = Policy.from_config(cfg)  # how actions are carried out here (quarantine_rcpt, prefix, on_error)
         self.relay = relay or Relay(cfg.next_hop, cfg.timeout)
         self.in_flight = 0
         self.closing = False
@@ -765,15 +769,20 @@ class FilterHandler:
 
     async def _filter(self, txn: Transaction, raw: bytes, origin: str) -> str:
         t0 = time.perf_counter()
-        c, error = await self._classify(raw)
-        if error == "busy":
-            self._observe("error", None, t0)
-            log.warning("smtp: batcher queue full, message from <%s> deferred", txn.mail_from)
-            return BUSY
-        self._observe(c.verdict if c else "error", c.score if c else None, t0)
+        message = Message("smtp", txn.mail_from, tuple(txn.rcpts))
+        d, model, error = self.decider.listed(message), "", ""  # a listed message is neither parsed nor scored
+        if d is None:
+            scored, error = await self._classify(raw)
+            if error == "busy":
+                self._observe("error", None, t0)
+                log.warning("smtp: batcher queue full, message from <%s> deferred", txn.mail_from)
+                return BUSY
+            if scored is not None:
+                d, model = self.decider.decide(message, scored.score, scored.threshold), scored.model
+        self._observe(d.verdict if d else "error", d.score if d else None, t0)
         # Parsing and rewriting stay off the event loop whatever the size: a few ms of regex on
         # the loop is a few ms of stall for every other session.
-        args = (raw, tuple(txn.rcpts), c, self.policy, error)
+        args = (raw, tuple(txn.rcpts), d, model, self.policy, error)
         outcome, message_id = await asyncio.to_thread(_decide, *args) if len(raw) > THREAD_DECIDE_BYTES else _decide(*args)
         queued_as, reply = "", outcome.reply
         if outcome.relay:
@@ -786,7 +795,9 @@ class FilterHandler:
             queued_as = m[1] if m else ""
             if queued_as:
                 reply += f" (next hop queued as {queued_as})"
-        verdict = f"verdict={c.verdict} score={c.score:.4f}" if c else "verdict=unknown"
+        if self.metrics is not None:
+            self.metrics.count_action("smtp", outcome.action)
+        verdict = _verdict_text(d)
         log.info("smtp: %s message_id=%s from=<%s> rcpts=%d size=%d %s action=%s reply=%s queued_as=%s", origin, message_id,
                  txn.mail_from, len(txn.rcpts), len(raw), verdict, outcome.action, reply[:3], queued_as or "-")  # fmt: skip
         return reply
@@ -819,8 +830,8 @@ class FilterHandler:
             txn.abort()
             return Reply(451, f"4.3.0 {e}")
 
-    async def _classify(self, raw: bytes) -> tuple[Classification | None, str]:
-        """The verdict, or None with a short reason ("busy" when the batcher's queue is full)."""
+    async def _classify(self, raw: bytes) -> tuple[Scored | None, str]:
+        """The score, or None with a short reason ("busy" when the batcher's queue is full)."""
         try:
             # The model reads a few thousand characters at most; parsing a 64 MiB attachment to find
             # them would cost ~9 bytes of memory per byte of mail and seconds of GIL.
@@ -836,19 +847,30 @@ class FilterHandler:
         except Exception as e:  # the model failed: on_error decides between relaying untagged and 451
             log.error("smtp: classification failed: %r", e)
             return None, type(e).__name__
-        return Classification(scored.verdict, scored.score, scored.threshold, scored.model), ""
+        if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
+            log.error("smtp: the model scored NaN")
+            return None, "nan-score"
+        return scored, ""
 
     def _observe(self, verdict: str, score: float | None, t0: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_result(source="smtp", verdict=verdict, score=score, seconds=time.perf_counter() - t0)
 
 
-def _decide(raw: bytes, rcpts: tuple[str, ...], c: Classification | None, policy: Policy, error: str) -> tuple[Outcome, str]:
-    """`actions.decide` plus the Message-ID for the log line (in the worker thread, with the parse)."""
+def _verdict_text(d: Decision | None) -> str:
+    if d is None:
+        return "verdict=unknown"
+    if d.score is None:
+        return f"verdict={d.verdict} listed={d.listed}"
+    return f"verdict={d.verdict} score={d.score:.4f}"
+
+
+def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str) -> tuple[Outcome, str]:
+    """`actions.apply` plus the Message-ID for the log line (in the worker thread, with the parse)."""
     head = raw[: raw.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in raw[:1 << 20] else raw[: 1 << 16]
     m = _MESSAGE_ID.search(head)
     message_id = _CONTROL.sub("", m[1].decode("ascii", "replace"))[:200] if m else ""
-    return decide(raw, rcpts, c, policy, error), message_id or "-"
+    return apply(raw, rcpts, d, model, policy, error), message_id or "-"
 
 
 def _log_warm_failure(f: asyncio.Future[str]) -> None:
@@ -872,11 +894,12 @@ class SmtpIngress:
     """The listening socket and its sessions; `run(stop)` serves until `stop` is set, then drains."""
 
     def __init__(
-        self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None
-    ) -> None:
+        self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
+        policy: decision.Policy | None = None,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
-        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget)
+        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy)
         self.max_connections = cfg.max_connections
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[_Server] = set()

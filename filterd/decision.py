@@ -1,0 +1,310 @@
+"""The spam decision: a score (or an allow/deny list entry) in, one `Decision` out, from `[policy]`.
+
+Every door (SMTP content filter, milter, HTTP, Redis) asks the same question here and only turns
+the answer into its own protocol's reply, so the same message gets the same decision through any
+of them, up to what a door can physically do.
+
+Levels (like SpamAssassin's required/kill scores and Rspamd's action table)
+    tag <= subject <= quarantine <= discard <= reject, each at its own P(spam) or off. The spam
+    threshold is `tag_score` (the verdict: spam at or above it); a message gets the highest level
+    whose score it reaches (at a tie, the later one in that order). A level set below the spam
+    threshold acts at the threshold: ham is never acted on. "model" means the scoring model's own
+    threshold (filterd.json), known only once a model is loaded.
+Soft reject
+    `soft_reject_score` opens a band from that score up to the next level above it: the door defers
+    (4xx) and a sender that really is a mail server retries. Ties go to the other level.
+Allow and deny lists
+    Envelope sender (address, or domain and its subdomains) and recipients, case-insensitively.
+    An allow-listed message is not scored (ham, `pass`); a deny-listed one is not scored either and
+    gets the most severe level the door has. Allow wins over deny (an exception made on purpose, e.g.
+    postmaster@ must receive complaints). A message is allow-listed by recipient only when every
+    recipient is; one deny-listed recipient (a spam trap) is enough.
+Doors
+    `[policy.<door>]` overrides any level for one door. A door uses only the levels it can carry
+    out (`CAN`); a level it cannot is skipped there (the level below applies), and setting it in the
+    door's own section is a config error. The after-queue SMTP filter takes `reject` only from
+    `[policy.smtp]` (or the deprecated `[smtp] action = "reject"`): refusing after the queue makes
+    Postfix bounce to a usually forged sender, so `[policy] reject_score` is for doors before the queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .config import Config
+
+SOURCES = ("smtp", "milter", "http", "redis")
+LEVELS = ("tag", "subject", "quarantine", "discard", "reject")  # ordered: each at or above the one before
+SOFT_REJECT = "soft-reject"
+ACTIONS = ("pass", SOFT_REJECT, *LEVELS)  # every action a Decision can carry
+
+# What each door can carry out. milter and http are the doors before the queue (being added).
+CAN: Mapping[str, frozenset[str]] = {
+    "smtp": frozenset(LEVELS),  # no soft reject: a 451 after the queue only makes Postfix retry the same mail
+    "milter": frozenset((SOFT_REJECT, *LEVELS)),
+    "http": frozenset((SOFT_REJECT, *LEVELS)),
+    "redis": frozenset(("tag", "subject", "quarantine", "discard")),  # advice for the producer; nobody to refuse
+}
+OWN_ONLY: Mapping[str, frozenset[str]] = {"smtp": frozenset(("reject",))}  # taken only from the door's own section
+
+Level = float | str  # a P(spam), "model" (the model's own threshold) or "off"
+
+
+def level_key(action: str) -> str:
+    """The config key of a level: "soft-reject" -> "soft_reject_score"."""
+    return action.replace("-", "_") + "_score"
+
+
+@dataclass(frozen=True)
+class Message:
+    """What the door knows about a message besides its text."""
+
+    source: str  # smtp | milter | http | redis
+    sender: str = ""  # envelope sender (MAIL FROM), "" when none or unknown
+    recipients: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str  # "spam" | "ham"
+    action: str  # one of ACTIONS, already one the door can carry out
+    score: float | None  # P(spam); None when a list decided without the model
+    reasons: tuple[str, ...]  # why, for logs and replies
+    threshold: float = 0.5  # the spam threshold (tag level) in effect
+    listed: str = ""  # the list that decided without the model (allow_senders, deny_recipients, ...), else ""
+
+    @property
+    def spam(self) -> bool:
+        return self.verdict == "spam"
+
+
+# --- lists ---------------------------------------------------------------------------
+
+
+def normalize_entry(entry: str) -> str:
+    """A list entry as matched: lower case, "@example.com" as "example.com"; ValueError if not an address or domain."""
+    e = entry.strip().lower().rstrip(".")
+    if e.startswith("@"):
+        e = e[1:]
+    local, at, domain = e.rpartition("@")
+    if not domain or (at and not local) or any(c.isspace() or c in '<>,;"' for c in e) or "@" in local:
+        raise ValueError(f"not an address or domain: {entry!r}")
+    return e
+
+
+def _address(addr: str) -> str:
+    return addr.strip().strip("<>").lower().rstrip(".")
+
+
+def _matches(addr: str, entries: frozenset[str]) -> str | None:
+    """The entry matching an address (exactly, or by its domain or a parent domain), or None."""
+    a = _address(addr)
+    if not a:
+        return None
+    if a in entries:
+        return a
+    domain = a.rpartition("@")[2]
+    while domain:
+        if domain in entries:
+            return domain
+        domain = domain.partition(".")[2]
+    return None
+
+
+@dataclass(frozen=True)
+class Lists:
+    allow_senders: frozenset[str] = frozenset()
+    allow_recipients: frozenset[str] = frozenset()
+    deny_senders: frozenset[str] = frozenset()
+    deny_recipients: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, **lists: Sequence[str]) -> Lists:
+        return cls(**{k: frozenset(normalize_entry(e) for e in v) for k, v in lists.items()})
+
+    def allowed(self, m: Message) -> str | None:
+        """Why the message is allow-listed, or None."""
+        if (hit := _matches(m.sender, self.allow_senders)) is not None:
+            return f"sender {_address(m.sender)} is on allow_senders ({hit})"
+        hits = [_matches(r, self.allow_recipients) for r in m.recipients]
+        if hits and all(h is not None for h in hits):
+            return f"every recipient is on allow_recipients ({', '.join(sorted(set(h for h in hits if h)))})"
+        return None
+
+    def denied(self, m: Message) -> str | None:
+        if (hit := _matches(m.sender, self.deny_senders)) is not None:
+            return f"sender {_address(m.sender)} is on deny_senders ({hit})"
+        for r in m.recipients:
+            if (hit := _matches(r, self.deny_recipients)) is not None:
+                return f"recipient {_address(r)} is on deny_recipients ({hit})"
+        return None
+
+
+# --- levels per door -----------------------------------------------------------------
+
+
+def _set(value: Level) -> bool:
+    return value not in ("off", "inherit")
+
+
+def door_levels(cfg: Config, source: str) -> dict[str, tuple[Level, tuple[str, ...]]]:
+    """The levels a door uses: action -> (value, the config key it came from), legacy keys mapped.
+
+    Levels the door cannot carry out are left out; so are "off" ones. Raises nothing: conflicts and
+    bad orders are `policy_problem`'s (config load) business.
+    """
+    p = cfg.policy
+    own = getattr(p, source)
+    out: dict[str, tuple[Level, tuple[str, ...]]] = {}
+    for action in (SOFT_REJECT, *LEVELS):
+        key = level_key(action)
+        value, where = getattr(own, key), ("policy", source, key)
+        if value == "inherit":
+            if action in OWN_ONLY.get(source, ()):
+                continue
+            value, where = getattr(p, key), ("policy", key)
+        if action == "tag" and value == "model" and cfg.model.threshold is not None:  # deprecated [model] threshold
+            value, where = cfg.model.threshold, ("model", "threshold")
+        if _set(value) and action in CAN[source]:
+            out[action] = (value, where)
+    legacy = cfg.smtp.action
+    if source == "smtp" and legacy != "tag" and getattr(own, level_key(legacy)) == "inherit":  # deprecated [smtp] action
+        out[legacy] = (out["tag"][0], ("smtp", "action"))  # spam (at the threshold) gets the action, as before
+    return out
+
+
+def policy_problem(cfg: Config) -> tuple[tuple[str, ...], str] | None:
+    """(key to blame, why) for a [policy] that cannot work, or None. Run at config load."""
+    p = cfg.policy
+    if cfg.model.threshold is not None and p.tag_score != "model":
+        return ("model", "threshold"), "deprecated, and [policy] tag_score is set too: keep only tag_score"
+    legacy = cfg.smtp.action
+    if legacy != "tag" and _set(getattr(p.smtp, level_key(legacy))):
+        why = f"deprecated, and [policy.smtp] {level_key(legacy)} is set too: keep only the [policy.smtp] level"
+        return ("smtp", "action"), why
+    if p.tag_score == "off":
+        return ("policy", "tag_score"), 'the spam threshold cannot be "off" (use "model" or a number)'
+    for source in SOURCES:
+        own = getattr(p, source)
+        if own.tag_score == "off":
+            return ("policy", source, "tag_score"), 'the spam threshold cannot be "off" (use "model" or a number)'
+        for action in (SOFT_REJECT, *LEVELS):
+            if _set(getattr(own, level_key(action))) and action not in CAN[source]:
+                return ("policy", source, level_key(action)), _cannot(source, action)
+        levels = door_levels(cfg, source)
+        last: tuple[str, float, tuple[str, ...]] | None = None
+        for action in LEVELS:
+            value, where = levels.get(action, ("off", ()))
+            if isinstance(value, str):
+                continue  # off, or "model": known once a model is loaded (a level below the threshold acts at it)
+            if last is not None and value < last[1]:
+                return where, (f"{value:g} is below {_label(last[2])} ({last[1]:g}) for {source}: "
+                               f"levels must rise {' <= '.join(LEVELS)}")  # fmt: skip
+            last = (action, value, where)
+    return None
+
+
+def _label(where: tuple[str, ...]) -> str:
+    return f"[{'.'.join(where[:-1])}] {where[-1]}"
+
+
+def _cannot(source: str, action: str) -> str:
+    if source == "smtp":
+        return ("the after-queue SMTP filter cannot defer during the session (Postfix would retry the queued "
+                "message with the same score); set it for milter or http")  # fmt: skip
+    return f"{source} cannot {'defer' if action == SOFT_REJECT else 'refuse'} a message (nobody to answer); use discard_score"
+
+
+# --- the decision --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    """One door's levels: action -> P(spam) or "model"."""
+
+    source: str
+    levels: Mapping[str, Level]
+
+    def resolved(self, model_threshold: float) -> tuple[float, list[tuple[float, int, str]]]:
+        """(spam threshold, [(score, rank, action)]) with "model" filled in and spam levels clamped to the threshold."""
+
+        def value(v: Level) -> float:
+            return model_threshold if v == "model" else float(v)
+
+        threshold = value(self.levels["tag"])
+        steps = []
+        for rank, action in enumerate((SOFT_REJECT, *LEVELS)):
+            if action in self.levels:
+                v = value(self.levels[action])
+                steps.append((v if action == SOFT_REJECT else max(v, threshold), rank, action))
+        return threshold, steps
+
+    def top(self) -> str:
+        """The most severe level this door has (what a deny-listed message gets)."""
+        return [a for a in LEVELS if a in self.levels][-1]
+
+
+class Policy:
+    """The compiled [policy]: a table per door plus the lists. `decide` is all a door needs."""
+
+    def __init__(self, tables: Mapping[str, Table], lists: Lists = Lists()) -> None:
+        self.tables = dict(tables)
+        self.lists = lists
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Policy:
+        tables = {s: Table(s, {a: v for a, (v, _) in door_levels(cfg, s).items()}) for s in SOURCES}
+        p = cfg.policy
+        lists = Lists.of(allow_senders=p.allow_senders, allow_recipients=p.allow_recipients,
+                         deny_senders=p.deny_senders, deny_recipients=p.deny_recipients)  # fmt: skip
+        return cls(tables, lists)
+
+    @classmethod
+    def default(cls) -> Policy:
+        """Today's behaviour: spam at the model's threshold is tagged, nothing else."""
+        return cls({s: Table(s, {"tag": "model"}) for s in SOURCES})
+
+    def actions(self, source: str) -> frozenset[str]:
+        """The actions a door can get from this policy (for priming metrics and config checks)."""
+        return frozenset(("pass", *self.tables[source].levels))
+
+    def listed(self, message: Message, model_threshold: float = 0.5) -> Decision | None:
+        """The decision for an allow- or deny-listed message (the door skips the model), or None."""
+        table = self.tables[message.source]
+        threshold = table.resolved(model_threshold)[0]
+        if why := self.lists.allowed(message):
+            return Decision("ham", "pass", None, (why, "not scored"), threshold, _list_name(why))
+        if why := self.lists.denied(message):
+            return Decision("spam", table.top(), None, (why, "not scored"), threshold, _list_name(why))
+        return None
+
+    def decide(self, message: Message, score: float | None, model_threshold: float = 0.5) -> Decision:
+        """The decision for a scored message (score None: only a list can decide; ValueError otherwise)."""
+        listed = self.listed(message, model_threshold)
+        if listed is not None:
+            return listed
+        if score is None or math.isnan(score):
+            raise ValueError("no score, and the message is on no list")
+        threshold, steps = self.tables[message.source].resolved(model_threshold)
+        reached = [s for s in steps if score >= s[0]]
+        verdict = "spam" if score >= threshold else "ham"
+        if not reached:
+            return Decision(verdict, "pass", score, (f"score {score:.4f} < {threshold:.4f} (tag_score)",), threshold)
+        at, _, action = max(reached)
+        return Decision(verdict, action, score, (f"score {score:.4f} >= {at:.4f} ({level_key(action)})",), threshold)
+
+
+def _list_name(why: str) -> str:
+    return next(w for w in why.split() if w.endswith(("_senders", "_recipients")))
+
+
+def decide(message: Message, score: float | None, policy: Policy | None = None, model_threshold: float = 0.5) -> Decision:
+    """`policy.decide` (default policy: tag at the model's threshold)."""
+    return (policy or Policy.default()).decide(message, score, model_threshold)
