@@ -366,13 +366,18 @@ def report(paths: Sequence[Path], plot_dir: Path | None = None) -> str:
     out = []
     for docs in groups.values():
         bases = sorted({d["base"] for d in docs})
+        seeds = {d.get("seed") for d in docs}
         merged = dict(docs[0], arms=[], base=" / ".join(bases))
         for doc in docs:
-            notes = doc.get("overrides", []) + ([f"max_length={doc['max_length']}"] if doc.get("max_length") else [])
-            note = f" ({', '.join(notes)})" if notes else ""
-            if len(bases) > 1:
-                note += f" [{Path(doc['base']).name}]"
-            merged["arms"] += [dict(a, arm=a["arm"] + note) for a in doc["arms"]]
+            notes = doc.get("overrides", []) + ([f"seed={doc.get('seed')}"] if len(seeds) > 1 else [])
+            length = [f"max_length={doc['max_length']}"] if doc.get("max_length") else []  # filterd's arms only
+            base_note = f" [{Path(doc['base']).name}]" if len(bases) > 1 else ""
+
+            def label(arm: str, notes: list[str] = notes, length: list[str] = length, base_note: str = base_note) -> str:
+                n = notes if arm in BASELINES else length + notes
+                return arm + (f" ({', '.join(n)})" if n else "") + base_note
+
+            merged["arms"] += [dict(a, arm=label(a["arm"])) for a in doc["arms"]]
         out.append(table(merged) + "\n" + "\n".join(f"- `{d['command']}`" for d in docs) + "\n")
         if plot_dir is not None:
             plot(merged, plot_dir / f"online_{merged['scenario']}_every{merged['refit_every']}.png")
