@@ -1,0 +1,564 @@
+"""The milter door (filterd/ingress/milter.py): the protocol against our own MTA side on a raw
+socket, then a real Postfix (tests/postfix.py, with deploy/postfix/milter.main.cf as shipped)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email
+import email.policy
+import smtplib
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from filterd.config import ConfigError, HostPort, MilterConfig, UnixSocket, check_config, load_config, parse_listen
+from filterd.ingress import milter as m
+from filterd.mail import extract_text
+from filterd.ingress.milter import (
+    Accept,
+    AddHeader,
+    ChangeSubject,
+    DeleteHeader,
+    Discard,
+    MilterMessage,
+    MilterReply,
+    MilterServer,
+    Quarantine,
+    Reject,
+    Tempfail,
+    forged_header_deletions,
+)
+
+from .services import free_port
+
+ALL_ACTIONS = 0x1FF  # what Postfix 3.x offers (SMFIF_ADDHDRS .. SMFIF_SETSYMLIST)
+ALL_STEPS = 0x1FFFFF  # every SMFIP_* bit of version 6
+
+
+def cfg(**kw) -> MilterConfig:
+    kw.setdefault("listen", HostPort("127.0.0.1", free_port()))
+    return dataclasses.replace(MilterConfig(enabled=True), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Our MTA side: speaks the protocol as Postfix's milter8.c does
+
+
+class Mta:
+    """One MTA->milter connection. `steps` are the negotiated SMFIP_* bits: a command whose reply
+    was waived is not waited for, exactly as Postfix does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.actions = self.steps = 0
+
+    @classmethod
+    async def open(cls, server: MilterServer) -> "Mta":
+        listen = server.cfg.listen
+        if isinstance(listen, UnixSocket):
+            r, w = await asyncio.open_unix_connection(str(listen.path))
+        else:
+            r, w = await asyncio.open_connection(listen.host, listen.port)
+        return cls(r, w)
+
+    def send(self, cmd: bytes, data: bytes = b"") -> None:
+        self.writer.write(struct.pack("!I", len(data) + 1) + cmd + data)
+
+    async def recv(self, timeout: float = 10) -> tuple[bytes, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+        (n,) = struct.unpack("!I", head)
+        payload = await asyncio.wait_for(self.reader.readexactly(n), timeout)
+        return payload[:1], payload[1:]
+
+    async def optneg(self, actions: int = ALL_ACTIONS, steps: int = ALL_STEPS, version: int = 6) -> tuple[int, int, int]:
+        self.send(m.SMFIC_OPTNEG, struct.pack("!III", version, actions, steps))
+        cmd, data = await self.recv()
+        assert cmd == m.SMFIC_OPTNEG
+        v, self.actions, self.steps = struct.unpack("!III", data[:12])
+        return v, self.actions, self.steps
+
+    async def event(self, cmd: bytes, data: bytes = b"") -> tuple[bytes, bytes] | None:
+        """Send an event; its reply, or None when the milter asked not to reply to it."""
+        self.send(cmd, data)
+        if self.steps & m._NO_REPLY_BIT.get(cmd, 0):
+            await self.writer.drain()
+            return None
+        return await self.recv()
+
+    async def envelope(self, sender: str = "alice@example.org", rcpts: tuple[str, ...] = ("bob@example.net",),
+                       queue_id: str = "4ABCDEF", client: str = "192.0.2.7") -> None:  # fmt: skip
+        self.send(m.SMFIC_MACRO, b"C" + b"j\0mx.test\0")
+        await self.event(m.SMFIC_CONNECT, b"client.example\0" + b"4" + struct.pack("!H", 40000) + client.encode() + b"\0")
+        self.send(m.SMFIC_MACRO, b"M" + b"i\0" + queue_id.encode() + b"\0")
+        await self.event(m.SMFIC_MAIL, f"<{sender}>\0SIZE=100\0".encode())
+        for r in rcpts:
+            await self.event(m.SMFIC_RCPT, f"<{r}>\0".encode())
+
+    async def message(self, headers: list[tuple[str, str]], body: bytes, chunk: int = 65535) -> list[tuple[bytes, bytes]]:
+        """Headers, body chunks and end of message; the replies to the end (modifications, verdict)."""
+        for name, value in headers:
+            if not self.steps & m.SMFIP_HDR_LEADSPC:
+                value = value[1:] if value.startswith(" ") else value  # as Postfix strips one space
+            reply = await self.event(m.SMFIC_HEADER, name.encode() + b"\0" + value.encode() + b"\0")
+            assert reply in (None, (m.SMFIR_CONTINUE, b""))
+        await self.event(m.SMFIC_EOH)
+        for i in range(0, len(body), chunk):
+            reply = await self.event(m.SMFIC_BODY, body[i : i + chunk])
+            if reply and reply[0] == m.SMFIR_SKIP:
+                break
+        return await self.end()
+
+    async def end(self) -> list[tuple[bytes, bytes]]:
+        self.send(m.SMFIC_BODYEOB)
+        out = []
+        while True:
+            cmd, data = await self.recv()
+            out.append((cmd, data))
+            if cmd in (m.SMFIR_ACCEPT, m.SMFIR_CONTINUE, m.SMFIR_REJECT, m.SMFIR_TEMPFAIL, m.SMFIR_DISCARD, m.SMFIR_REPLYCODE):
+                return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+HEADERS = [
+    ("From", " Alice <alice@example.org>"),
+    ("To", " bob@example.net"),
+    ("Subject", " hello there"),
+    ("X-Long", " first line\n\tsecond line"),  # folded: milter8 sends bare LF between the lines
+]
+BODY = b"Hi Bob,\r\nthis is the body.\r\n"
+
+
+class Recorder:
+    """An on_message that records what it was given and answers with a preset reply."""
+
+    def __init__(self, reply: MilterReply | None = None) -> None:
+        self.reply = reply or MilterReply()
+        self.messages: list[MilterMessage] = []
+
+    async def __call__(self, msg: MilterMessage) -> MilterReply:
+        self.messages.append(msg)
+        return self.reply
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def _transaction(on_message, config: MilterConfig | None = None, *, headers=HEADERS, body=BODY,
+                       actions=ALL_ACTIONS, steps=ALL_STEPS):  # fmt: skip
+    async with MilterServer(config or cfg(), on_message) as server:
+        mta = await Mta.open(server)
+        await mta.optneg(actions, steps)
+        await mta.envelope()
+        replies = await mta.message(headers, body)
+        mta.send(m.SMFIC_QUIT)
+        await mta.close()
+        return replies, server
+
+
+# --------------------------------------------------------------------------------------------
+# Negotiation and collection
+
+
+def test_negotiates_only_the_steps_and_actions_it_uses():
+    async def main():
+        async with MilterServer(cfg(), Recorder()) as server:
+            mta = await Mta.open(server)
+            version, actions, steps = await mta.optneg()
+            assert version == 6
+            assert actions == m.SMFIF_ADDHDRS | m.SMFIF_CHGHDRS | m.SMFIF_QUARANTINE  # no body, recipient or sender edits
+            for skipped in (m.SMFIP_NOHELO, m.SMFIP_NODATA, m.SMFIP_NOEOH, m.SMFIP_NOUNKNOWN):
+                assert steps & skipped
+            for needed in (m.SMFIP_NOCONNECT, m.SMFIP_NOMAIL, m.SMFIP_NORCPT, m.SMFIP_NOHDRS, m.SMFIP_NOBODY):
+                assert not steps & needed  # envelope, headers and body are what we classify
+            for waived in (m.SMFIP_NR_CONN, m.SMFIP_NR_MAIL, m.SMFIP_NR_RCPT, m.SMFIP_NR_HDR):
+                assert steps & waived  # never answered differently, so Postfix need not wait
+            assert not steps & m.SMFIP_NR_BODY and steps & m.SMFIP_SKIP  # body replies can say SKIP
+            await mta.close()
+            # An MTA that offers less gets no more than it offered.
+            mta = await Mta.open(server)
+            _, actions, steps = await mta.optneg(actions=m.SMFIF_ADDHDRS, steps=m.SMFIP_NOHELO | m.SMFIP_NR_HDR)
+            assert (actions, steps) == (m.SMFIF_ADDHDRS, m.SMFIP_NOHELO | m.SMFIP_NR_HDR)
+            await mta.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("leadspc", [True, False])
+def test_collects_envelope_headers_and_body(leadspc):
+    rec = Recorder()
+    steps = ALL_STEPS if leadspc else ALL_STEPS & ~m.SMFIP_HDR_LEADSPC
+    replies, server = run(_transaction(rec, steps=steps))
+    assert replies == [(m.SMFIR_ACCEPT, b"")]
+    (msg,) = rec.messages
+    assert (msg.sender, msg.recipients, msg.queue_id) == ("alice@example.org", ["bob@example.net"], "4ABCDEF")
+    assert (msg.client, msg.client_name, msg.macros["j"]) == ("192.0.2.7", "client.example", "mx.test")
+    assert msg.header_names == ["From", "To", "Subject", "X-Long"]
+    assert msg.header_lines[2] == b"Subject: hello there"
+    assert msg.header_lines[3] == b"X-Long: first line\r\n\tsecond line"
+    assert msg.body == BODY and not msg.truncated
+    parsed = email.message_from_bytes(msg.raw(), policy=email.policy.default)
+    assert parsed["Subject"] == "hello there" and parsed["X-Long"] == "first line\tsecond line"
+    text = extract_text(msg.raw())  # what the classifier will read
+    assert "hello there" in text and "this is the body." in text
+    assert server.stats.messages == 1 and server.stats.verdicts["accept"] == 1
+
+
+def test_two_messages_on_one_connection_do_not_mix():
+    rec = Recorder()
+
+    async def main():
+        async with MilterServer(cfg(), rec) as server:
+            mta = await Mta.open(server)
+            await mta.optneg()
+            await mta.envelope(sender="a@x.org", rcpts=("r1@y.org", "r2@y.org"), queue_id="Q1")
+            await mta.message([("Subject", " one"), ("X-Spam-Flag", " YES")], b"first\r\n")
+            mta.send(m.SMFIC_MACRO, b"M" + b"i\0Q2\0")
+            await mta.event(m.SMFIC_MAIL, b"<b@x.org>\0")
+            await mta.event(m.SMFIC_RCPT, b"<r3@y.org>\0")
+            await mta.message([("Subject", " two")], b"second\r\n")
+            mta.send(m.SMFIC_ABORT)  # RSET between messages: nothing to answer
+            mta.send(m.SMFIC_QUIT)
+            await mta.close()
+
+    run(main())
+    first, second = rec.messages
+    assert (first.queue_id, first.recipients, first.header_names) == ("Q1", ["r1@y.org", "r2@y.org"], ["Subject", "X-Spam-Flag"])
+    assert (second.queue_id, second.sender, second.recipients) == ("Q2", "b@x.org", ["r3@y.org"])
+    assert second.header_names == ["Subject"] and second.body == b"second\r\n"
+    assert second.client == "192.0.2.7"  # the connection's facts carry over to the next message
+
+
+# --------------------------------------------------------------------------------------------
+# Replies: every action on the wire
+
+
+def _cstr(*parts: str) -> bytes:
+    return b"".join(p.encode() + b"\0" for p in parts)
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (MilterReply(Accept()), [(m.SMFIR_ACCEPT, b"")]),
+        (
+            MilterReply(Accept(), (AddHeader("X-Spam-Flag", "NO"), AddHeader("X-Spam-Score", "0.0123"))),
+            [(m.SMFIR_ADDHEADER, _cstr("X-Spam-Flag", " NO")), (m.SMFIR_ADDHEADER, _cstr("X-Spam-Score", " 0.0123")),
+             (m.SMFIR_ACCEPT, b"")],
+        ),  # fmt: skip
+        (
+            MilterReply(Accept(), (DeleteHeader("x-spam-flag", 2),)),
+            [(m.SMFIR_CHGHEADER, struct.pack("!I", 2) + _cstr("x-spam-flag", "")), (m.SMFIR_ACCEPT, b"")],
+        ),
+        (
+            MilterReply(Accept(), (ChangeSubject("[SPAM] hello there"),)),
+            [(m.SMFIR_CHGHEADER, struct.pack("!I", 1) + _cstr("Subject", " [SPAM] hello there")), (m.SMFIR_ACCEPT, b"")],
+        ),
+        (
+            MilterReply(Accept(), (Quarantine("filterd: spam 0.99"), AddHeader("X-Spam-Flag", "YES"))),
+            [(m.SMFIR_QUARANTINE, _cstr("filterd: spam 0.99")), (m.SMFIR_ADDHEADER, _cstr("X-Spam-Flag", " YES")),
+             (m.SMFIR_ACCEPT, b"")],
+        ),  # fmt: skip
+        (MilterReply(Reject()), [(m.SMFIR_REPLYCODE, _cstr("550 5.7.1 Message refused as spam"))]),
+        (
+            MilterReply(Reject(554, "5.7.0", "100% spam"), (AddHeader("X-Ignored", "yes"),)),
+            [(m.SMFIR_REPLYCODE, _cstr("554 5.7.0 100%% spam"))],  # '%' doubled: Postfix undoes sendmail's escaping
+        ),
+        (MilterReply(Tempfail(451, "4.7.1", "busy")), [(m.SMFIR_REPLYCODE, _cstr("451 4.7.1 busy"))]),
+        (MilterReply(Discard()), [(m.SMFIR_DISCARD, b"")]),
+    ],
+    ids=["accept", "add-headers", "delete-header", "change-subject", "quarantine", "reject", "reject-percent", "tempfail", "discard"],
+)
+def test_every_reply_on_the_wire(reply, expected):
+    replies, server = run(_transaction(Recorder(reply)))
+    assert replies == expected
+    assert sum(server.stats.verdicts.values()) == 1
+
+
+def test_subject_is_added_when_missing_and_values_follow_leadspc():
+    headers = [h for h in HEADERS if h[0] != "Subject"]
+    reply = MilterReply(Accept(), (ChangeSubject("[SPAM]"), AddHeader("X-A", "b")))
+    replies, _ = run(_transaction(Recorder(reply), headers=headers, steps=ALL_STEPS & ~m.SMFIP_HDR_LEADSPC))
+    # Without HDR_LEADSPC the MTA itself puts the space after the colon.
+    assert replies == [(m.SMFIR_ADDHEADER, _cstr("Subject", "[SPAM]")), (m.SMFIR_ADDHEADER, _cstr("X-A", "b")), (m.SMFIR_ACCEPT, b"")]
+
+
+def test_edits_the_mta_did_not_allow_are_skipped():
+    reply = MilterReply(Accept(), (AddHeader("X-A", "1"), DeleteHeader("X-B"), Quarantine()))
+    replies, _ = run(_transaction(Recorder(reply), actions=m.SMFIF_ADDHDRS))
+    assert replies == [(m.SMFIR_ADDHEADER, _cstr("X-A", " 1")), (m.SMFIR_ACCEPT, b"")]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AddHeader("X Bad", "v"),
+        lambda: AddHeader("X-A:", "v"),
+        lambda: AddHeader("X-A", "line\r\nInjected: yes"),
+        lambda: DeleteHeader("X-A", 0),
+        lambda: ChangeSubject("a\nb"),
+        lambda: Quarantine(""),
+        lambda: Reject(451, "4.7.1", "x"),
+        lambda: Reject(550, "4.7.1", "x"),
+        lambda: Reject(550, "5.7.1", "two\r\nlines"),
+        lambda: Tempfail(550, "5.7.1", "x"),
+        lambda: MilterReply("accept"),
+    ],
+)
+def test_bad_replies_are_refused_when_built(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_forged_header_deletions_every_casing_last_first():
+    names = ["Received", "X-Spam-Flag", "Subject", "x-spam-flag", "X-SPAM-Score", "X-Filterd-Original-Recipients",
+             "X-Spam-Flag", "X-Spamish", "X-Mailer"]  # fmt: skip
+    got = forged_header_deletions(names)
+    # Postfix counts instances per name case-insensitively; the last instance goes first so that
+    # deleting it never renumbers one still to be deleted.
+    assert got == [
+        DeleteHeader("X-Spam-Flag", 3), DeleteHeader("x-spam-flag", 2), DeleteHeader("X-Spam-Flag", 1),
+        DeleteHeader("X-SPAM-Score", 1), DeleteHeader("X-Filterd-Original-Recipients", 1),
+    ]  # fmt: skip
+    assert forged_header_deletions(["X-Spamish", "Subject"]) == []  # a prefix, not a substring: X-Spam- needs the dash
+
+
+# --------------------------------------------------------------------------------------------
+# Limits, failures, load
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_message_over_the_size_limit_is_cut_and_the_rest_skipped(skip):
+    rec = Recorder()
+    limit = 4096
+    body = b"".join(b"line %05d of a long body\r\n" % i for i in range(2000))  # ~52 KB, chunks of 1000
+    steps = ALL_STEPS if skip else ALL_STEPS & ~m.SMFIP_SKIP
+
+    async def main():
+        async with MilterServer(cfg(max_message_bytes=limit), rec) as server:
+            mta = await Mta.open(server)
+            await mta.optneg(steps=steps)
+            await mta.envelope()
+            for name, value in HEADERS:
+                await mta.event(m.SMFIC_HEADER, name.encode() + b"\0" + value.encode() + b"\0")
+            chunk_replies = []
+            for i in range(0, len(body), 1000):
+                chunk_replies.append((await mta.event(m.SMFIC_BODY, body[i : i + 1000]))[0])
+                if chunk_replies[-1] == m.SMFIR_SKIP:
+                    break
+            final = await mta.end()
+            await mta.close()
+            return chunk_replies, final
+
+    chunk_replies, final = run(main())
+    (msg,) = rec.messages
+    header_bytes = sum(len(line) + 2 for line in msg.header_lines)
+    assert msg.truncated and header_bytes + len(msg.body) == limit and body.startswith(msg.body)
+    assert final == [(m.SMFIR_ACCEPT, b"")]  # classified on what was kept
+    if skip:  # the MTA is told to stop sending body once the limit is reached
+        assert chunk_replies[-1] == m.SMFIR_SKIP and len(chunk_replies) == 4
+    else:
+        assert set(chunk_replies) == {m.SMFIR_CONTINUE} and len(chunk_replies) == -(-len(body) // 1000)
+        assert msg.size == header_bytes + len(body)  # all of it was read, and dropped past the limit
+
+
+def test_client_that_disappears_mid_message_frees_its_session():
+    rec = Recorder()
+
+    async def main():
+        async with MilterServer(cfg(), rec) as server:
+            for cut in ("after-body", "mid-packet"):
+                mta = await Mta.open(server)
+                await mta.optneg()
+                await mta.envelope()
+                await mta.event(m.SMFIC_HEADER, b"Subject\0 x\0")
+                await mta.event(m.SMFIC_BODY, b"x" * 50000)
+                if cut == "mid-packet":
+                    mta.writer.write(struct.pack("!I", 60000) + m.SMFIC_BODY + b"y" * 100)
+                await mta.writer.drain()
+                mta.writer.transport.abort()
+            deadline = time.monotonic() + 10
+            while server.stats.sessions_open and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.stats.sessions_open == 0 and not server._sessions
+            assert server.stats.errors["disconnect"] == 2 and server.stats.messages == 0
+            # and the server still serves
+            mta = await Mta.open(server)
+            await mta.optneg()
+            await mta.envelope()
+            assert await mta.message(HEADERS, BODY) == [(m.SMFIR_ACCEPT, b"")]
+            await mta.close()
+
+    run(main())
+    assert len(rec.messages) == 1
+
+
+async def _slow(msg: MilterMessage) -> MilterReply:
+    await asyncio.sleep(30)
+    return MilterReply(Reject())
+
+
+async def _failing(msg: MilterMessage) -> MilterReply:
+    raise RuntimeError("classifier exploded")
+
+
+async def _wrong_type(msg: MilterMessage):
+    return "reject"
+
+
+FORGED = [("Subject", " hi"), ("X-Spam-Flag", " NO"), ("x-spam-flag", " NO"), ("X-Filterd-Checked", " yes")]
+
+
+@pytest.mark.parametrize("on_message", [_slow, _failing, _wrong_type], ids=["slow", "raises", "wrong-type"])
+def test_on_error_accept_still_removes_forged_headers(on_message):
+    t0 = time.monotonic()
+    replies, server = run(_transaction(on_message, cfg(reply_timeout=0.3, on_error="accept"), headers=FORGED))
+    assert time.monotonic() - t0 < 20  # did not wait for the slow decision (30 s)
+    assert replies == [
+        (m.SMFIR_CHGHEADER, struct.pack("!I", 2) + _cstr("x-spam-flag", "")),
+        (m.SMFIR_CHGHEADER, struct.pack("!I", 1) + _cstr("X-Spam-Flag", "")),
+        (m.SMFIR_CHGHEADER, struct.pack("!I", 1) + _cstr("X-Filterd-Checked", "")),
+        (m.SMFIR_ACCEPT, b""),
+    ]
+    assert server.stats.errors["timeout" if on_message is _slow else "exception"] == 1
+
+
+@pytest.mark.parametrize("on_message", [_slow, _failing], ids=["slow", "raises"])
+def test_on_error_tempfail(on_message):
+    replies, server = run(_transaction(on_message, cfg(reply_timeout=0.3, on_error="tempfail"), headers=FORGED))
+    assert replies == [(m.SMFIR_REPLYCODE, _cstr("451 4.7.1 filterd: temporary failure, try again later"))]
+    assert server.stats.verdicts["tempfail"] == 1
+
+
+def test_protocol_errors_close_only_that_session():
+    async def main():
+        async with MilterServer(cfg(), Recorder()) as server:
+            bad = await Mta.open(server)
+            bad.writer.write(struct.pack("!I", 0x7FFFFFFF) + b"B")  # a 2 GiB packet: never buffered
+            assert await bad.reader.read() == b""  # closed by the server
+            early = await Mta.open(server)
+            early.send(m.SMFIC_MAIL, b"<a@b>\0")  # before option negotiation
+            assert await early.reader.read() == b""
+            good = await Mta.open(server)
+            await good.optneg()
+            await good.envelope()
+            assert await good.message(HEADERS, BODY) == [(m.SMFIR_ACCEPT, b"")]
+            await good.close()
+            assert server.stats.errors["protocol"] == 2
+
+    run(main())
+
+
+def test_200_concurrent_sessions_are_answered_each_with_its_own_reply():
+    n = 200
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def on_message(msg: MilterMessage) -> MilterReply:
+        nonlocal arrived
+        arrived += 1
+        if arrived == n:
+            all_in.set()
+        await all_in.wait()  # every session is mid-message at the same time
+        return MilterReply(Accept(), (AddHeader("X-Echo", msg.queue_id),))
+
+    async def one(server: MilterServer, i: int) -> list:
+        mta = await Mta.open(server)
+        await mta.optneg()
+        await mta.envelope(queue_id=f"Q{i:04d}")
+        replies = await mta.message([("Subject", f" message {i}")], b"body %d\r\n" % i)
+        await mta.close()
+        return replies
+
+    async def main():
+        nonlocal all_in
+        all_in = asyncio.Event()
+        async with MilterServer(cfg(), on_message) as server:
+            results = await asyncio.gather(*(one(server, i) for i in range(n)))
+            return results, server.stats
+
+    results, stats = run(main())
+    for i, replies in enumerate(results):
+        assert replies == [(m.SMFIR_ADDHEADER, _cstr("X-Echo", f" Q{i:04d}")), (m.SMFIR_ACCEPT, b"")]
+    assert stats.sessions_total == n and stats.messages == n and stats.sessions_open == 0
+
+
+def test_unix_socket_listener(tmp_path):
+    path = tmp_path / "milter.sock"
+    path.touch()  # a stale non-socket file is not removed
+    with pytest.raises(OSError, match="not a socket"):
+        run(MilterServer(cfg(listen=UnixSocket(path)), Recorder()).start())
+    path.unlink()
+
+    async def main():
+        server = MilterServer(cfg(listen=UnixSocket(path), socket_mode="0600"), Recorder())
+        await server.start()
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        mta = await Mta.open(server)
+        await mta.optneg()
+        await mta.envelope()
+        assert await mta.message(HEADERS, BODY) == [(m.SMFIR_ACCEPT, b"")]
+        await mta.close()
+        await server.stop()
+        assert not path.exists()
+
+    run(main())
+
+
+def test_listen_address_in_use_is_a_one_line_error():
+    async def main():
+        config = cfg()
+        async with MilterServer(config, Recorder()):
+            with pytest.raises(OSError, match=rf"milter: cannot listen on {config.listen}"):
+                await MilterServer(config, Recorder()).start()
+
+    run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_milter_config_defaults_and_forms():
+    c = load_config(None).milter
+    assert (c.enabled, c.listen, c.on_error, c.max_message_bytes) == (False, HostPort("127.0.0.1", 11332), "accept", 1048576)
+    assert parse_listen("unix:/run/filterd/milter.sock") == UnixSocket(Path("/run/filterd/milter.sock"))
+    assert parse_listen("inet:127.0.0.1:11332") == HostPort("127.0.0.1", 11332)  # Postfix's spelling works too
+    c = load_config(None, ["milter.listen=unix:/run/filterd/m.sock", "milter.reply_timeout=20s"]).milter
+    assert str(c.listen) == "unix:/run/filterd/m.sock" and c.reply_timeout == 20.0
+    assert 'listen = "unix:/run/filterd/m.sock"' in load_config(None, ["milter.listen=unix:/run/filterd/m.sock"]).to_toml()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("milter.listen=unix:relative.sock", "[milter] listen: must be host:port or unix:/path (a unix socket needs an absolute path"),
+        ("milter.listen=11332", "[milter] listen: must be host:port or unix:/path (missing :port)"),
+        ("milter.on_error=reject", "[milter] on_error: must be one of accept, tempfail"),
+        ("milter.max_message_bytes=10", "[milter] max_message_bytes: must be an integer >= 1024"),
+        ("milter.socket_mode=rw", "[milter] socket_mode: must be an octal file mode"),
+        ("milter.reply_timeout=0", "[milter] reply_timeout: must be a duration > 0"),
+    ],
+)
+def test_milter_config_errors_are_one_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_milter_listen_clash_and_warning():
+    with pytest.raises(ConfigError, match=r"\[milter\] listen: 127.0.0.1:9464 is also \[metrics\] listen"):
+        check_config(None, ["milter.enabled=true", "milter.listen=127.0.0.1:9464"])
+    check_config(None, ["milter.listen=127.0.0.1:9464"])  # disabled: no clash
+    warnings = load_config(None, ["milter.enabled=true", "milter.listen=0.0.0.0:11332"]).warnings()
+    assert any(w.startswith('[milter] listen = "0.0.0.0:11332" is not a loopback address') for w in warnings)
