@@ -88,7 +88,7 @@ class PostfixServer:
         self.content_filter = content_filter
         self.hostname = hostname
         # With milter_port, deploy/postfix/milter.main.cf is added with its port replaced; with
-        # milter_default_action, its per-milter "default_action = accept" is replaced too.
+        # milter_default_action, its per-milter "default_action=accept" is replaced too.
         self.milter_port = milter_port
         self.milter_default_action = milter_default_action
 
@@ -131,12 +131,12 @@ class PostfixServer:
 
     def _milter_cf(self) -> str:
         text = (DEPLOY / "milter.main.cf").read_text()
-        entry = re.compile(r"\{ inet:127\.0\.0\.1:11332, default_action = accept,")
+        entry = re.compile(r"\{ inet:127\.0\.0\.1:11332, default_action=accept,")
         if len(entry.findall(text)) != 2:  # smtpd_milters and non_smtpd_milters
             raise PostfixError("deploy/postfix/milter.main.cf no longer has two '{ inet:127.0.0.1:11332, "
-                               "default_action = accept,' entries: update tests/postfix.py")  # fmt: skip
+                               "default_action=accept,' entries: update tests/postfix.py")  # fmt: skip
         action = self.milter_default_action or "accept"
-        return entry.sub(f"{{ inet:127.0.0.1:{self.milter_port}, default_action = {action},", text)
+        return entry.sub(f"{{ inet:127.0.0.1:{self.milter_port}, default_action={action},", text)
 
     def _deploy(self, name: str) -> str:
         text = (DEPLOY / name).read_text()

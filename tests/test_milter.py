@@ -562,3 +562,205 @@ def test_milter_listen_clash_and_warning():
     check_config(None, ["milter.listen=127.0.0.1:9464"])  # disabled: no clash
     warnings = load_config(None, ["milter.enabled=true", "milter.listen=0.0.0.0:11332"]).warnings()
     assert any(w.startswith('[milter] listen = "0.0.0.0:11332" is not a loopback address') for w in warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# A real Postfix with deploy/postfix/milter.main.cf
+
+
+class ThreadedMilter:
+    """MilterServer on its own event loop in a thread, for tests that drive a blocking MTA."""
+
+    def __init__(self, config: MilterConfig, on_message) -> None:
+        self.server = MilterServer(config, on_message)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "ThreadedMilter":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+SEEN: list[MilterMessage] = []
+
+
+async def marker_policy(msg: MilterMessage) -> MilterReply:
+    """Reject / tempfail / discard / quarantine / subject on a body marker; tag everything."""
+    SEEN.append(msg)
+    body = msg.body
+    if b"REJECTME" in body:
+        return MilterReply(Reject(550, "5.7.1", "Spam refused by filterd (test)"))
+    if b"TEMPFAILME" in body:
+        return MilterReply(Tempfail(451, "4.7.1", "Try again later (test)"))
+    if b"DISCARDME" in body:
+        return MilterReply(Discard())
+    mods: list = [*msg.forged_header_deletions(), AddHeader("X-Spam-Flag", "NO"), AddHeader("X-Spam-Score", "0.0100")]
+    if b"QUARANTINEME" in body:
+        mods.append(Quarantine("filterd test"))
+    if b"SUBJECTME" in body:
+        mods.append(ChangeSubject("[SPAM] hello"))
+    return MilterReply(Accept(), tuple(mods))
+
+
+FORGED_MAIL = (
+    "From: Alice <alice@example.org>\r\n"
+    "To: bob@example.net\r\n"
+    "Subject: hello\r\n"
+    "Message-ID: <{mid}@filterd.test>\r\n"
+    "X-Spam-Flag: YES\r\n"
+    "x-spam-flag: YES\r\n"
+    "X-Spam-Status: Yes,\r\n"
+    "\tscore=9.9 forged\r\n"
+    "X-FILTERD-Original-Recipients: mallory@example.com\r\n"
+    "\r\n"
+    "Hello Bob, {marker}\r\n"
+    "second line\r\n"
+)
+
+
+def smtp_send(port: int, raw: bytes, rcpt: str = "bob@example.net") -> tuple[int, bytes]:
+    """The first refusal, or the final reply to DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+        c.ehlo("client.filterd.test")
+        code, reply = c.mail("alice@example.org")
+        if code != 250:
+            return code, reply
+        code, reply = c.rcpt(rcpt)
+        if code not in (250, 251):
+            return code, reply
+        try:
+            return c.data(raw)
+        except smtplib.SMTPDataError as e:  # refused at DATA itself (before the content)
+            return e.smtp_code, e.smtp_error
+
+
+def wait_log(postfix, needle: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (log := postfix.maillog.read_text(errors="replace") if postfix.maillog.exists() else ""):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in the Postfix log within {timeout}s:\n{postfix.log_tail()}")
+        time.sleep(0.05)
+    return log
+
+
+def by_message_id(sink, mid: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while True:
+        for r in sink.messages:
+            if f"<{mid}@filterd.test>".encode() in r.data:
+                return r
+        if time.monotonic() > deadline:
+            raise AssertionError(f"message {mid} not delivered within {timeout}s")
+        time.sleep(0.05)
+
+
+needs_postfix = pytest.mark.skipif("not postfix_available()", reason="needs postfix installed and root")
+from .postfix import PostfixServer, postfix_available  # noqa: E402
+from .smtp_sink import SmtpSink  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def milter_postfix(tmp_path_factory):
+    """Postfix (milter mode, the shipped snippet) -> filterd's milter with marker_policy; deliveries to a sink."""
+    if not postfix_available():
+        pytest.skip("needs postfix installed and root")
+    port = free_port()
+    with SmtpSink() as sink, ThreadedMilter(cfg(listen=HostPort("127.0.0.1", port)), marker_policy) as milter:
+        postfix = PostfixServer(tmp_path_factory.mktemp("pf") / "postfix", relay_port=sink.port, content_filter=False, milter_port=port)
+        with postfix:
+            yield postfix, sink, milter
+
+
+def _mail(mid: str, marker: str) -> bytes:
+    return FORGED_MAIL.format(mid=mid, marker=marker).encode()
+
+
+@needs_postfix
+def test_postfix_loads_the_shipped_snippet(milter_postfix):
+    postfix, _, milter = milter_postfix
+    value = postfix._cmd("postconf", "-h", "smtpd_milters").stdout
+    assert f"inet:127.0.0.1:{milter.server.cfg.listen.port}" in value and "default_action=accept" in value
+    assert "content_timeout=300s" in postfix._cmd("postconf", "-h", "non_smtpd_milters").stdout
+
+
+@needs_postfix
+def test_postfix_reject_is_a_550_at_end_of_data_and_nothing_is_queued(milter_postfix):
+    postfix, sink, _ = milter_postfix
+    code, reply = smtp_send(postfix.smtpd_port, _mail("reject1", "REJECTME"))
+    assert code == 550 and reply.startswith(b"5.7.1 Spam refused by filterd (test)"), (code, reply)
+    log = wait_log(postfix, "milter-reject: END-OF-MESSAGE")
+    assert "5.7.1 Spam refused by filterd (test)" in log
+    assert postfix.queue() == []
+    assert not any(b"reject1@" in r.data for r in sink.messages)
+
+
+@needs_postfix
+def test_postfix_tagged_message_is_delivered_without_forged_headers(milter_postfix):
+    postfix, sink, milter = milter_postfix
+    code, reply = smtp_send(postfix.smtpd_port, _mail("tag1", "SUBJECTME"))
+    assert code == 250, (code, reply)
+    raw = by_message_id(sink, "tag1").data
+    assert b"\r\nX-Spam-Flag: NO\r\n" in raw and b"\r\nSubject: [SPAM] hello\r\n" in raw  # one space after the colon
+    delivered = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert delivered.get_all("X-Spam-Flag") == ["NO"]  # ours; both forged YES (any casing) are gone
+    assert delivered.get_all("X-Spam-Score") == ["0.0100"]
+    assert delivered.get_all("X-Spam-Status") is None  # the folded forged one too
+    assert delivered.get_all("X-Filterd-Original-Recipients") is None
+    assert delivered.get_all("Subject") == ["[SPAM] hello"]
+    assert delivered.get_payload() == "Hello Bob, SUBJECTME\r\nsecond line\r\n"  # the body is untouched
+    (seen,) = [s for s in SEEN if b"tag1@" in s.raw()]
+    assert seen.queue_id == reply.decode().rsplit(" ", 1)[-1]  # Postfix's queue id, from the "i" macro
+    assert (seen.sender, seen.recipients, seen.client) == ("alice@example.org", ["bob@example.net"], "127.0.0.1")
+    assert seen.header_names[:3] == ["From", "To", "Subject"]  # Postfix's own Received: is not shown to milters
+
+
+@needs_postfix
+def test_postfix_quarantine_puts_the_message_on_hold(milter_postfix):
+    postfix, sink, _ = milter_postfix
+    code, reply = smtp_send(postfix.smtpd_port, _mail("hold1", "QUARANTINEME"))
+    assert code == 250, (code, reply)
+    qid = reply.decode().rsplit(" ", 1)[-1]
+    queue = postfix.wait_queue(lambda q: any(e["queue_id"] == qid for e in q))
+    (held,) = [e for e in queue if e["queue_id"] == qid]
+    assert held["queue_name"] == "hold"
+    postfix._cmd("postsuper", "-d", qid, "hold")  # leave the queue empty for the other tests
+
+
+@needs_postfix
+def test_postfix_discard_and_tempfail(milter_postfix):
+    postfix, sink, _ = milter_postfix
+    code, reply = smtp_send(postfix.smtpd_port, _mail("discard1", "DISCARDME"))
+    assert code == 250, (code, reply)  # the client is told it was taken
+    wait_log(postfix, "milter-discard: END-OF-MESSAGE")
+    code, reply = smtp_send(postfix.smtpd_port, _mail("tempfail1", "TEMPFAILME"))
+    assert code == 451 and reply.startswith(b"4.7.1 Try again later (test)"), (code, reply)
+    code, _ = smtp_send(postfix.smtpd_port, _mail("after1", "plain"))  # a later message still flows
+    assert code == 250
+    by_message_id(sink, "after1")
+    assert not any(b"discard1@" in r.data or b"tempfail1@" in r.data for r in sink.messages)
+    assert postfix.queue() == []
+
+
+@needs_postfix
+@pytest.mark.parametrize("default_action", [None, "tempfail"], ids=["shipped-accept", "tempfail"])
+def test_postfix_with_the_milter_down(tmp_path, default_action):
+    """No milter listening: the shipped snippet fails open; default_action = tempfail defers instead."""
+    with SmtpSink() as sink:
+        postfix = PostfixServer(tmp_path / "postfix", relay_port=sink.port, content_filter=False,
+                                milter_port=free_port(), milter_default_action=default_action)  # fmt: skip
+        with postfix:
+            code, reply = smtp_send(postfix.smtpd_port, _mail("down1", "plain"))
+            if default_action is None:
+                assert code == 250, (code, reply)
+                delivered = by_message_id(sink, "down1")
+                assert b"X-Spam-Score" not in delivered.data  # delivered untagged: nobody classified it
+            else:
+                assert 400 <= code < 500 and b"4.7.1" in reply, (code, reply)
+                assert postfix.queue() == [] and sink.messages == []
