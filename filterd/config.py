@@ -617,7 +617,7 @@ class MilterConfig:
         "permissions of a unix:/path socket (the MTA's user must be able to write it)",
     )  # fmt: skip
     max_message_bytes: int = _key(
-        1048576, Int(1024), "headers + body kept per message for classification; the rest is not read (mail is still delivered whole)"
+        1048576, Int(1024), "headers + body kept per message for classification; past it the MTA skips the rest (mail is still delivered whole)"
     )
     on_error: str = _key(
         "accept", Choice(options=ON_ERROR),
