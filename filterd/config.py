@@ -1046,6 +1046,15 @@ def _warn_milter_listen(cfg: Config) -> str | None:
     return _listen_warning(("milter", "listen"), cfg.milter.listen, "anyone who can reach it can have mail classified")
 
 
+def _warn_milter_reply_timeout(cfg: Config) -> str | None:
+    if not cfg.milter.enabled or cfg.milter.reply_timeout < 300:
+        return None
+    return (
+        f"[milter] reply_timeout = {format_duration(cfg.milter.reply_timeout)} is not below Postfix's "
+        "milter_content_timeout (300s by default): Postfix may give up first and apply its default_action"
+    )
+
+
 def _warn_metrics_listen(cfg: Config) -> str | None:
     return _listen_warning(("metrics", "listen"), cfg.metrics.listen, "metrics reveal model and traffic details")
 
@@ -1073,6 +1082,7 @@ def _warn_reject(cfg: Config) -> str | None:
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
+    _warn_milter_reply_timeout,
     _warn_metrics_listen,
     _warn_trainer_listen,
     _warn_redis_plaintext,

@@ -403,6 +403,69 @@ def test_client_that_disappears_mid_message_frees_its_session():
     assert len(rec.messages) == 1
 
 
+def test_headers_past_the_limit_are_not_kept_but_forged_ones_still_deleted():
+    limit = 1024
+    headers = [("Subject", " hi")] + [("X-Filler", " " + "f" * 100)] * 20 + [("X-Spam-Flag", " NO"), ("x-spam-FLAG", " NO")]
+
+    async def tag(msg: MilterMessage) -> MilterReply:
+        return MilterReply(Accept(), tuple(msg.forged_header_deletions()))
+
+    rec = Recorder()
+
+    async def recording_tag(msg):
+        await rec(msg)
+        return await tag(msg)
+
+    replies, _ = run(_transaction(recording_tag, cfg(max_message_bytes=limit), headers=headers, body=b"body\r\n"))
+    (msg,) = rec.messages
+    assert msg.truncated and len(msg.header_names) == 23 and len(msg.header_lines) < 23 and msg.body == b""
+    assert sum(len(line) + 2 for line in msg.header_lines) <= limit
+    assert replies == [
+        (m.SMFIR_CHGHEADER, struct.pack("!I", 2) + _cstr("x-spam-FLAG", "")),
+        (m.SMFIR_CHGHEADER, struct.pack("!I", 1) + _cstr("X-Spam-Flag", "")),
+        (m.SMFIR_ACCEPT, b""),
+    ]
+
+
+def test_idle_session_is_closed_and_stop_ends_open_sessions():
+    async def main():
+        server = MilterServer(cfg(idle_timeout=0.2), Recorder())
+        await server.start()
+        idle = await Mta.open(server)
+        await idle.optneg()
+        assert await asyncio.wait_for(idle.reader.read(), 10) == b""  # closed by the server
+        await server.stop()
+        server = MilterServer(cfg(), Recorder())  # the default idle timeout (10m): only stop() can end it
+        await server.start()
+        busy = await Mta.open(server)
+        await busy.optneg()
+        await busy.envelope()
+        await busy.event(m.SMFIC_BODY, b"x" * 1000)
+        await asyncio.wait_for(server.stop(), 10)
+        assert server.stats.sessions_open == 0
+        assert await asyncio.wait_for(busy.reader.read(), 10) == b""
+
+    run(main())
+
+
+def test_quit_nc_starts_a_new_connection_on_the_same_socket():
+    rec = Recorder()
+
+    async def main():
+        async with MilterServer(cfg(), rec) as server:
+            mta = await Mta.open(server)
+            await mta.optneg()
+            await mta.envelope(client="192.0.2.1")
+            await mta.message(HEADERS, BODY)
+            mta.send(m.SMFIC_QUIT_NC)
+            await mta.envelope(client="198.51.100.2", queue_id="NEXT")
+            await mta.message(HEADERS, BODY)
+            await mta.close()
+
+    run(main())
+    assert [(x.client, x.queue_id) for x in rec.messages] == [("192.0.2.1", "4ABCDEF"), ("198.51.100.2", "NEXT")]
+
+
 async def _slow(msg: MilterMessage) -> MilterReply:
     await asyncio.sleep(30)
     return MilterReply(Reject())
@@ -562,6 +625,9 @@ def test_milter_listen_clash_and_warning():
     check_config(None, ["milter.listen=127.0.0.1:9464"])  # disabled: no clash
     warnings = load_config(None, ["milter.enabled=true", "milter.listen=0.0.0.0:11332"]).warnings()
     assert any(w.startswith('[milter] listen = "0.0.0.0:11332" is not a loopback address') for w in warnings)
+    assert not load_config(None, ["milter.enabled=true"]).warnings()
+    warnings = load_config(None, ["milter.enabled=true", "milter.reply_timeout=5m"]).warnings()
+    assert any(w.startswith("[milter] reply_timeout = 5m is not below Postfix's milter_content_timeout") for w in warnings)
 
 
 # --------------------------------------------------------------------------------------------

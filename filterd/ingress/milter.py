@@ -540,7 +540,8 @@ class _Session:
             out = await self._handle(cmd, data)
             if out:
                 self.writer.write(out)
-                await self.writer.drain()
+                # an MTA that stops reading must not hold the session (and its message) forever
+                await asyncio.wait_for(self.writer.drain(), self.cfg.idle_timeout)
 
     # -- events --------------------------------------------------------------------------------
 
