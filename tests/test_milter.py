@@ -17,7 +17,6 @@ import pytest
 
 from filterd.config import ConfigError, HostPort, MilterConfig, UnixSocket, check_config, load_config, parse_listen
 from filterd.ingress import milter as m
-from filterd.mail import extract_text
 from filterd.ingress.milter import (
     Accept,
     AddHeader,
@@ -32,101 +31,17 @@ from filterd.ingress.milter import (
     Tempfail,
     forged_header_deletions,
 )
+from filterd.mail import extract_text
 
+from .milter_mta import ALL_ACTIONS, ALL_STEPS, Mta, split_message
+from .postfix import PostfixServer, corpus_messages, postfix_available
 from .services import free_port
-
-ALL_ACTIONS = 0x1FF  # what Postfix 3.x offers (SMFIF_ADDHDRS .. SMFIF_SETSYMLIST)
-ALL_STEPS = 0x1FFFFF  # every SMFIP_* bit of version 6
+from .smtp_sink import SmtpSink
 
 
 def cfg(**kw) -> MilterConfig:
     kw.setdefault("listen", HostPort("127.0.0.1", free_port()))
     return dataclasses.replace(MilterConfig(enabled=True), **kw)
-
-
-# --------------------------------------------------------------------------------------------
-# Our MTA side: speaks the protocol as Postfix's milter8.c does
-
-
-class Mta:
-    """One MTA->milter connection. `steps` are the negotiated SMFIP_* bits: a command whose reply
-    was waived is not waited for, exactly as Postfix does."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.actions = self.steps = 0
-
-    @classmethod
-    async def open(cls, server: MilterServer) -> "Mta":
-        listen = server.cfg.listen
-        if isinstance(listen, UnixSocket):
-            r, w = await asyncio.open_unix_connection(str(listen.path))
-        else:
-            r, w = await asyncio.open_connection(listen.host, listen.port)
-        return cls(r, w)
-
-    def send(self, cmd: bytes, data: bytes = b"") -> None:
-        self.writer.write(struct.pack("!I", len(data) + 1) + cmd + data)
-
-    async def recv(self, timeout: float = 10) -> tuple[bytes, bytes]:
-        head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
-        (n,) = struct.unpack("!I", head)
-        payload = await asyncio.wait_for(self.reader.readexactly(n), timeout)
-        return payload[:1], payload[1:]
-
-    async def optneg(self, actions: int = ALL_ACTIONS, steps: int = ALL_STEPS, version: int = 6) -> tuple[int, int, int]:
-        self.send(m.SMFIC_OPTNEG, struct.pack("!III", version, actions, steps))
-        cmd, data = await self.recv()
-        assert cmd == m.SMFIC_OPTNEG
-        v, self.actions, self.steps = struct.unpack("!III", data[:12])
-        return v, self.actions, self.steps
-
-    async def event(self, cmd: bytes, data: bytes = b"") -> tuple[bytes, bytes] | None:
-        """Send an event; its reply, or None when the milter asked not to reply to it."""
-        self.send(cmd, data)
-        if self.steps & m._NO_REPLY_BIT.get(cmd, 0):
-            await self.writer.drain()
-            return None
-        return await self.recv()
-
-    async def envelope(self, sender: str = "alice@example.org", rcpts: tuple[str, ...] = ("bob@example.net",),
-                       queue_id: str = "4ABCDEF", client: str = "192.0.2.7") -> None:  # fmt: skip
-        self.send(m.SMFIC_MACRO, b"C" + b"j\0mx.test\0")
-        await self.event(m.SMFIC_CONNECT, b"client.example\0" + b"4" + struct.pack("!H", 40000) + client.encode() + b"\0")
-        self.send(m.SMFIC_MACRO, b"M" + b"i\0" + queue_id.encode() + b"\0")
-        await self.event(m.SMFIC_MAIL, f"<{sender}>\0SIZE=100\0".encode())
-        for r in rcpts:
-            await self.event(m.SMFIC_RCPT, f"<{r}>\0".encode())
-
-    async def message(self, headers: list[tuple[str, str]], body: bytes, chunk: int = 65535) -> list[tuple[bytes, bytes]]:
-        """Headers, body chunks and end of message; the replies to the end (modifications, verdict)."""
-        for name, value in headers:
-            if not self.steps & m.SMFIP_HDR_LEADSPC:
-                value = value[1:] if value.startswith(" ") else value  # as Postfix strips one space
-            reply = await self.event(m.SMFIC_HEADER, name.encode() + b"\0" + value.encode() + b"\0")
-            assert reply in (None, (m.SMFIR_CONTINUE, b""))
-        await self.event(m.SMFIC_EOH)
-        for i in range(0, len(body), chunk):
-            reply = await self.event(m.SMFIC_BODY, body[i : i + chunk])
-            if reply and reply[0] == m.SMFIR_SKIP:
-                break
-        return await self.end()
-
-    async def end(self) -> list[tuple[bytes, bytes]]:
-        self.send(m.SMFIC_BODYEOB)
-        out = []
-        while True:
-            cmd, data = await self.recv()
-            out.append((cmd, data))
-            if cmd in (m.SMFIR_ACCEPT, m.SMFIR_CONTINUE, m.SMFIR_REJECT, m.SMFIR_TEMPFAIL, m.SMFIR_DISCARD, m.SMFIR_REPLYCODE):
-                return out
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
 HEADERS = [
@@ -212,6 +127,25 @@ def test_collects_envelope_headers_and_body(leadspc):
     text = extract_text(msg.raw())  # what the classifier will read
     assert "hello there" in text and "this is the body." in text
     assert server.stats.messages == 1 and server.stats.verdicts["accept"] == 1
+
+
+def test_real_messages_come_out_byte_for_byte(spamassassin_dir):
+    """20 SpamAssassin messages (folded headers, MIME, 8-bit): raw() is the message as sent."""
+    raws = corpus_messages(spamassassin_dir, 20)
+    rec = Recorder()
+
+    async def main():
+        async with MilterServer(cfg(), rec) as server:
+            mta = await Mta.open(server)
+            await mta.optneg()
+            for raw in raws:
+                await mta.envelope()
+                headers, body = split_message(raw)
+                assert await mta.message(headers, body) == [(m.SMFIR_ACCEPT, b"")]
+            await mta.close()
+
+    run(main())
+    assert [x.raw() for x in rec.messages] == raws
 
 
 def test_two_messages_on_one_connection_do_not_mix():
@@ -727,9 +661,7 @@ def by_message_id(sink, mid: str, timeout: float = 20):
         time.sleep(0.05)
 
 
-needs_postfix = pytest.mark.skipif("not postfix_available()", reason="needs postfix installed and root")
-from .postfix import PostfixServer, postfix_available  # noqa: E402
-from .smtp_sink import SmtpSink  # noqa: E402
+needs_postfix = pytest.mark.skipif(not postfix_available(), reason="needs postfix installed and root")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Sequence, Union
 
-from ..config import HostPort, MilterConfig, UnixSocket
+from ..config import MilterConfig, UnixSocket
 
 log = logging.getLogger(__name__)
 
