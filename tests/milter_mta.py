@@ -17,6 +17,10 @@ ALL_ACTIONS = 0x1FF  # what Postfix 3.x offers (SMFIF_ADDHDRS .. SMFIF_SETSYMLIS
 ALL_STEPS = 0x1FFFFF  # every SMFIP_* bit of version 6
 FINAL = (m.SMFIR_ACCEPT, m.SMFIR_CONTINUE, m.SMFIR_REJECT, m.SMFIR_TEMPFAIL, m.SMFIR_DISCARD, m.SMFIR_REPLYCODE)
 
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # 8-bit header bytes go back out as they came
+
+
 class Mta:
     """One MTA->milter connection. `steps` are the negotiated SMFIP_* bits: a command whose reply
     was waived is not waited for, exactly as Postfix does."""
@@ -72,7 +76,7 @@ class Mta:
         for name, value in headers:
             if not self.steps & m.SMFIP_HDR_LEADSPC:
                 value = value[1:] if value.startswith(" ") else value  # as Postfix strips one space
-            reply = await self.event(m.SMFIC_HEADER, name.encode() + b"\0" + value.encode() + b"\0")
+            reply = await self.event(m.SMFIC_HEADER, _b(name) + b"\0" + _b(value) + b"\0")
             assert reply in (None, (m.SMFIR_CONTINUE, b""))
         await self.event(m.SMFIC_EOH)
         for i in range(0, len(body), chunk):

@@ -4,6 +4,7 @@ socket, then a real Postfix (tests/postfix.py, with deploy/postfix/milter.main.c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email
 import email.policy
@@ -378,6 +379,37 @@ def test_idle_session_is_closed_and_stop_ends_open_sessions():
         await asyncio.wait_for(server.stop(), 10)
         assert server.stats.sessions_open == 0
         assert await asyncio.wait_for(busy.reader.read(), 10) == b""
+
+    run(main())
+
+
+def test_stop_ends_sessions_that_are_busy_exchanging_messages():
+    """stop() while 16 MTA connections keep sending: every session must end (a cancellation lost in
+    a race with a completing read once left stop() waiting for ever while clients kept talking)."""
+    done = 0
+
+    async def counting(msg: MilterMessage) -> MilterReply:
+        nonlocal done
+        done += 1
+        return MilterReply()
+
+    async def client(server: MilterServer) -> None:
+        mta = await Mta.open(server)
+        await mta.optneg()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await mta.envelope()
+                await mta.message([("Subject", " x")], b"body\r\n")
+
+    async def main():
+        server = MilterServer(cfg(), counting)
+        await server.start()
+        clients = [asyncio.create_task(client(server)) for _ in range(16)]
+        while done < 500:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.stop(), 20)
+        assert server.stats.sessions_open == 0 and not server._sessions
+        await asyncio.wait_for(asyncio.gather(*clients), 20)  # and every client saw its connection end
 
     run(main())
 
