@@ -247,6 +247,7 @@ def test_edits_the_mta_did_not_allow_are_skipped():
         lambda: Reject(550, "4.7.1", "x"),
         lambda: Reject(550, "5.7.1", "two\r\nlines"),
         lambda: Tempfail(550, "5.7.1", "x"),
+        lambda: Reject(550, "5.7.1", "spam détecté"),
         lambda: MilterReply("accept"),
     ],
 )

@@ -242,6 +242,8 @@ def _reply_text(code: int, status: str, text: str, first: str) -> None:
     if not isinstance(status, str) or not _STATUS.fullmatch(status) or status[0] != first:
         raise ValueError(f"enhanced status must look like {first}.7.1, got {status!r}")
     _check_value("reply text", text)
+    if not text.isascii():  # an SMTP reply line is ASCII (RFC 5321)
+        raise ValueError(f"reply text must be ASCII: {text!r}")
 
 
 @dataclass(frozen=True)
