@@ -35,6 +35,7 @@ __all__ = [
     "HostPort",
     "LoggingConfig",
     "MetricsConfig",
+    "MilterConfig",
     "ModelConfig",
     "RedisConfig",
     "PolicyConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "RoutesConfig",
     "SmtpConfig",
     "TrainerConfig",
+    "UnixSocket",
     "check_config",
     "config_reference",
     "format_duration",
@@ -49,6 +51,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_hostport",
+    "parse_listen",
     "redact_url",
 ]
 
@@ -144,6 +147,28 @@ def _split_hostport(text: str) -> HostPort:
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
         raise ValueError("port must be a number in 1..65535")
     return HostPort(host, int(port))
+
+
+class UnixSocket(NamedTuple):
+    """A listening socket path, written "unix:/path" (as Postfix names milters)."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def parse_listen(text: str) -> HostPort | UnixSocket:
+    """HostPort from "127.0.0.1:11332" (or Postfix's "inet:127.0.0.1:11332"), UnixSocket from
+    "unix:/run/filterd/milter.sock" (an absolute path); ValueError if bad."""
+    if not isinstance(text, str):
+        raise ValueError("not a string")
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or _CONTROL.search(path):
+            raise ValueError('a unix socket needs an absolute path, e.g. "unix:/run/filterd/milter.sock"')
+        return UnixSocket(Path(path))
+    return _split_hostport(text.removeprefix("inet:"))
 
 
 def _check_ipv6(host: str) -> None:
@@ -366,6 +391,23 @@ class Address(Kind):
             raise ValueError(f"must be host:port ({e})") from None
 
     def dump(self, value: HostPort) -> str:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Listen(Kind):
+    expect = 'host:port or unix:/path, e.g. "127.0.0.1:11332" or "unix:/run/filterd/milter.sock"'
+    text_like = True
+
+    def parse(self, value: Any) -> HostPort | UnixSocket:
+        if not isinstance(value, str):
+            raise self.fail()
+        try:
+            return parse_listen(value)
+        except ValueError as e:
+            raise ValueError(f"must be host:port or unix:/path ({e})") from None
+
+    def dump(self, value: HostPort | UnixSocket) -> str:
         return str(value)
 
 
@@ -664,6 +706,31 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:
+    """[milter]: the before-queue milter (Postfix smtpd_milters); see filterd/ingress/milter.py."""
+
+    enabled: bool = _key(False, Bool(), "serve the milter protocol (Postfix smtpd_milters / non_smtpd_milters)")
+    listen: HostPort | UnixSocket = _key(
+        parse_listen("127.0.0.1:11332"), Listen(), "host:port or unix:/path the MTA connects to"
+    )
+    socket_mode: str = _key(
+        "0660", Text("an octal file mode such as 0660", allow_empty=False, pattern=r"0?[0-7]{3}"),
+        "permissions of a unix:/path socket (the MTA's user must be able to write it)",
+    )  # fmt: skip
+    max_message_bytes: int = _key(
+        1048576, Int(1024), "headers + body kept per message for classification; past it the MTA skips the rest (mail is still delivered whole)"
+    )
+    on_error: str = _key(
+        "accept", Choice(options=ON_ERROR),
+        "when the decision fails or is late: accept (forged X-Spam-* removed, no tags) | tempfail (451 4.7.1)",
+    )  # fmt: skip
+    reply_timeout: float = _key(
+        60.0, Duration(), "end of message to our reply; then on_error applies. Keep below Postfix's milter_content_timeout (300s)"
+    )
+    idle_timeout: float = _key(600.0, Duration(), "a connection silent this long is closed (Postfix reconnects)")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz of the daemon."""
 
@@ -748,6 +815,7 @@ class Config:
     redis: RedisConfig = _section(RedisConfig, "[redis]")
     smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
     policy: PolicyConfig = _section(PolicyConfig, "[policy]")
+    milter: MilterConfig = _section(MilterConfig, "[milter]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
     logging: LoggingConfig = _section(LoggingConfig, "[logging]")
@@ -1036,6 +1104,8 @@ def _check_listen_clash(cfg: Config) -> Problem:
     listens: list[tuple[Where, HostPort]] = [(("metrics", "listen"), cfg.metrics.listen)]
     if cfg.smtp.enabled:
         listens.insert(0, (("smtp", "listen"), cfg.smtp.listen))
+    if cfg.milter.enabled and isinstance(cfg.milter.listen, HostPort):
+        listens.append((("milter", "listen"), cfg.milter.listen))
     listens.append((("trainer", "metrics_listen"), cfg.trainer.metrics_listen))
     for i, (where, addr) in enumerate(listens):
         for other, other_addr in listens[:i]:
@@ -1101,6 +1171,21 @@ def _warn_smtp_listen(cfg: Config) -> str | None:
     return _listen_warning(("smtp", "listen"), cfg.smtp.listen, why)
 
 
+def _warn_milter_listen(cfg: Config) -> str | None:
+    if not cfg.milter.enabled or not isinstance(cfg.milter.listen, HostPort):
+        return None
+    return _listen_warning(("milter", "listen"), cfg.milter.listen, "anyone who can reach it can have mail classified")
+
+
+def _warn_milter_reply_timeout(cfg: Config) -> str | None:
+    if not cfg.milter.enabled or cfg.milter.reply_timeout < 300:
+        return None
+    return (
+        f"[milter] reply_timeout = {format_duration(cfg.milter.reply_timeout)} is not below Postfix's "
+        "milter_content_timeout (300s by default): Postfix may give up first and apply its default_action"
+    )
+
+
 def _warn_metrics_listen(cfg: Config) -> str | None:
     return _listen_warning(("metrics", "listen"), cfg.metrics.listen, "metrics reveal model and traffic details")
 
@@ -1128,6 +1213,8 @@ def _warn_reject(cfg: Config) -> str | None:
 
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
+    _warn_milter_listen,
+    _warn_milter_reply_timeout,
     _warn_metrics_listen,
     _warn_trainer_listen,
     _warn_redis_plaintext,

@@ -63,6 +63,8 @@ class PostfixServer:
         content_filter: bool = True,
         *,
         hostname: str = "mx.filterd.test",
+        milter_port: int | None = None,
+        milter_default_action: str | None = None,
     ) -> None:
         if not (SBIN / "postfix").exists():
             raise PostfixError(f"postfix not installed: {INSTALL_HINT}")
@@ -85,6 +87,10 @@ class PostfixServer:
         self.relay_port = relay_port or free_port()
         self.content_filter = content_filter
         self.hostname = hostname
+        # With milter_port, deploy/postfix/milter.main.cf is added with its port replaced; with
+        # milter_default_action, its per-milter "default_action=accept" is replaced too.
+        self.milter_port = milter_port
+        self.milter_default_action = milter_default_action
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -123,6 +129,15 @@ class PostfixServer:
             "biff": "no",
         }
 
+    def _milter_cf(self) -> str:
+        text = (DEPLOY / "milter.main.cf").read_text()
+        entry = re.compile(r"\{ inet:127\.0\.0\.1:11332, default_action=accept,")
+        if len(entry.findall(text)) != 2:  # smtpd_milters and non_smtpd_milters
+            raise PostfixError("deploy/postfix/milter.main.cf no longer has two '{ inet:127.0.0.1:11332, "
+                               "default_action=accept,' entries: update tests/postfix.py")  # fmt: skip
+        action = self.milter_default_action or "accept"
+        return entry.sub(f"{{ inet:127.0.0.1:{self.milter_port}, default_action={action},", text)
+
     def _deploy(self, name: str) -> str:
         text = (DEPLOY / name).read_text()
         must = {"main.cf": "10025", "master.cf": "10026"}[name]  # content_filter; re-injection listener
@@ -138,7 +153,10 @@ class PostfixServer:
         if not self.content_filter:
             deploy = "\n".join(e for e in _logical_lines(deploy) if _key(e) != "content_filter")
         tests = "\n".join(f"{k} = {v}" for k, v in self._test_settings().items())
-        return _merge_main_cf([base, "# --- deploy/postfix/main.cf ---\n" + deploy, "# --- test settings ---\n" + tests])
+        blocks = [base, "# --- deploy/postfix/main.cf ---\n" + deploy]
+        if self.milter_port:
+            blocks.append("# --- deploy/postfix/milter.main.cf ---\n" + self._milter_cf())
+        return _merge_main_cf([*blocks, "# --- test settings ---\n" + tests])
 
     def master_cf(self) -> str:
         base = _first_existing(BASE_MASTER_CF).read_text()
