@@ -155,6 +155,17 @@ def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
     return _decision_fields(d, c.model if c else "", error)
 
 
+def header_fields(d: Decision | None, model: str, error: str = "") -> list[tuple[str, str]]:
+    """Our X-Spam-* headers for a decision (None: the classification failed, `error` says why), for
+    the doors that add headers themselves (the milter)."""
+    return _decision_fields(d, model, error)
+
+
+def subject_prefix(prefix: str) -> str:
+    """The Subject prefix as a header-safe string (non-ASCII as encoded words)."""
+    return _prefix_bytes(prefix).decode("ascii")
+
+
 def _decision_fields(d: Decision | None, model: str, error: str) -> list[tuple[str, str]]:
     if d is None:  # no Flag and no Score: nothing was measured
         return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]

@@ -1071,8 +1071,8 @@ Problem = tuple[Where, str] | None
 
 
 def _check_ingress(cfg: Config) -> Problem:
-    if not cfg.smtp.enabled and not cfg.redis.enabled:
-        return ("smtp", "enabled"), "both ingresses ([smtp] and [redis]) are disabled: nothing would be filtered; enable one"
+    if not cfg.smtp.enabled and not cfg.redis.enabled and not cfg.milter.enabled:
+        return ("smtp", "enabled"), "every ingress ([smtp], [redis], [milter]) is disabled: nothing would be filtered; enable one"
     return None
 
 

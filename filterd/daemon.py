@@ -26,6 +26,7 @@ from .config import format_duration
 from .decision import Policy
 from .engine import Engine
 from .errors import ConfigError
+from .ingress.milter import MilterDoor, MilterServer
 from .ingress.redis_streams import RedisIngress
 from .ingress.smtp import SmtpIngress
 from .metrics import FilterdMetrics, MetricsServer
@@ -58,6 +59,9 @@ class Daemon:
         self.batcher: Batcher | None = None
         self.redis: RedisIngress | None = None
         self.smtp: SmtpIngress | None = None
+        self.milter: MilterServer | None = None
+        self.milter_door: MilterDoor | None = None
+        self._serving = asyncio.Event()  # set once the batcher runs: a milter message waits for it
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
@@ -82,6 +86,16 @@ class Daemon:
         scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
         if self.reservoir is not None:
             self.reservoir.offer(text, "smtp")
+        return scored
+
+    async def score_milter(self, text: str) -> Scored:
+        """For the milter: wait for the model at start (Postfix's own timeouts bound the wait), then
+        as SMTP does, QueueFull at once when the queue is full (the door answers per on_error)."""
+        await self._serving.wait()
+        assert self.batcher is not None
+        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
+        if self.reservoir is not None:
+            self.reservoir.offer(text, "milter")
         return scored
 
     def health(self) -> tuple[bool, str]:
@@ -109,6 +123,13 @@ class Daemon:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
+        if cfg.milter.enabled:
+            self.milter_door = MilterDoor(cfg.milter, self.score_milter, self.policy, cfg.smtp.subject_prefix, self.metrics)
+            self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
+            try:
+                await self.milter.start()
+            except OSError as e:
+                raise ConfigError(str(e.strerror or e)) from None
         listen = cfg.metrics.listen
         self.server = MetricsServer((listen.host, listen.port), self.metrics.registry, self.health)
         try:
@@ -133,6 +154,7 @@ class Daemon:
             max_wait_ms=b.max_wait_ms, max_queue=b.max_queue, observer=self.metrics,
         )  # fmt: skip
         await self.batcher.start()
+        self._serving.set()
         sources = []
         if self.smtp is not None:
             self._jobs["smtp-ingress"] = self.smtp.run(self.stop)
@@ -144,7 +166,12 @@ class Daemon:
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
-        on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": ()}
+        if self.milter is not None:
+            self._jobs["milter-ingress"] = self._milter_job()
+            self.metrics.ingress_up.labels("milter").set(1)
+            sources.append("milter")
+        on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": (),
+                    "milter": ("accept-unknown" if cfg.milter.on_error == "accept" else "tempfail",)}  # fmt: skip
         self.metrics.prime(sources, {s: sorted(self.policy.actions(s)) + list(on_error[s]) for s in sources})
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
         if self.reservoir is not None:
@@ -171,6 +198,16 @@ class Daemon:
             raise failed  # one line, exit 1: systemd restarts the process
         log.info("stopped")
         return 0
+
+    async def _milter_job(self) -> None:
+        """Until stop: then let the messages being decided get their replies (bounded), and close."""
+        assert self.milter is not None and self.milter_door is not None
+        await self.stop.wait()
+        try:
+            await asyncio.wait_for(self.milter_door.drained(), timeout=self.cfg.milter.reply_timeout)
+        except TimeoutError:
+            log.warning("milter: %d messages still undecided at shutdown; the MTA applies its default_action", self.milter_door.in_flight)
+        await self.milter.stop()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -45,16 +45,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import stat
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence, Union
 
+from ..actions import header_fields, subject_prefix
 from ..config import MilterConfig, UnixSocket
+from ..decision import Decision, Message, Policy
+from ..mail import extract_text
+
+if TYPE_CHECKING:
+    from ..batcher import Scored
+    from ..metrics import FilterdMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ __all__ = [
     "ChangeSubject",
     "DeleteHeader",
     "Discard",
+    "MilterDoor",
     "MilterMessage",
     "MilterReply",
     "MilterServer",
@@ -749,3 +759,93 @@ class _Session:
                 return _frame(SMFIR_ADDHEADER, b"Subject\0" + self._value(m.value))
             return _frame(SMFIR_CHGHEADER, struct.pack("!I", 1) + b"Subject\0" + self._value(m.value))
         return _frame(SMFIR_QUARANTINE, _wire(m.reason) + b"\0")
+
+
+# --------------------------------------------------------------------------------------------
+# The door: a Decision (filterd/decision.py) turned into a milter reply
+
+
+ScoreText = Callable[[str], Awaitable["Scored"]]
+
+
+class MilterDoor:
+    """`on_message` for the daemon: the allow/deny lists, else extract the text, score it through the
+    shared batcher and `decide`; then answer with milter actions. Every accepted message loses its
+    forged X-Spam-*/X-Filterd-* headers and gets ours. A failed or busy classification follows
+    `[milter] on_error` (accept with an Unknown status, or 451), like the SMTP door's."""
+
+    def __init__(self, cfg: MilterConfig, score: ScoreText, policy: Policy, subject_prefix: str, metrics: "FilterdMetrics | None" = None) -> None:
+        self.cfg = cfg
+        self.score = score
+        self.policy = policy
+        self.prefix = subject_prefix
+        self.metrics = metrics
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def on_message(self, msg: MilterMessage) -> MilterReply:
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._decide(msg)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    async def _decide(self, msg: MilterMessage) -> MilterReply:
+        t0 = time.perf_counter()
+        message = Message("milter", msg.sender, tuple(msg.recipients))
+        d, model, error = self.policy.listed(message), "", ""
+        if d is None:
+            try:
+                text = await asyncio.to_thread(extract_text, msg.raw())  # parsing off the event loop
+                scored = await self.score(text)
+                if math.isnan(scored.score):
+                    raise ValueError("the model scored NaN")
+                d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
+            except Exception as e:  # busy (QueueFull) or failed: on_error, as for the SMTP door
+                error = "busy" if type(e).__name__ == "QueueFull" else type(e).__name__
+                log.warning("milter: %s: classification failed (%s); on_error = %s", msg.queue_id or "-", error, self.cfg.on_error)
+        if self.metrics is not None:
+            self.metrics.observe_result(source="milter", verdict=d.verdict if d else "error", score=d.score if d else None,
+                                        seconds=time.perf_counter() - t0)  # fmt: skip
+        reply, action = self._reply(msg, d, model, error)
+        if self.metrics is not None:
+            self.metrics.count_action("milter", action)
+        verdict = "unknown" if d is None else f"{d.verdict} score={d.score:.4f}" if d.score is not None else f"{d.verdict} listed={d.listed}"
+        log.info("milter: queue_id=%s from=<%s> rcpts=%d size=%d verdict=%s action=%s", msg.queue_id or "-", msg.sender,
+                 len(msg.recipients), msg.size, verdict, action)  # fmt: skip
+        return reply
+
+    def _reply(self, msg: MilterMessage, d: Decision | None, model: str, error: str) -> tuple[MilterReply, str]:
+        if d is None and self.cfg.on_error == "tempfail":
+            return MilterReply(Tempfail(451, "4.7.1", "filterd: temporary failure, try again later")), "tempfail"
+        action = "accept-unknown" if d is None else d.action
+        if action == "reject":
+            return MilterReply(Reject(550, "5.7.1", "Message refused as spam")), action
+        if action == "soft-reject":
+            return MilterReply(Tempfail(451, "4.7.1", "Message deferred as possible spam, try again later")), action
+        if action == "discard":
+            return MilterReply(Discard()), action
+        mods: list[Modification] = list(msg.forged_header_deletions())
+        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error)]
+        prefix = subject_prefix(self.prefix)
+        if action == "subject" and prefix.strip():
+            mods.append(ChangeSubject(prefix + _subject_of(msg)))
+        elif action == "quarantine":
+            mods.append(Quarantine(f"filterd: spam score {d.score:.4f}" if d is not None and d.score is not None else "filterd: spam"))
+        return MilterReply(Accept(), tuple(mods)), action
+
+
+def _subject_of(msg: MilterMessage) -> str:
+    """The first Subject's value as received, unfolded (a folded value cannot go back in one field)."""
+    for line in msg.header_lines:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"subject":
+            return re.sub(r"[\r\n\x00]", "", _text(value)).strip()
+    return ""
