@@ -391,6 +391,8 @@ class HttpServer:
         if not first.endswith(b"\n"):
             raise HttpError(400, "incomplete request line")
         parts = first.rstrip(b"\r\n").split(b" ")
+        if len(parts) == 2 and parts[1].startswith(b"RSPAMC/"):  # "CHECK RSPAMC/1.3": no target
+            parts.insert(1, b"-")
         if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
             raise HttpError(400, "malformed request line")
         method, target, version = (p.decode("latin-1") for p in parts)
