@@ -284,3 +284,20 @@ def test_stop_drains_the_request_being_decided():
         srv.run(srv.server.stop(drain_timeout=5))  # the reply still goes out
         t.join(10)
         assert result["r"][0] == 200 and json.loads(result["r"][2])["action"] == "reject"
+
+
+def test_exim_snippet_matches_the_default_port_and_handles_every_action_we_send():
+    from pathlib import Path
+
+    from filterd.ingress.http import RSPAMD_ACTION
+
+    snippet = (Path(__file__).parent.parent / "deploy/exim/filterd.conf").read_text()
+    assert f"spamd_address = 127.0.0.1 {load_config(None).http.listen.port} variant=rspamd" in snippet
+    for word in set(RSPAMD_ACTION.values()):
+        assert word in snippet, word
+    assert "spam          = nobody:true/defer_ok" in snippet
+
+
+def test_http_listen_clashing_with_metrics_is_refused():
+    with pytest.raises(ConfigError, match=r"\[http\] listen: 127.0.0.1:9464 is also \[metrics\] listen"):
+        check_config(None, ["http.enabled=true", "http.listen=127.0.0.1:9464"])
