@@ -1225,6 +1225,13 @@ def _warn_milter_listen(cfg: Config) -> str | None:
     return _listen_warning(("milter", "listen"), cfg.milter.listen, "anyone who can reach it can have mail classified")
 
 
+def _warn_http_listen(cfg: Config) -> str | None:
+    if not cfg.http.enabled:
+        return None
+    why = "the Password header and the messages travel unencrypted (no TLS)"
+    return _listen_warning(("http", "listen"), cfg.http.listen, why)
+
+
 def _warn_milter_reply_timeout(cfg: Config) -> str | None:
     if not cfg.milter.enabled or cfg.milter.reply_timeout < 300:
         return None
@@ -1262,6 +1269,7 @@ def _warn_reject(cfg: Config) -> str | None:
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
+    _warn_http_listen,
     _warn_milter_reply_timeout,
     _warn_metrics_listen,
     _warn_trainer_listen,

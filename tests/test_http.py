@@ -301,3 +301,9 @@ def test_exim_snippet_matches_the_default_port_and_handles_every_action_we_send(
 def test_http_listen_clashing_with_metrics_is_refused():
     with pytest.raises(ConfigError, match=r"\[http\] listen: 127.0.0.1:9464 is also \[metrics\] listen"):
         check_config(None, ["http.enabled=true", "http.listen=127.0.0.1:9464"])
+
+
+def test_off_loopback_with_password_warns_about_cleartext():
+    cfg = check_config(None, ["http.enabled=true", "http.listen=0.0.0.0:11333", 'http.password="x"'])
+    assert any(w.startswith('[http] listen = "0.0.0.0:11333" is not a loopback address: the Password header') for w in cfg.warnings())
+    assert not any("[http]" in w for w in check_config(None, ["http.enabled=true"]).warnings())
