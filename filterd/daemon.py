@@ -1,7 +1,8 @@
 """`filterd serve`: the model, the batcher, the ingresses and the metrics endpoint in one event loop.
 
-Start: load the model (a failure is a one-line exit), warm it up, start the batcher, the SMTP and
-Redis ingresses and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
+Start: bind the SMTP, milter and HTTP ports and the metrics server (a port in use fails at once),
+load the model (a failure is a one-line exit), warm it up, start the batcher and the Redis
+ingress, then READY=1 to systemd (milter messages and HTTP requests that came early wait for it). SIGHUP (or a message on the model
 channel, or the model path changing) reloads the model in the background. SIGTERM/SIGINT: stop
 reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1, exit 0.
 
