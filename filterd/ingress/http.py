@@ -361,11 +361,11 @@ class HttpServer:
         self._idle.clear()
         try:
             reply = await self._route(req)
+            await self._send(writer, reply)  # counted until sent: stop() must not abort a reply on its way
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-        await self._send(writer, reply)
         closes = b"\r\nConnection: close\r\n" in reply.partition(b"\r\n\r\n")[0] + b"\r\n"
         return req.keep_alive and not closes and not self._stopping, False
 
