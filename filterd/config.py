@@ -33,6 +33,7 @@ __all__ = [
     "BatchingConfig",
     "Config",
     "HostPort",
+    "HttpConfig",
     "LoggingConfig",
     "MetricsConfig",
     "MilterConfig",
@@ -266,6 +267,10 @@ class Kind:
     def fail(self) -> ValueError:
         return ValueError(f"must be {self.expect}")
 
+    def redact(self, text: str) -> str:
+        """A secret value as shown in errors and dumps (URLs keep all but their password)."""
+        return redact_url(text)
+
 
 @dataclass(frozen=True)
 class Int(Kind):
@@ -443,6 +448,17 @@ class RedisUrl(Kind):
             raise self.fail()
         _check_redis_url(value)
         return value
+
+
+@dataclass(frozen=True)
+class Password(Text):
+    """A shared secret: never shown in errors or dumps (to_toml(redact=False) writes it)."""
+
+    what: str = "a password string"
+    secret = True
+
+    def redact(self, text: str) -> str:
+        return "***" if text else ""
 
 
 @dataclass(frozen=True)
@@ -731,6 +747,24 @@ class MilterConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """[http]: the HTTP scan API (Rspamd's /checkv2 and legacy RSPAMC, /ping, /classify); see filterd/ingress/http.py."""
+
+    enabled: bool = _key(False, Bool(), "serve the HTTP scan API (Exim variant=rspamd, Haraka, Amavis, applications)")
+    listen: HostPort = _key(parse_hostport("127.0.0.1:11333"), Address(), "host:port of the scan API; off loopback it needs a password")
+    password: str = _key(
+        "", Password(), "required in a Password request header when set (401 without, 403 wrong); mandatory off loopback"
+    )
+    max_body_bytes: int = _key(10485760, Int(1024), "largest request body (a whole message); larger gets 413")
+    read_timeout: float = _key(30.0, Duration(), "a request's head and body must arrive within this; else 408")
+    idle_timeout: float = _key(60.0, Duration(), "a keep-alive connection silent this long is closed")
+    reply_timeout: float = _key(60.0, Duration(), "request read to verdict (waits for the model at start, then the batch); else 503")
+    required_score: float = _key(
+        15.0, Number(0.001), "Rspamd-scale score at the spam threshold: score = P(spam) / threshold * required_score"
+    )
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz of the daemon."""
 
@@ -816,6 +850,7 @@ class Config:
     smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
     policy: PolicyConfig = _section(PolicyConfig, "[policy]")
     milter: MilterConfig = _section(MilterConfig, "[milter]")
+    http: HttpConfig = _section(HttpConfig, "[http]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
     logging: LoggingConfig = _section(LoggingConfig, "[logging]")
@@ -950,7 +985,7 @@ def _build(cls: type, raw: Mapping[str, Any], where: Where, origin_of: OriginOf)
         try:
             parsed = kind.parse(value)
         except ValueError as e:
-            raise _error(origin, at, f"{e}, got {_show(value, kind.secret)}") from None
+            raise _error(origin, at, f"{e}, got {_show(value, kind)}") from None
         values[key] = kind.anchor(parsed, origin.base) if origin.base else parsed
     return cls(**values)
 
@@ -993,7 +1028,7 @@ def _error(origin: _Origin, where: Where, message: str) -> ConfigError:
     return ConfigError(f"{origin.label}: {_label(where)}: {message}")
 
 
-def _show(value: Any, secret: bool = False) -> str:
+def _show(value: Any, kind: Kind | None = None) -> str:
     """A value as the user wrote it, on one short line."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -1004,7 +1039,7 @@ def _show(value: Any, secret: bool = False) -> str:
     if isinstance(value, (dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, str):
-        text = json.dumps(redact_url(value) if secret else value)  # escapes newlines: stays one line
+        text = json.dumps(kind.redact(value) if kind is not None and kind.secret else value)  # escapes newlines: stays one line
     else:
         text = repr(value)
     return text if len(text) <= 80 else text[:76] + '..."'
@@ -1071,8 +1106,18 @@ Problem = tuple[Where, str] | None
 
 
 def _check_ingress(cfg: Config) -> Problem:
-    if not cfg.smtp.enabled and not cfg.redis.enabled and not cfg.milter.enabled:
-        return ("smtp", "enabled"), "every ingress ([smtp], [redis], [milter]) is disabled: nothing would be filtered; enable one"
+    if not cfg.smtp.enabled and not cfg.redis.enabled and not cfg.milter.enabled and not cfg.http.enabled:
+        return ("smtp", "enabled"), (
+            "every ingress ([smtp], [redis], [milter], [http]) is disabled: nothing would be filtered; enable one"
+        )
+    return None
+
+
+def _check_http_password(cfg: Config) -> Problem:
+    """Off loopback, anyone who reaches the port could use the classifier (and probe it): no password, no start."""
+    h = cfg.http
+    if h.enabled and not h.password and not is_loopback(h.listen.host):
+        return ("http", "password"), f'required when [http] listen = "{h.listen}" is not a loopback address'
     return None
 
 
@@ -1106,6 +1151,8 @@ def _check_listen_clash(cfg: Config) -> Problem:
         listens.insert(0, (("smtp", "listen"), cfg.smtp.listen))
     if cfg.milter.enabled and isinstance(cfg.milter.listen, HostPort):
         listens.append((("milter", "listen"), cfg.milter.listen))
+    if cfg.http.enabled:
+        listens.append((("http", "listen"), cfg.http.listen))
     listens.append((("trainer", "metrics_listen"), cfg.trainer.metrics_listen))
     for i, (where, addr) in enumerate(listens):
         for other, other_addr in listens[:i]:
@@ -1144,6 +1191,7 @@ def _check_read_count(cfg: Config) -> Problem:
 
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_ingress,
+    _check_http_password,
     policy_problem,  # levels in order, what each door can do, old and new keys not both
     _check_quarantine,
     _check_smtp_loop,
@@ -1175,6 +1223,13 @@ def _warn_milter_listen(cfg: Config) -> str | None:
     if not cfg.milter.enabled or not isinstance(cfg.milter.listen, HostPort):
         return None
     return _listen_warning(("milter", "listen"), cfg.milter.listen, "anyone who can reach it can have mail classified")
+
+
+def _warn_http_listen(cfg: Config) -> str | None:
+    if not cfg.http.enabled:
+        return None
+    why = "the Password header and the messages travel unencrypted (no TLS)"
+    return _listen_warning(("http", "listen"), cfg.http.listen, why)
 
 
 def _warn_milter_reply_timeout(cfg: Config) -> str | None:
@@ -1214,6 +1269,7 @@ def _warn_reject(cfg: Config) -> str | None:
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
+    _warn_http_listen,
     _warn_milter_reply_timeout,
     _warn_metrics_listen,
     _warn_trainer_listen,
@@ -1248,7 +1304,7 @@ def _dump_table(obj: Any, where: Where, redact: bool, lines: list[str]) -> None:
             continue
         shown = kind.dump(value)
         if redact and kind.secret:
-            shown = redact_url(shown)
+            shown = kind.redact(shown)
         lines.append(f"{f.name} = {_toml_scalar(shown)}  # {f.metadata['doc']}")
     for value, sub in tables:
         lines.append("")

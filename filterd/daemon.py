@@ -1,7 +1,8 @@
 """`filterd serve`: the model, the batcher, the ingresses and the metrics endpoint in one event loop.
 
-Start: load the model (a failure is a one-line exit), warm it up, start the batcher, the SMTP and
-Redis ingresses and the metrics server, then READY=1 to systemd. SIGHUP (or a message on the model
+Start: bind the SMTP, milter and HTTP ports and the metrics server (a port in use fails at once),
+load the model (a failure is a one-line exit), warm it up, start the batcher and the Redis
+ingress, then READY=1 to systemd (milter messages and HTTP requests that came early wait for it). SIGHUP (or a message on the model
 channel, or the model path changing) reloads the model in the background. SIGTERM/SIGINT: stop
 reading, finish and acknowledge what is in flight, drain the batcher, STOPPING=1, exit 0.
 
@@ -26,6 +27,7 @@ from .config import format_duration
 from .decision import Policy
 from .engine import Engine
 from .errors import ConfigError
+from .ingress.http import HttpDoor, HttpServer
 from .ingress.milter import MilterDoor, MilterServer
 from .ingress.redis_streams import RedisIngress
 from .ingress.smtp import SmtpIngress
@@ -61,7 +63,8 @@ class Daemon:
         self.smtp: SmtpIngress | None = None
         self.milter: MilterServer | None = None
         self.milter_door: MilterDoor | None = None
-        self._serving = asyncio.Event()  # set once the batcher runs: a milter message waits for it
+        self.http: HttpServer | None = None
+        self._serving = asyncio.Event()  # set once the batcher runs: a milter message or HTTP request waits for it
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
@@ -98,6 +101,15 @@ class Daemon:
             self.reservoir.offer(text, "milter")
         return scored
 
+    async def score_http(self, text: str) -> Scored:
+        """For the HTTP door: as the milter's (wait for the model at start, QueueFull at once: 503)."""
+        await self._serving.wait()
+        assert self.batcher is not None
+        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
+        if self.reservoir is not None:
+            self.reservoir.offer(text, "http")
+        return scored
+
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
             return False, "no model loaded"
@@ -105,6 +117,8 @@ class Daemon:
             return False, f"redis ingress is not up: {self.redis.reason}"
         if self.smtp is not None and not self.smtp.up:
             return False, "smtp ingress is not listening"
+        if self.http is not None and not self.http.up:
+            return False, "http ingress is not listening"
         return True, "ok"
 
     async def run(self) -> int:
@@ -130,6 +144,13 @@ class Daemon:
                 await self.milter.start()
             except OSError as e:
                 raise ConfigError(str(e.strerror or e)) from None
+        if cfg.http.enabled:
+            door = HttpDoor(cfg.http, self.score_http, self.policy, cfg.smtp.subject_prefix, self.metrics)
+            self.http = HttpServer(cfg.http, door)
+            try:
+                await self.http.start()  # requests wait for the model (score_http)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {cfg.http.listen} for HTTP: {_why(e)}") from None
         listen = cfg.metrics.listen
         self.server = MetricsServer((listen.host, listen.port), self.metrics.registry, self.health)
         try:
@@ -170,7 +191,12 @@ class Daemon:
             self._jobs["milter-ingress"] = self._milter_job()
             self.metrics.ingress_up.labels("milter").set(1)
             sources.append("milter")
-        on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": (),
+        if self.http is not None:
+            self._jobs["http-ingress"] = self._http_job()
+            http = self.http
+            self.metrics.ingress_up.labels("http").set_function(lambda: 1.0 if http.up else 0.0)
+            sources.append("http")
+        on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": (), "http": (),
                     "milter": ("accept-unknown" if cfg.milter.on_error == "accept" else "tempfail",)}  # fmt: skip
         self.metrics.prime(sources, {s: sorted(self.policy.actions(s)) + list(on_error[s]) for s in sources})
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
@@ -208,6 +234,12 @@ class Daemon:
         except TimeoutError:
             log.warning("milter: %d messages still undecided at shutdown; the MTA applies its default_action", self.milter_door.in_flight)
         await self.milter.stop()
+
+    async def _http_job(self) -> None:
+        """Until stop: then answer the requests being decided (bounded by reply_timeout), and close."""
+        assert self.http is not None
+        await self.stop.wait()
+        await self.http.stop(drain_timeout=self.cfg.http.reply_timeout)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -351,7 +351,7 @@ def test_bom_is_accepted(tmp_path):
 
 CROSS = [
     ('[smtp]\naction = "quarantine"', '[smtp] quarantine_rcpt: required when action = "quarantine"'),
-    ("[smtp]\nenabled = false\n[redis]\nenabled = false", "[smtp] enabled: every ingress ([smtp], [redis], [milter]) is disabled"),
+    ("[smtp]\nenabled = false\n[redis]\nenabled = false", "[smtp] enabled: every ingress ([smtp], [redis], [milter], [http]) is disabled"),
     ('[smtp]\nnext_hop = "127.0.0.1:10025"', "[smtp] next_hop: 127.0.0.1:10025 is filterd's own listen address"),
     ('[smtp]\nlisten = "0.0.0.0:10025"\nnext_hop = "localhost:10025"', "[smtp] next_hop: localhost:10025 is filterd's own"),
     ('[metrics]\nlisten = "127.0.0.1:10025"', "[metrics] listen: 127.0.0.1:10025 is also [smtp] listen"),
