@@ -119,3 +119,25 @@ def test_baseline_only_run_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     assert doc["settings"][0]["bootstrap"] == 50
     t = doc["runs"][0]["tests"]["test+holdout-unseen"]
     assert t["ham_fpr_at_99"] is not None and len(t["accuracy_ci"]) == 2
+
+
+def test_write_pretrain_corpus_holds_train_and_val_never_test_or_holdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.data import read_split
+    from trainer.pretrain import PretrainConfig, read_corpus
+
+    sms = tmp_path / "SMSSpamCollection"
+    sms.write_text("".join(f"{e.label}\t{e.text}\n" for e in _corpus()))
+    monkeypatch.setitem(accuracy.SOURCES, "uci", sms)
+    out = tmp_path / "pt"
+    accuracy.main(["--corpus", "uci", "--seeds", "2", "--write-pretrain-corpus", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["uci-seed1", "uci-seed2"]
+    assert not (tmp_path / "acc.json").exists()  # it writes the corpus and exits: no training, no result file
+    for seed in (1, 2):
+        sets, _ = accuracy.make_split("uci", accuracy.load_corpus("uci"), seed)
+        d = out / f"uci-seed{seed}"
+        assert sorted(p.name for p in d.iterdir()) == ["train.csv", "val.csv"]
+        ids = {e.id for name in ("train", "val") for e in read_split(d / f"{name}.csv")}
+        assert ids == {e.id for e in sets["train"] + sets["val"]}
+        assert not ids & {e.id for e in sets["test+holdout"]}  # neither test nor the ham that balancing left out
+        corpus = read_corpus(PretrainConfig(base="random:tiny", out=tmp_path / "unused", csv=[d]))
+        assert corpus.documents == {"csv": len(sets["train"]) + len(sets["val"])}
