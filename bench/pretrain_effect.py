@@ -32,7 +32,7 @@ def _pct(t: dict, key: str, scale: float = 100.0) -> str:
     return f"{scale * v:.2f}" + ("" if ci is None else f" [{scale * ci[0]:.2f}–{scale * ci[1]:.2f}]")
 
 
-def collect(runs: Sequence[Sequence[str]]) -> dict:
+def collect(runs: Sequence[Sequence[str]], seeds: Sequence[int] | None = None) -> dict:
     doc: dict = {"benchmark": "bench.pretrain_effect", "command": "python -m bench.pretrain_effect " + " ".join(sys.argv[1:]),
                  "rows": []}  # fmt: skip
     for spec in runs:
@@ -43,7 +43,9 @@ def collect(runs: Sequence[Sequence[str]]) -> dict:
         pretrain = json.loads((Path(spec[2]) / "pretrain.json").read_text()) if len(spec) == 3 else None
         if pretrain is not None:
             pretrain.pop("config", None)
-        for r in acc["runs"]:
+        for r in sorted(acc["runs"], key=lambda r: r["seed"]):
+            if seeds and r["seed"] not in seeds:
+                continue
             doc["rows"].append(
                 {
                     "label": label if r["model"] == "filterd" else r["model"], "model": r["model"], "corpus": r["corpus"],
@@ -58,24 +60,24 @@ def collect(runs: Sequence[Sequence[str]]) -> dict:
 
 def table(doc: dict) -> str:
     lines = [
-        "| corpus | test set (n, spam) | model / base | pretrain steps (tokens) | held-out LM loss before → after | "
+        "| corpus | test set (n, spam) | seed | model / base | pretrain steps (tokens) | held-out LM loss before → after | "
         "pretrain wall s | fine-tune wall s | accuracy % [95% CI] | ham FPR % [CI] | ham FPR % at 99% spam recall [CI] | "
         "(1-ROCA)% [CI] |",
-        "| --- " * 11 + "|",
+        "| --- " * 12 + "|",
     ]
     seen_baseline = set()
     for r in doc["rows"]:
-        if r["model"] != "filterd":  # one TF-IDF row per corpus (the same split in every file)
-            if (r["corpus"], r["model"]) in seen_baseline:
+        if r["model"] != "filterd":  # one TF-IDF row per corpus and seed (the same split in every file)
+            if (r["corpus"], r["model"], r["seed"]) in seen_baseline:
                 continue
-            seen_baseline.add((r["corpus"], r["model"]))
+            seen_baseline.add((r["corpus"], r["model"], r["seed"]))
         p = r["pretrain"]
         steps = f"{p['steps']} ({p['tokens_seen']:,})" if p else "–"
         loss = f"{p['val_loss_before']:.2f} → {p['val_loss_after']:.2f}" if p else "–"
         pwall = f"{p['seconds']:.0f}" if p else "–"
         for name, t in r["tests"].items():
             lines.append(
-                f"| {r['corpus']} | {name} ({t['n']}, {t['tp'] + t['fn']}) | {r['label']} | {steps} | {loss} | {pwall} | "
+                f"| {r['corpus']} | {name} ({t['n']}, {t['tp'] + t['fn']}) | {r['seed']} | {r['label']} | {steps} | {loss} | {pwall} | "
                 f"{r['train_s']:.0f} | {_pct(t, 'accuracy')} | {_pct(t, 'ham_fpr')} | {_pct(t, 'ham_fpr_at_99')} | "
                 f"{_pct(t, 'roca_pct', 1.0)} |"
             )
@@ -85,11 +87,12 @@ def table(doc: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", nargs="+", action="append", required=True, metavar="ARG", help="LABEL ACCURACY_JSON [PRETRAIN_DIR]")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds' runs (default: all)")
     ap.add_argument("--note", action="append", default=[], help="free text stored in the JSON (repeatable)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
-    doc = collect(args.run)
+    doc = collect(args.run, args.seeds)
     doc["notes"] = args.note
     doc["table"] = table(doc)
     if args.json:

@@ -185,3 +185,5 @@ def test_pretrain_effect_tabulates_runs_with_their_pretrain_record(tmp_path: Pat
     rows = doc["table"].splitlines()[2:]
     assert len(rows) == 3 * 2  # one TF-IDF row pair per corpus, then each filterd run on both test sets
     assert "| 400 (409,600) | 10.83 → 6.64 | 523 |" in rows[-1]
+    pretrain_effect.main(["--run", "tiny", str(tmp_path / "plain.json"), "--seeds", "2", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == []  # the files hold seed 1 only
