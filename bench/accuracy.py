@@ -8,6 +8,9 @@
     python -m bench.accuracy --corpus both --seeds 5 --skip-filterd            # baseline only (fast)
     python -m bench.accuracy --merge bench/results/accuracy_uci.json bench/results/accuracy_spamassassin_*.json \\
         --json bench/results/accuracy.json                                     # one table from several runs
+    python -m bench.accuracy --corpus uci --seeds 1 --write-pretrain-corpus work/pt   # train+val texts, no test
+    filterd-trainer pretrain --base random:tiny --csv work/pt/uci-seed1 --out work/pt-uci
+    python -m bench.accuracy --corpus uci --seeds 1 --filterd-base work/pt-uci        # fine-tuned from the pretrained base
 
 Needs scikit-learn (the baseline): `pip install scikit-learn`.
 
@@ -340,6 +343,27 @@ def evaluate(
 # --------------------------------------------------------------------------- the run
 
 
+def write_pretrain_corpus(args: argparse.Namespace) -> list[Path]:
+    """DIR/<corpus>-seed<S>/{train,val}.csv per seed: the texts a fit sees, for `filterd-trainer pretrain --csv`.
+
+    Never test (nor UCI's holdout, part of test+holdout): a base pretrained on it would have read
+    the messages it is then scored on.
+    """
+    corpora = CORPORA if args.corpus == "both" else (args.corpus,)
+    written = []
+    for corpus in corpora:
+        examples = load_corpus(corpus)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            sets, _ = make_split(corpus, examples, seed)
+            out = args.write_pretrain_corpus / f"{corpus}-seed{seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("train", "val"):
+                write_split(out / f"{name}.csv", sets[name])
+            log(f"{out}: train.csv {len(sets['train'])} and val.csv {len(sets['val'])} texts (pretrain ignores the labels)")
+            written.append(out)
+    return written
+
+
 def run(args: argparse.Namespace, doc: dict, save: Callable[[], None]) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     filterd_seeds = [] if args.skip_filterd else seeds[: args.filterd_seeds if args.filterd_seeds is not None else len(seeds)]
@@ -606,8 +630,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--bootstrap", type=int, default=BOOTSTRAP, metavar="N", help="bootstrap resamples per interval (0: none)")
     ap.add_argument("--merge", type=Path, nargs="+", help="combine these result files (no training)")
     ap.add_argument("--note", action="append", default=[], help="free text stored in the JSON (repeatable)")
+    ap.add_argument(
+        "--write-pretrain-corpus",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/<corpus>-seed<S>/{train,val}.csv (no test, no holdout) for `filterd-trainer pretrain --csv`; then exit",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.write_pretrain_corpus:
+        write_pretrain_corpus(args)
+        return
 
     doc = merge(args.merge) if args.merge else new_doc()
     doc["notes"].setdefault("run", [])

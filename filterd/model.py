@@ -56,6 +56,7 @@ class GPTConfig:
 
 CONFIGS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_embd=64, n_layer=2, n_head=2),  # tests and offline demos only
+    "small": GPTConfig(n_embd=128, n_layer=4, n_head=4),  # 7.4M; tests and offline demos only (bench/RESULTS.md "Pretraining")
     "gpt2": GPTConfig(n_embd=768, n_layer=12, n_head=12),  # 124M
     "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),  # 355M
     "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),  # 774M

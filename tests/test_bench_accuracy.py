@@ -119,3 +119,71 @@ def test_baseline_only_run_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     assert doc["settings"][0]["bootstrap"] == 50
     t = doc["runs"][0]["tests"]["test+holdout-unseen"]
     assert t["ham_fpr_at_99"] is not None and len(t["accuracy_ci"]) == 2
+
+
+def test_write_pretrain_corpus_holds_train_and_val_never_test_or_holdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.data import read_split
+    from trainer.pretrain import PretrainConfig, read_corpus
+
+    sms = tmp_path / "SMSSpamCollection"
+    sms.write_text("".join(f"{e.label}\t{e.text}\n" for e in _corpus()))
+    monkeypatch.setitem(accuracy.SOURCES, "uci", sms)
+    out = tmp_path / "pt"
+    accuracy.main(["--corpus", "uci", "--seeds", "2", "--write-pretrain-corpus", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["uci-seed1", "uci-seed2"]
+    assert not (tmp_path / "acc.json").exists()  # it writes the corpus and exits: no training, no result file
+    for seed in (1, 2):
+        sets, _ = accuracy.make_split("uci", accuracy.load_corpus("uci"), seed)
+        d = out / f"uci-seed{seed}"
+        assert sorted(p.name for p in d.iterdir()) == ["train.csv", "val.csv"]
+        ids = {e.id for name in ("train", "val") for e in read_split(d / f"{name}.csv")}
+        assert ids == {e.id for e in sets["train"] + sets["val"]}
+        assert not ids & {e.id for e in sets["test+holdout"]}  # neither test nor the ham that balancing left out
+        corpus = read_corpus(PretrainConfig(base="random:tiny", out=tmp_path / "unused", csv=[d]))
+        assert corpus.documents == {"csv": len(sets["train"]) + len(sets["val"])}
+
+
+def test_pretrain_effect_tabulates_runs_with_their_pretrain_record(tmp_path: Path) -> None:
+    from bench import pretrain_effect
+
+    sets, _ = accuracy.make_split("uci", _corpus(), 1)
+    metrics, _ = accuracy.evaluate(_scorer, sets, accuracy.TEST_SETS["uci"], n_boot=50)
+    for name, base in (("plain", "random:tiny"), ("pt", str(tmp_path / "base"))):
+        doc = accuracy.new_doc()
+        doc["commands"].append(f"run {name}")
+        doc["runs"] = [
+            {
+                "corpus": "uci",
+                "model": model,
+                "seed": 1,
+                "train_s": 3.0,
+                "load_avg_1m": 1.0,
+                "info": {"base": base},
+                "tests": metrics,
+            }
+            for model in ("tfidf-lr", "filterd")
+        ]
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    (tmp_path / "base").mkdir()
+    record = {
+        "steps": 400,
+        "tokens_seen": 409600,
+        "val_loss_before": 10.83,
+        "val_loss_after": 6.64,
+        "seconds": 523.3,
+        "config": {},
+    }
+    (tmp_path / "base" / "pretrain.json").write_text(json.dumps(record))
+    out = tmp_path / "effect.json"
+    pretrain_effect.main(["--run", "tiny", str(tmp_path / "plain.json"), "--run", "tiny+pt", str(tmp_path / "pt.json"),
+                          str(tmp_path / "base"), "--json", str(out)])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert [(r["label"], r["pretrain"] is not None) for r in doc["rows"]] == [
+        ("tfidf-lr", False), ("tiny", False), ("tfidf-lr", False), ("tiny+pt", True)
+    ]  # fmt: skip
+    assert set(doc["rows"][3]["tests"]) == {"test", "test+holdout-unseen"}
+    rows = doc["table"].splitlines()[2:]
+    assert len(rows) == 3 * 2  # one TF-IDF row pair per corpus, then each filterd run on both test sets
+    assert "| 400 (409,600) | 10.83 → 6.64 | 523 |" in rows[-1]
+    pretrain_effect.main(["--run", "tiny", str(tmp_path / "plain.json"), "--seeds", "2", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == []  # the files hold seed 1 only

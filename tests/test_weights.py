@@ -152,6 +152,26 @@ def test_model_dir_round_trip(tmp_path):
     assert not list(tmp_path.glob(".model.staging-*"))
 
 
+def test_random_small_resolves_builds_and_classifies(tmp_path):
+    """The larger random base: 4 layers, 128 wide; small enough that refit's "auto" still fine-tunes all of it."""
+    from filterd.engine import Engine
+    from trainer.refit import resolve_mode
+
+    base = resolve_base("random:small")
+    assert base.kind == "random" and (base.config.n_layer, base.config.n_embd, base.config.n_head) == (4, 128, 4)
+    model = build_model(base, seed=5)
+    assert sum(p.numel() for p in model.parameters()) == base.config.n_params() > resolve_base("random:tiny").config.n_params()
+    meta = ModelMeta(version="", base="random:small", base_kind="random", config=model.config, max_length=64)
+    staged = staging_dir(tmp_path / "small")
+    write_model_files(model, meta, staged)
+    publish_directory(staged, tmp_path / "small")
+    engine = Engine.load(tmp_path / "small", device="cpu")
+    texts = ["WIN a prize now", "see you at lunch", "WIN a prize now"]
+    scores = [v.score for v in engine.classify_texts(texts)]
+    assert all(0.0 <= s <= 1.0 for s in scores) and scores[0] == pytest.approx(scores[2], abs=1e-6)
+    assert resolve_mode("auto", tmp_path / "small") == "all"  # 7.4M parameters, under AUTO_ALL_MAX_PARAMS
+
+
 def test_bad_model_dirs(tmp_path):
     path, _, _ = _tiny_model_dir(tmp_path)
     with pytest.raises(ModelError, match="no such model directory"):
