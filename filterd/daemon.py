@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from .batcher import Batcher, Scored
 from .config import format_duration
@@ -64,7 +64,7 @@ class Daemon:
         self.milter: MilterServer | None = None
         self.milter_door: MilterDoor | None = None
         self.http: HttpServer | None = None
-        self._serving = asyncio.Event()  # set once the batcher runs: a milter message or HTTP request waits for it
+        self._serving = asyncio.Event()  # set once the batcher runs: every door's scorer waits for it
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
@@ -74,41 +74,22 @@ class Daemon:
         warm_up(engine)  # [model] threshold (deprecated) is [policy] tag_score now: engines keep their own
         return engine
 
-    async def score_text(self, text: str) -> Scored:
-        """What an ingress calls: tokenize with the live model's tokenizer, then wait for a batch."""
-        assert self.batcher is not None
-        scored = await self.batcher.submit(self.holder.current().tokenizer.encode(text))
-        if self.reservoir is not None:
-            self.reservoir.offer(text, "redis")
-        return scored
+    def scorer(self, source: str, *, wait_when_full: bool = False) -> Callable[[str], Awaitable[Scored]]:
+        """What a door calls: tokenize with the live model's tokenizer, then wait for a batch. Until the
+        batcher runs (milter and HTTP bind before the model loads) a call waits for it. A full queue
+        raises QueueFull at once (SMTP answers 451, the milter and HTTP follow on_error or 503) unless
+        `wait_when_full` (Redis, which simply stops reading)."""
 
-    async def score_text_or_busy(self, text: str) -> Scored:
-        """For SMTP: a full queue raises QueueFull at once (the client gets 451 and retries later),
-        where Redis simply stops reading."""
-        assert self.batcher is not None
-        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
-        if self.reservoir is not None:
-            self.reservoir.offer(text, "smtp")
-        return scored
+        async def score(text: str) -> Scored:
+            await self._serving.wait()
+            assert self.batcher is not None
+            tokens = self.holder.current().tokenizer.encode(text)
+            scored = await (self.batcher.submit(tokens) if wait_when_full else self.batcher.submit_nowait(tokens))
+            if self.reservoir is not None:
+                self.reservoir.offer(text, source)
+            return scored
 
-    async def score_milter(self, text: str) -> Scored:
-        """For the milter: wait for the model at start (Postfix's own timeouts bound the wait), then
-        as SMTP does, QueueFull at once when the queue is full (the door answers per on_error)."""
-        await self._serving.wait()
-        assert self.batcher is not None
-        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
-        if self.reservoir is not None:
-            self.reservoir.offer(text, "milter")
-        return scored
-
-    async def score_http(self, text: str) -> Scored:
-        """For the HTTP door: as the milter's (wait for the model at start, QueueFull at once: 503)."""
-        await self._serving.wait()
-        assert self.batcher is not None
-        scored = await self.batcher.submit_nowait(self.holder.current().tokenizer.encode(text))
-        if self.reservoir is not None:
-            self.reservoir.offer(text, "http")
-        return scored
+        return score
 
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
@@ -132,23 +113,23 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.score_text_or_busy, self.metrics, policy=self.policy)
+            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy)
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
         if cfg.milter.enabled:
-            self.milter_door = MilterDoor(cfg.milter, self.score_milter, self.policy, cfg.smtp.subject_prefix, self.metrics)
+            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics)
             self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
             try:
                 await self.milter.start()
             except OSError as e:
                 raise ConfigError(str(e.strerror or e)) from None
         if cfg.http.enabled:
-            door = HttpDoor(cfg.http, self.score_http, self.policy, cfg.smtp.subject_prefix, self.metrics)
+            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics)
             self.http = HttpServer(cfg.http, door)
             try:
-                await self.http.start()  # requests wait for the model (score_http)
+                await self.http.start()  # requests wait for the model (scorer)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.http.listen} for HTTP: {_why(e)}") from None
         listen = cfg.metrics.listen
@@ -183,7 +164,8 @@ class Daemon:
             self.metrics.ingress_up.labels("smtp").set_function(lambda: 1.0 if smtp.up else 0.0)
             sources.append("smtp")
         if cfg.redis.enabled:
-            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.score_text, self.metrics, policy=self.policy)
+            score = self.scorer("redis", wait_when_full=True)
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy)
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
