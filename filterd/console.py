@@ -226,6 +226,8 @@ class Console(HttpServer):
         return hmac.new(self._secret, session.encode(), hashlib.sha256).hexdigest()
 
     def _check_host(self, req: Request) -> None:
+        if len(req.all("host")) > 1:
+            raise HttpError(400, "more than one Host header")
         if self._console_password:
             return
         host = (req.header("host") or "").strip()
