@@ -76,7 +76,7 @@ mark{padding:0 1px;border-radius:2px;color:#000}
 mark.up1{background:#ffcdd2}mark.up2{background:#ef9a9a}mark.up3{background:#e57373}
 mark.dn1{background:#c8e6c9}mark.dn2{background:#a5d6a7}mark.dn3{background:#81c784}
 .note{color:#555}.err{color:#b71c1c}.ok{color:#1b5e20}textarea{width:100%;max-width:960px;height:12em}
-header .live{margin-left:auto;color:#cfd8dc}button{padding:4px 12px}button[disabled]{opacity:.5}.inline{display:inline}
+header .live{margin-left:auto;color:#cfd8dc}button{padding:4px 12px}form{margin-top:8px}button[disabled]{opacity:.5}.inline{display:inline}
 """
 
 
@@ -487,7 +487,7 @@ class Console(HttpServer):
             else:
                 what = "initial fit"
             test = metrics.get("test") or next(iter(metrics.values()), {}) if isinstance(metrics, dict) else {}
-            out.append({"version": version, "current": version == current, "created": str(meta.get("created", ""))[:19],
+            out.append({"version": version, "current": version == current, "created": str(meta.get("created", ""))[:16].replace("T", " "),
                         "base": meta.get("base", ""), "trainable": meta.get("trainable", ""),
                         "test": test if isinstance(test, dict) else {}, "refit": what})  # fmt: skip
         return out
