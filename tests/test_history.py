@@ -176,3 +176,27 @@ def test_config_refuses_an_open_console_and_bad_values(sets, error):
 
     with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
         check_config(None, sets)
+
+
+def test_an_unusable_history_file_or_console_port_is_a_one_line_start_failure(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from .services import free_port
+
+    base = [sys.executable, "-m", "filterd", "serve", "--set", "smtp.enabled=false", "--set", "redis.enabled=false",
+            "--set", "http.enabled=true", "--set", f"http.listen=127.0.0.1:{free_port()}",
+            "--set", f"metrics.listen=127.0.0.1:{free_port()}", "--set", f"model.path={tmp_path / 'none'}"]  # fmt: skip
+    (tmp_path / "file").write_text("")
+    r = subprocess.run(base + ["--set", "history.enabled=true", "--set", f"history.path={tmp_path / 'file' / 'h.sqlite'}"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("filterd: error: [history] path: "), r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(base + ["--set", "console.enabled=true", "--set", f"console.listen=127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"filterd: error: cannot listen on 127.0.0.1:{port} for the console: address already in use"), r.stderr
