@@ -24,6 +24,10 @@ Security
     strict Content-Security-Policy (no script at all, styles only from /console.css) is a second wall.
 
 HTTP: the request reading of filterd/ingress/http.py (HttpServer), routes of our own.
+
+This is the one place `filterd` imports `trainer` (lazily, on a learn, models or rollback request): the
+buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
+LabelStore and ModelStore rather than a second copy of them.
 """
 
 from __future__ import annotations
@@ -459,6 +463,10 @@ class Console(HttpServer):
                 )  # fmt: skip
             body.append("</table>")
         can = any(r["current"] for r in rows[:-1]) if rows else False
+        live_path, current_link = self.full.model.path, self.full.trainer.models_dir / "current"
+        if live_path.absolute() != current_link.absolute():
+            body.append(f'<p class="err" id="not-current">The daemon serves [model] path = {esc(live_path)}, not {esc(current_link)}:'
+                        " a rollback here does not change the live model.</p>")  # fmt: skip
         body.append(f'<form method="post" action="/models/rollback"><input type="hidden" name="csrf" value="{token}">'
                     f'<button type="submit" id="rollback"{"" if can else " disabled"}>roll back to the previous version</button>'
                     "</form>")  # fmt: skip
@@ -544,7 +552,9 @@ class Console(HttpServer):
         except Exception:
             log.exception("console: explanation failed")
             return None
-        return result if isinstance(result, dict) else getattr(result, "to_dict", lambda: None)()
+        if hasattr(result, "to_json"):  # filterd.explain's Explanation
+            result = result.to_json()
+        return result if isinstance(result, dict) else None
 
 
 def _one(q: dict[str, list[str]], key: str) -> str:

@@ -120,9 +120,11 @@ def subject_of(head: bytes) -> str:
         return ""
 
 
-def _explanation_json(explanation: Mapping[str, Any] | None) -> str | None:
+def _explanation_json(explanation: Any) -> str | None:
     if explanation is None:
         return None
+    if hasattr(explanation, "to_json"):  # filterd.explain's Explanation
+        explanation = explanation.to_json()
     try:
         return json.dumps(explanation, ensure_ascii=False, allow_nan=False)[: 4 * MAX_TEXT_CHARS]
     except (TypeError, ValueError):

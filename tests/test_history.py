@@ -200,3 +200,23 @@ def test_an_unusable_history_file_or_console_port_is_a_one_line_start_failure(tm
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"filterd: error: cannot listen on 127.0.0.1:{port} for the console: address already in use"), r.stderr
+
+
+def test_an_explanation_object_is_stored_as_its_json_and_a_broken_one_as_none(tmp_path):
+    class Explained:  # the shape of filterd.explain.Explanation
+        def to_json(self) -> dict:
+            return EXPLANATION
+
+    d = Decision("spam", "tag", 0.97, ("score",), 0.5)
+
+    async def go() -> None:
+        writer = HistoryWriter(History(tmp_path / "h.sqlite"), FilterdMetrics())
+        writer.record("redis", Message("redis"), d, "v1", ref="1-0", explanation=Explained())
+        writer.record("redis", Message("redis"), d, "v1", ref="2-0", explanation={"score": float("nan"), "words": [object()]})
+        await _drain(writer)
+        await writer.close()
+
+    asyncio.run(go())
+    with History(tmp_path / "h.sqlite", writer=False) as h:
+        broken, ok = h.query()
+    assert ok.explanation == EXPLANATION and broken.explanation is None and broken.ref == "2-0"
