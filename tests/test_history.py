@@ -85,7 +85,7 @@ def test_writer_keeps_the_text_only_when_store_text_is_on(tmp_path):
     for store_text in (False, True):
         path = tmp_path / f"h-{store_text}.sqlite"
 
-        async def go() -> None:
+        async def go(path=path, store_text=store_text) -> None:
             writer = HistoryWriter(History(path), FilterdMetrics(), store_text=store_text)
             writer.record("smtp", message, d, "v7", "quarantine", ref="ABC123", text="Win now", head=head, explanation=EXPLANATION)
             await _drain(writer)
