@@ -220,3 +220,26 @@ def test_an_explanation_object_is_stored_as_its_json_and_a_broken_one_as_none(tm
     with History(tmp_path / "h.sqlite", writer=False) as h:
         broken, ok = h.query()
     assert ok.explanation == EXPLANATION and broken.explanation is None and broken.ref == "2-0"
+
+
+def test_smtp_door_records_the_relayed_decision_with_the_text_the_model_read(tmp_path):
+    from .smtp_sink import SmtpSink
+    from .test_smtp_ingress import message, send, serve, smtp_cfg
+
+    with SmtpSink() as sink:
+
+        async def body(ingress) -> None:
+            writer = HistoryWriter(History(tmp_path / "h.sqlite"), FilterdMetrics(), store_text=True)
+            ingress.handler.record = writer.record
+            assert (await send(ingress.port, message("You are a winner", "claim your prize")))[0] == 250
+            assert (await send(ingress.port, message("minutes", "see attached"), rcpts=("c@example.net", "d@example.net")))[0] == 250
+            await _drain(writer)
+            await writer.close()
+
+        serve(smtp_cfg(sink))(body)
+    with History(tmp_path / "h.sqlite", writer=False) as h:
+        ham, spam = h.query()
+    assert (spam.source, spam.sender, spam.recipients, spam.subject, spam.verdict, spam.action, spam.model) == (
+        "smtp", "a@example.org", ("b@example.net",), "You are a winner", "spam", "tag", "v-test")
+    assert "claim your prize" in spam.text
+    assert (ham.verdict, ham.recipients, ham.subject) == ("ham", ("c@example.net", "d@example.net"), "minutes")
