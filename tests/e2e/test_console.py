@@ -147,8 +147,8 @@ def test_console_history_explanation_learn_rollback_in_a_browser(tiny_model, red
                 assert page.url.endswith(f"/verdict/{mail_row.id}?learned=ham")
                 assert "In the label store as ham (by console)" in page.inner_text("main")
                 with LabelStore(store_path) as store:
-                    assert store.new_since(0) == 1  # what the next refit counts as new
-                    (row,) = list(store.changed_since(0))  # and the rows it reads
+                    assert store.new_since(0) == 1  # what the refit service counts as new labels
+                    (row,) = list(store.rows())  # and the rows it trains on
                 assert (row.label, row.source) == ("ham", "console") and HAM in row.text
 
                 # rollback: the daemon's model watcher loads the older version
