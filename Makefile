@@ -13,7 +13,7 @@ install: $(VENV)/.installed services
 
 # Real services for the tests and the demo (Debian packages): redis-server, promtool from prometheus,
 # postfix (installed unconfigured: the tests run private instances, never the one on port 25), and
-# dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started).
+# chromium (headless, for the web console's browser tests), dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started).
 services:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -24,6 +24,10 @@ services:
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get install -y -q postfix >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q postfix >/dev/null; }; }
+	@command -v chromium >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
 	@command -v sievec >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null 2>&1 || \

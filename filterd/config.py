@@ -833,6 +833,29 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """[history]: the verdict history the web console shows (filterd/history.py)."""
+
+    enabled: bool = _key(False, Bool(), "record every decision (time, door, ids, envelope, Subject, score, action, model)")
+    path: Path = _key(Path("/var/lib/filterd/history.sqlite"), PathKind(), "the history file (SQLite, created 0600)")
+    max_rows: int = _key(100000, Int(1), "decisions kept at most (the oldest are deleted)")
+    max_age_days: float = _key(30.0, Number(0.001), "decisions older than this many days are deleted")
+    store_text: bool = _key(
+        False, Bool(), "also keep the text the model read (the console then highlights it and can learn from it)"
+    )
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """[console]: the web console for operators (filterd/console.py)."""
+
+    enabled: bool = _key(False, Bool(), "serve the web console (history, explanations, learn, models, rollback)")
+    listen: HostPort = _key(parse_hostport("127.0.0.1:11334"), Address(), "host:port of the console; off loopback it needs a password")
+    password: str = _key("", Password(), "HTTP Basic password (any user name) on every request when set; mandatory off loopback")
+    grafana_url: str = _key("", Text("an http(s) URL", pattern=r"https?://[^\s\"'<>]+"), "link to the Grafana dashboard shown in the console, \"\" = none")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """[logging]"""
 
@@ -853,6 +876,8 @@ class Config:
     http: HttpConfig = _section(HttpConfig, "[http]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
+    history: HistoryConfig = _section(HistoryConfig, "[history]")
+    console: ConsoleConfig = _section(ConsoleConfig, "[console]")
     logging: LoggingConfig = _section(LoggingConfig, "[logging]")
 
     def warnings(self) -> list[str]:
@@ -1121,6 +1146,14 @@ def _check_http_password(cfg: Config) -> Problem:
     return None
 
 
+def _check_console_password(cfg: Config) -> Problem:
+    """Off loopback the console (history, learn, rollback) needs a password: no password, no start."""
+    c = cfg.console
+    if c.enabled and not c.password and not is_loopback(c.listen.host):
+        return ("console", "password"), f'required when [console] listen = "{c.listen}" is not a loopback address'
+    return None
+
+
 def _check_quarantine(cfg: Config) -> Problem:
     if not cfg.smtp.enabled or cfg.smtp.quarantine_rcpt or "quarantine" not in door_levels(cfg, "smtp"):
         return None
@@ -1153,6 +1186,8 @@ def _check_listen_clash(cfg: Config) -> Problem:
         listens.append((("milter", "listen"), cfg.milter.listen))
     if cfg.http.enabled:
         listens.append((("http", "listen"), cfg.http.listen))
+    if cfg.console.enabled:
+        listens.append((("console", "listen"), cfg.console.listen))
     listens.append((("trainer", "metrics_listen"), cfg.trainer.metrics_listen))
     for i, (where, addr) in enumerate(listens):
         for other, other_addr in listens[:i]:
@@ -1192,6 +1227,7 @@ def _check_read_count(cfg: Config) -> Problem:
 _CROSS_CHECKS: tuple[Callable[[Config], Problem], ...] = (
     _check_ingress,
     _check_http_password,
+    _check_console_password,
     policy_problem,  # levels in order, what each door can do, old and new keys not both
     _check_quarantine,
     _check_smtp_loop,
@@ -1232,6 +1268,12 @@ def _warn_http_listen(cfg: Config) -> str | None:
     return _listen_warning(("http", "listen"), cfg.http.listen, why)
 
 
+def _warn_console_listen(cfg: Config) -> str | None:
+    if not cfg.console.enabled:
+        return None
+    return _listen_warning(("console", "listen"), cfg.console.listen, "the password and the history travel unencrypted (no TLS)")
+
+
 def _warn_milter_reply_timeout(cfg: Config) -> str | None:
     if not cfg.milter.enabled or cfg.milter.reply_timeout < 300:
         return None
@@ -1270,6 +1312,7 @@ _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
     _warn_http_listen,
+    _warn_console_listen,
     _warn_milter_reply_timeout,
     _warn_metrics_listen,
     _warn_trainer_listen,

@@ -26,6 +26,7 @@ from .batcher import Batcher, Scored
 from .config import format_duration
 from .decision import Policy
 from .engine import Engine
+from .history import HistoryWriter, open_history
 from .errors import ConfigError
 from .ingress.http import HttpDoor, HttpServer
 from .ingress.milter import MilterDoor, MilterServer
@@ -67,6 +68,8 @@ class Daemon:
         self._serving = asyncio.Event()  # set once the batcher runs: every door's scorer waits for it
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
+        self.history: HistoryWriter | None = None  # [history]: off unless enabled
+        self.console: Any = None  # [console]: off unless enabled
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
 
     def _load(self, path: Any) -> Engine:
@@ -74,7 +77,7 @@ class Daemon:
         warm_up(engine)  # [model] threshold (deprecated) is [policy] tag_score now: engines keep their own
         return engine
 
-    def scorer(self, source: str, *, wait_when_full: bool = False) -> Callable[[str], Awaitable[Scored]]:
+    def scorer(self, source: str, *, wait_when_full: bool = False, sample: bool = True) -> Callable[[str], Awaitable[Scored]]:
         """What a door calls: tokenize with the live model's tokenizer, then wait for a batch. Until the
         batcher runs (milter and HTTP bind before the model loads) a call waits for it. A full queue
         raises QueueFull at once (SMTP answers 451, the milter and HTTP follow on_error or 503) unless
@@ -85,7 +88,7 @@ class Daemon:
             assert self.batcher is not None
             tokens = self.holder.current().tokenizer.encode(text)
             scored = await (self.batcher.submit(tokens) if wait_when_full else self.batcher.submit_nowait(tokens))
-            if self.reservoir is not None:
+            if self.reservoir is not None and sample:
                 self.reservoir.offer(text, source)
             return scored
 
@@ -144,6 +147,23 @@ class Daemon:
             self.reservoir = ReservoirWriter(reservoir, self.metrics)
             log.info("reservoir: keeping up to %d classified texts for %s in %s", t.reservoir_size,
                      format_duration(t.reservoir_max_age), t.reservoir)  # fmt: skip
+        if cfg.console.enabled:
+            from .console import Console  # only when enabled: the console imports trainer modules on use
+
+            self.console = Console(cfg, lambda: self.holder.current().version if self.holder.loaded else "",
+                                   self.scorer("console", sample=False), lambda: self.holder.current())  # fmt: skip
+            try:
+                await self.console.start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {cfg.console.listen} for the console: {_why(e)}") from None
+        if cfg.history.enabled:  # before the model load, as the ports: an unusable file fails in a second
+            history = await asyncio.to_thread(open_history, cfg.history)
+            self.history = HistoryWriter(history, self.metrics, store_text=cfg.history.store_text)
+            for door in (self.smtp.handler if self.smtp else None, self.milter_door, self.http.door if self.http else None):
+                if door is not None:
+                    door.record = self.history.record
+            log.info("history: recording decisions in %s (%d rows, %g days%s)", cfg.history.path, cfg.history.max_rows,
+                     cfg.history.max_age_days, ", with texts" if cfg.history.store_text else "")  # fmt: skip
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(self.holder.load_initial)
         log.info(
@@ -166,6 +186,7 @@ class Daemon:
         if cfg.redis.enabled:
             score = self.scorer("redis", wait_when_full=True)
             self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy)
+            self.redis.record = self.history.record if self.history is not None else None
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
@@ -184,6 +205,10 @@ class Daemon:
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
         if self.reservoir is not None:
             self._jobs["reservoir"] = self.reservoir.run(self.stop)
+        if self.history is not None:
+            self._jobs["history"] = self.history.run(self.stop)
+        if self.console is not None:
+            self._jobs["console"] = self._console_job()
         supervisor = asyncio.create_task(supervise(self._jobs, self.stop), name="supervisor")
         self._install_signals()
         self._watchdog = asyncio.create_task(watchdog(), name="systemd-watchdog")  # ends with the loop
@@ -201,6 +226,8 @@ class Daemon:
         await self.batcher.stop(drain=True)
         if self.reservoir is not None:
             await self.reservoir.close()  # the texts of the last verdicts too
+        if self.history is not None:
+            await self.history.close()  # the last verdicts too
         await self.server.stop()
         if failed is not None:
             raise failed  # one line, exit 1: systemd restarts the process
@@ -216,6 +243,11 @@ class Daemon:
         except TimeoutError:
             log.warning("milter: %d messages still undecided at shutdown; the MTA applies its default_action", self.milter_door.in_flight)
         await self.milter.stop()
+
+    async def _console_job(self) -> None:
+        """Until stop: then close the console (a page being rendered gets a moment to finish)."""
+        await self.stop.wait()
+        await self.console.stop(drain_timeout=2.0)
 
     async def _http_job(self) -> None:
         """Until stop: then answer the requests being decided (bounded by reply_timeout), and close."""

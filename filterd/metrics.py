@@ -155,6 +155,11 @@ class FilterdMetrics(StreamMetrics):
         self.reservoir_dropped = Counter(
             "filterd_reservoir_dropped_total", "Texts not handed to the reservoir, by reason.", ["reason"], registry=r
         )
+        # The optional verdict history ([history]); `reason`: queue-full | write-error.
+        self.history_written = Counter("filterd_history_written_total", "Decisions written to the verdict history.", registry=r)
+        self.history_dropped = Counter(
+            "filterd_history_dropped_total", "Decisions not written to the verdict history, by reason.", ["reason"], registry=r
+        )
         self._model_labels: tuple[str, str, str, str] | None = None
         self._init_stream_metrics(r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...

@@ -113,6 +113,7 @@ class Request:
     version: str  # "HTTP/1.1", "HTTP/1.0" or "RSPAMC/1.3" (legacy)
     headers: list[tuple[str, str]]  # (lower-case name, value) in order
     body: bytes = b""
+    query: str = ""  # after "?" in the target (the console's filters)
 
     @property
     def legacy(self) -> bool:
@@ -156,8 +157,9 @@ class HttpDoor:
         self.policy = policy
         self.prefix = subject_prefix
         self.metrics = metrics
+        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
-    async def decide(self, message: Message, *, raw: bytes | None = None, text: str | None = None) -> Outcome:
+    async def decide(self, message: Message, *, raw: bytes | None = None, text: str | None = None, ref: str = "") -> Outcome:
         """Busy (503) or another exception (500) when the model gives no verdict; metrics counted either way."""
         t0 = time.perf_counter()
         d, model = self.policy.listed(message), ""
@@ -184,6 +186,8 @@ class HttpDoor:
         if self.metrics is not None:
             self.metrics.observe_result(source="http", verdict=d.verdict, score=d.score, seconds=time.perf_counter() - t0)
             self.metrics.count_action("http", d.action)
+        if self.record is not None:
+            self.record("http", message, d, model, ref=ref, text=text, head=(raw or b"")[:65536])
         return Outcome(d, model)
 
     # --- replies ---------------------------------------------------------------------
@@ -402,7 +406,7 @@ class HttpServer:
             path = target.split("?", 1)[0]
         else:
             raise HttpError(400, "malformed request line")
-        req = Request(method.upper() if path == "/legacy" else method, path, version, [])
+        req = Request(method.upper() if path == "/legacy" else method, path, version, [], query=target.partition("?")[2])
         total = len(first)
         while True:
             line = await reader.readline()
@@ -487,7 +491,7 @@ class HttpServer:
     async def _checkv2(self, req: Request) -> bytes:
         t0 = time.perf_counter()
         message = self._envelope(req)
-        o = await self._scan(message, raw=req.body)
+        o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "")
         reply = self.door.checkv2(o, req.body, time.perf_counter() - t0)
         self._log(req, message, o, len(req.body))
         return _json(200, reply, req)
@@ -499,7 +503,7 @@ class HttpServer:
             return f"RSPAMD/1.3 1 unsupported command {req.method[:20]}\r\n\r\n".encode()
         message = self._envelope(req)
         try:
-            o = await self._scan(message, raw=req.body)
+            o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "")
         except HttpError as e:  # Exim cannot parse this line, and defers the message (or not, with defer_ok)
             return f"RSPAMD/1.3 {e.status} {_one_line(str(e))}\r\n\r\n".encode()
         self._log(req, message, o, len(req.body))

@@ -783,6 +783,7 @@ class MilterDoor:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
     async def on_message(self, msg: MilterMessage) -> MilterReply:
         self.in_flight += 1
@@ -800,7 +801,7 @@ class MilterDoor:
     async def _decide(self, msg: MilterMessage) -> MilterReply:
         t0 = time.perf_counter()
         message = Message("milter", msg.sender, tuple(msg.recipients))
-        d, model, error = self.policy.listed(message), "", ""
+        d, model, error, text = self.policy.listed(message), "", "", None
         if d is None:
             try:
                 text = await asyncio.to_thread(extract_text, msg.raw())  # parsing off the event loop
@@ -817,6 +818,9 @@ class MilterDoor:
         reply, action = self._reply(msg, d, model, error)
         if self.metrics is not None:
             self.metrics.count_action("milter", action)
+        if self.record is not None and d is not None:
+            self.record("milter", message, d, model, action, ref=msg.queue_id, text=text,
+                        head=b"".join(line + b"\r\n" for line in msg.header_lines))  # fmt: skip
         verdict = "unknown" if d is None else f"{d.verdict} score={d.score:.4f}" if d.score is not None else f"{d.verdict} listed={d.listed}"
         log.info("milter: queue_id=%s from=<%s> rcpts=%d size=%d verdict=%s action=%s", msg.queue_id or "-", msg.sender,
                  len(msg.recipients), msg.size, verdict, action)  # fmt: skip

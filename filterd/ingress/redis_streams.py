@@ -71,6 +71,7 @@ class RedisIngress:
         self.policy = policy or Policy.default()
         s = StreamSettings.from_config(cfg, stream=cfg.in_stream, group=cfg.group, name="redis", consumer=consumer, **settings)
         self.stream = StreamConsumer(s, self._handle, metrics)
+        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
     @property
     def up(self) -> bool:
@@ -103,6 +104,8 @@ class RedisIngress:
         except Exception as e:  # the model failed: count it, keep the entry pending for a retry
             log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
+        if self.record is not None:
+            self.record("redis", message, decision, result.model, ref=entry_id.decode(), text=text)
         return Outcome(entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0)
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:

@@ -670,6 +670,7 @@ class FilterHandler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._parser: ProcessPoolExecutor | None = None
+        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
     def parser(self) -> ProcessPoolExecutor:
         """The worker processes that extract text (started on first use; forkserver: never fork a process with threads)."""
@@ -770,9 +771,9 @@ class FilterHandler:
     async def _filter(self, txn: Transaction, raw: bytes, origin: str) -> str:
         t0 = time.perf_counter()
         message = Message("smtp", txn.mail_from, tuple(txn.rcpts))
-        d, model, error = self.decider.listed(message), "", ""  # a listed message is neither parsed nor scored
+        d, model, error, text = self.decider.listed(message), "", "", None  # a listed message is neither parsed nor scored
         if d is None:
-            scored, error = await self._classify(raw)
+            scored, error, text = await self._classify(raw)
             if error == "busy":
                 self._observe("error", None, t0)
                 log.warning("smtp: batcher queue full, message from <%s> deferred", txn.mail_from)
@@ -797,6 +798,9 @@ class FilterHandler:
                 reply += f" (next hop queued as {queued_as})"
         if self.metrics is not None:
             self.metrics.count_action("smtp", outcome.action)
+        if self.record is not None and d is not None:
+            self.record("smtp", message, d, model, outcome.action, ref=_xtext_decoded(txn.xforward.get("IDENT", "")) or queued_as,
+                        text=text, head=raw[:65536])  # fmt: skip
         verdict = _verdict_text(d)
         log.info("smtp: %s message_id=%s from=<%s> rcpts=%d size=%d %s action=%s reply=%s queued_as=%s", origin, message_id,
                  txn.mail_from, len(txn.rcpts), len(raw), verdict, outcome.action, reply[:3], queued_as or "-")  # fmt: skip
@@ -830,8 +834,8 @@ class FilterHandler:
             txn.abort()
             return Reply(451, f"4.3.0 {e}")
 
-    async def _classify(self, raw: bytes) -> tuple[Scored | None, str]:
-        """The score, or None with a short reason ("busy" when the batcher's queue is full)."""
+    async def _classify(self, raw: bytes) -> tuple[Scored | None, str, str | None]:
+        """The score, or None with a short reason ("busy" when the batcher's queue is full); and the text read."""
         try:
             # The model reads a few thousand characters at most; parsing a 64 MiB attachment to find
             # them would cost ~9 bytes of memory per byte of mail and seconds of GIL.
@@ -839,18 +843,18 @@ class FilterHandler:
             text = await asyncio.get_running_loop().run_in_executor(self.parser(), extract_text, head)
             scored = await self.score(text)
         except QueueFull:
-            return None, "busy"
+            return None, "busy", None
         except BrokenProcessPool:  # a parser process died (killed, out of memory): a new pool for the next message
             log.error("smtp: a parser process died; starting new ones")
             self.close_parser()
-            return None, "parser-died"
+            return None, "parser-died", None
         except Exception as e:  # the model failed: on_error decides between relaying untagged and 451
             log.error("smtp: classification failed: %r", e)
-            return None, type(e).__name__
+            return None, type(e).__name__, None
         if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
             log.error("smtp: the model scored NaN")
-            return None, "nan-score"
-        return scored, ""
+            return None, "nan-score", None
+        return scored, "", text
 
     def _observe(self, verdict: str, score: float | None, t0: float) -> None:
         if self.metrics is not None:

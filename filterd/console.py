@@ -1,0 +1,581 @@
+"""The web console: the verdict history, each verdict's explanation, learn buttons, model versions and
+rollback, and a box to score a pasted message. Served by `filterd serve` on `[console] listen`.
+
+Pages (server-rendered HTML, no JavaScript at all)
+    `GET /history`         decisions newest first; filters verdict, action, source, since/until (UTC);
+                           paging by id (`before`).
+    `GET /verdict/<id>`    one decision: its fields and the explanation, the words highlighted in the
+                           stored text (`<mark>`, red raised P(spam), green lowered it, darker = more) or,
+                           when the text is not stored, the word list; "learn as spam/ham" buttons.
+    `POST /verdict/<id>/learn`  label=spam|ham: the stored text into the label store ([trainer] store) as
+                           `filterd-trainer learn` puts it there (source "console").
+    `GET /models`          the versions in [trainer] models_dir with their evaluation metrics and refit
+                           facts (filterd.json); `POST /models/rollback`: ModelStore.rollback, which the
+                           daemon's model watcher then loads like any new model.
+    `GET|POST /classify`   paste a message: its score, and its explanation when filterd.explain exists.
+
+Security
+    Password: HTTP Basic (any user name) checked on every request when `[console] password` is set;
+    mandatory off loopback (check-config). Without a password only loopback Host names are served (a DNS
+    rebinding page cannot reach the console under its own name).
+    Cross-site requests: every form POST needs (1) an Origin (else Referer) equal to this console's own
+    origin and (2) a token, HMAC(process secret, session cookie), that a page of another site cannot
+    read; the session cookie is HttpOnly and SameSite=Strict. All text is escaped with html.escape; a
+    strict Content-Security-Policy (no script at all, styles only from /console.css) is a second wall.
+
+HTTP: the request reading of filterd/ingress/http.py (HttpServer), routes of our own.
+
+This is the one place `filterd` imports `trainer` (lazily, on a learn, models or rollback request): the
+buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
+LabelStore and ModelStore rather than a second copy of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import html
+import json
+import logging
+import re
+import secrets
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from .config import Config, HttpConfig, is_loopback
+from .history import Filter, History, Verdict
+from .ingress.http import HttpError, HttpServer, Request
+
+log = logging.getLogger("filterd")
+
+COOKIE = "filterd_console"
+PAGE = 50  # rows per history page
+MAX_BODY = 1 << 20  # a pasted message, a form
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+       "base-uri 'none'")  # fmt: skip
+_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
+_SESSION = re.compile(r"[A-Za-z0-9_-]{32,64}")
+_VERDICT_PATH = re.compile(r"/verdict/([0-9]{1,18})(/learn)?")
+ACTIONS = ("pass", "tag", "subject", "quarantine", "discard", "soft-reject", "reject")
+SOURCES = ("smtp", "milter", "http", "redis")
+
+CSS = b"""
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#263238;color:#fff;padding:8px 16px;display:flex;gap:16px;align-items:center}
+header a{color:#cfd8dc;text-decoration:none}header a:hover{color:#fff}header b{margin-right:16px}
+main{padding:12px 16px}table{border-collapse:collapse;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eceff1}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.spam{color:#b71c1c;font-weight:600}.ham{color:#1b5e20;font-weight:600}
+form.filters{margin-bottom:10px;display:flex;gap:8px;flex-wrap:wrap;align-items:end}
+form.filters label{display:flex;flex-direction:column;font-size:12px;color:#555}
+pre.text{white-space:pre-wrap;background:#fff;border:1px solid #ddd;padding:8px;max-width:960px}
+mark{padding:0 1px;border-radius:2px;color:#000}
+mark.up1{background:#ffcdd2}mark.up2{background:#ef9a9a}mark.up3{background:#e57373}
+mark.dn1{background:#c8e6c9}mark.dn2{background:#a5d6a7}mark.dn3{background:#81c784}
+.note{color:#555}.err{color:#b71c1c}.ok{color:#1b5e20}textarea{width:100%;max-width:960px;height:12em}
+header .live{margin-left:auto;color:#cfd8dc}button{padding:4px 12px}form{margin-top:8px}button[disabled]{opacity:.5}.inline{display:inline}
+"""
+
+
+@dataclass
+class Page:
+    status: int
+    body: bytes
+    ctype: str = "text/html; charset=utf-8"
+    location: str = ""
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def fmt_time(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_score(s: float | None) -> str:
+    return "-" if s is None else f"{s:.4f}"
+
+
+def parse_time(text: str) -> float | None:
+    """ "2026-12-01T19:20" or "2026-12-01 19:20:05" (UTC) -> Unix time; "" -> None; ValueError otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace(" ", "T")).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def highlight(text: str, words: list[dict[str, Any]]) -> str:
+    """The text escaped, with each explanation word inside its span marked: <mark class="up|dn1..3">."""
+    spans = []
+    for w in words:
+        try:
+            start, end, weight = int(w["start"]), int(w["end"]), float(w["weight"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if 0 <= start < end <= len(text) and weight == weight and weight != 0:
+            spans.append((start, end, weight))
+    top = max((abs(s[2]) for s in spans), default=1.0) or 1.0
+    out, at = [], 0
+    for start, end, weight in sorted(spans):
+        if start < at:  # overlapping spans: the first one wins
+            continue
+        level = 1 + min(2, int(3 * abs(weight) / top - 1e-9))
+        cls = f"{'up' if weight > 0 else 'dn'}{level}"
+        out.append(esc(text[at:start]))
+        out.append(f'<mark class="{cls}" title="{weight:+.4f}">{esc(text[start:end])}</mark>')
+        at = end
+    out.append(esc(text[at:]))
+    return "".join(out)
+
+
+def words_table(words: list[dict[str, Any]]) -> str:
+    rows = []
+    for w in sorted(words, key=lambda w: -abs(float(w.get("weight", 0) or 0)) if isinstance(w, dict) else 0)[:50]:
+        if not isinstance(w, dict):
+            continue
+        weight = float(w.get("weight", 0) or 0)
+        cls = "up2" if weight > 0 else "dn2"
+        rows.append(f'<tr><td><mark class="{cls}">{esc(w.get("word", ""))}</mark></td><td class="num">{weight:+.4f}</td></tr>')
+    return f'<table class="words"><tr><th>word</th><th>weight</th></tr>{"".join(rows)}</table>'
+
+
+class Console(HttpServer):
+    """The console's HTTP server. `live()`: the live model's version; `score`: the daemon's scorer (no reservoir)."""
+
+    def __init__(self, cfg: Config, live: Callable[[], str], score: Callable[[str], Awaitable[Any]] | None,
+                 engine: Callable[[], Any] | None = None) -> None:  # fmt: skip
+        c = cfg.console
+        super().__init__(HttpConfig(enabled=True, listen=c.listen, max_body_bytes=MAX_BODY, read_timeout=30.0,
+                                    idle_timeout=60.0), door=None)  # type: ignore[arg-type]  # fmt: skip
+        self.full = cfg
+        self.live = live
+        self.score_text = score
+        self.engine = engine
+        self._console_password = c.password.encode()
+        self._secret = secrets.token_bytes(32)  # CSRF tokens die with the process: a restart asks for a reload
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=65536)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.up = True
+        log.info("console: listening on http://%s:%d/", self.host, self.port)
+
+    def _authorize(self, req: Request) -> None:
+        """Checked in `_route` instead, where the reply can carry WWW-Authenticate and the page headers."""
+
+    # --- routing ---------------------------------------------------------------------------
+
+    async def _route(self, req: Request) -> bytes:
+        session, new_session = self._session(req)
+        try:
+            self._check_host(req)
+            self._check_password(req)
+            page = await self._dispatch(req, session)
+        except HttpError as e:
+            page = self._error_page(e.status, str(e))
+        except Exception:  # a bug costs one page, not the daemon
+            log.exception("console: %s %s failed", req.method, req.path)
+            page = self._error_page(500, "internal error (see the daemon's log)")
+        return self._response(req, page, session if new_session else "")
+
+    async def _dispatch(self, req: Request, session: str) -> Page:
+        path, method = req.path, req.method
+        q = urllib.parse.parse_qs(req.query, keep_blank_values=True)
+        if method == "POST":
+            self._check_csrf(req, session)
+            form = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True)
+        elif method in ("GET", "HEAD"):
+            form = {}
+        else:
+            raise HttpError(405, f"{method} is not served here")
+        token = self._token(session)
+        if path == "/console.css":
+            return Page(200, CSS, "text/css; charset=utf-8")
+        if path == "/" and method != "POST":
+            return Page(303, b"", location="/history")
+        if path == "/history" and method != "POST":
+            return await self._history(q)
+        m = _VERDICT_PATH.fullmatch(path)
+        if m and not m[2] and method != "POST":
+            return await self._verdict(int(m[1]), q, token)
+        if m and m[2] and method == "POST":
+            return await self._learn(int(m[1]), _one(form, "label"))
+        if path == "/models" and method != "POST":
+            return await self._models(q, token)
+        if path == "/models/rollback" and method == "POST":
+            return await self._rollback()
+        if path == "/classify":
+            return await self._classify(_one(form, "text") if method == "POST" else None, token)
+        raise HttpError(404 if path not in ("/history", "/models", "/") else 405, f"no page {path}")
+
+    # --- security --------------------------------------------------------------------------
+
+    def _session(self, req: Request) -> tuple[str, bool]:
+        for header in req.all("cookie"):
+            for part in header.split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == COOKIE and _SESSION.fullmatch(value):
+                    return value, False
+        return secrets.token_urlsafe(32), True
+
+    def _token(self, session: str) -> str:
+        return hmac.new(self._secret, session.encode(), hashlib.sha256).hexdigest()
+
+    def _check_host(self, req: Request) -> None:
+        if len(req.all("host")) > 1:
+            raise HttpError(400, "more than one Host header")
+        if self._console_password:
+            return
+        host = (req.header("host") or "").strip()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if not (name == "localhost" or (name and _is_ip(name) and is_loopback(name))):
+            raise HttpError(403, f"Host {host[:80]!r} is not a loopback name; set [console] password to serve other names")
+
+    def _check_password(self, req: Request) -> None:
+        if not self._console_password:
+            return
+        auth = req.header("authorization") or ""
+        scheme, _, value = auth.partition(" ")
+        given = b""
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                given = b""
+        if not hmac.compare_digest(given, self._console_password):  # constant time: no guessing by timing
+            raise HttpError(401, "password required" if not auth else "wrong password")
+
+    def _check_csrf(self, req: Request, session: str) -> None:
+        """A form POST must come from a page of this console: same origin and this session's token."""
+        own = f"http://{req.header('host') or ''}"
+        origin = req.header("origin")
+        if origin is None:  # older browsers: the Referer's origin
+            referer = urllib.parse.urlsplit(req.header("referer") or "")
+            origin = f"{referer.scheme}://{referer.netloc}" if referer.scheme else None
+        if origin != own:
+            raise HttpError(403, f"cross-site request refused (origin {str(origin)[:80]!r})")
+        form = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True)
+        if not hmac.compare_digest(_one(form, "csrf").encode(), self._token(session).encode()):
+            raise HttpError(403, "cross-site request refused (missing or wrong form token; reload the page)")
+
+    # --- responses -------------------------------------------------------------------------
+
+    def _response(self, req: Request, page: Page, set_session: str) -> bytes:
+        body = b"" if req.method == "HEAD" else page.body
+        keep = req.keep_alive and page.status not in (400, 401, 403)
+        lines = [
+            f"HTTP/1.1 {page.status} {_REASONS.get(page.status, 'Error')}", f"Content-Type: {page.ctype}",
+            f"Content-Length: {len(body)}", f"Content-Security-Policy: {CSP}", "X-Content-Type-Options: nosniff",
+            "X-Frame-Options: DENY", "Referrer-Policy: same-origin", "Cache-Control: no-store",
+            f"Connection: {'keep-alive' if keep else 'close'}",
+        ]  # fmt: skip
+        if page.location:
+            lines.append(f"Location: {page.location}")
+        if page.status == 401:
+            lines.append('WWW-Authenticate: Basic realm="filterd console", charset="UTF-8"')
+        if set_session:
+            lines.append(f"Set-Cookie: {COOKIE}={set_session}; Path=/; HttpOnly; SameSite=Strict")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+    def _error_page(self, status: int, message: str) -> Page:
+        return Page(status, self._layout(f"{status} {_REASONS.get(status, 'Error')}", f'<p class="err">{esc(message)}</p>'))
+
+    def _layout(self, title: str, body: str) -> bytes:
+        grafana = self.full.console.grafana_url
+        nav = ['<a href="/history">History</a>', '<a href="/models">Models</a>', '<a href="/classify">Classify</a>']
+        if grafana:
+            nav.append(f'<a href="{esc(grafana)}" rel="noopener noreferrer">Grafana</a>')
+        live = self.live() or "none loaded"
+        return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)} - filterd</title>'
+                f'<link rel="stylesheet" href="/console.css"></head><body><header><b>filterd</b>{"".join(nav)}'
+                f'<span class="note live">live model <code id="live-model">{esc(live)}</code></span>'
+                f'</header><main><h1>{esc(title)}</h1>{body}</main></body></html>').encode()  # fmt: skip
+
+    # --- pages -----------------------------------------------------------------------------
+
+    def _history_file(self) -> Path | None:
+        h = self.full.history
+        return h.path if h.enabled else None
+
+    async def _read_history(self, fn: Callable[[History], Any]) -> Any:
+        path = self._history_file()
+        if path is None:
+            raise HttpError(404, "the verdict history is off: set [history] enabled = true")
+        if not path.is_file():
+            return None
+
+        def run() -> Any:
+            with History(path, writer=False) as h:
+                return fn(h)
+
+        return await asyncio.to_thread(run)
+
+    async def _history(self, q: dict[str, list[str]]) -> Page:
+        verdict, action, source = _one(q, "verdict"), _one(q, "action"), _one(q, "source")
+        since_text, until_text = _one(q, "since"), _one(q, "until")
+        try:
+            since, until = parse_time(since_text), parse_time(until_text)
+            before = int(_one(q, "before")) if _one(q, "before") else None
+        except ValueError:
+            raise HttpError(400, "since/until must be times like 2026-12-01T19:20 (UTC), before an id") from None
+        f = Filter(verdict if verdict in ("spam", "ham") else "", action if action in ACTIONS else "",
+                   source if source in SOURCES else "", since, until, before, PAGE)  # fmt: skip
+        rows: list[Verdict] = await self._read_history(lambda h: h.query(f)) or []
+
+        def select(name: str, value: str, options: tuple[str, ...]) -> str:
+            opts = "".join(f'<option value="{o}"{" selected" if o == value else ""}>{o or "any"}</option>' for o in ("", *options))
+            return f'<label>{name}<select name="{name}">{opts}</select></label>'
+
+        filters = (f'<form class="filters" method="get" action="/history">{select("verdict", f.verdict, ("spam", "ham"))}'
+                   f'{select("action", f.action, ACTIONS)}{select("source", f.source, SOURCES)}'
+                   f'<label>since (UTC)<input type="datetime-local" name="since" value="{esc(since_text)}"></label>'
+                   f'<label>until (UTC)<input type="datetime-local" name="until" value="{esc(until_text)}"></label>'
+                   '<button type="submit">Filter</button> <a href="/history">clear</a></form>')  # fmt: skip
+        body = [filters]
+        if not rows:
+            body.append('<p class="note">No decisions match.</p>')
+        else:
+            body.append('<table id="history"><tr><th>time (UTC)</th><th>door</th><th>id</th><th>from</th><th>to</th>'
+                        '<th>subject</th><th>score</th><th>verdict</th><th>action</th><th>model</th></tr>')  # fmt: skip
+            for v in rows:
+                to = ", ".join(v.recipients[:3]) + (f" +{len(v.recipients) - 3}" if len(v.recipients) > 3 else "")
+                body.append(
+                    f'<tr class="row-{v.verdict}"><td><a href="/verdict/{v.id}">{fmt_time(v.at)}</a></td><td>{esc(v.source)}</td>'
+                    f"<td>{esc(v.ref)}</td><td>{esc(v.sender)}</td><td>{esc(to)}</td><td>{esc(v.subject)}</td>"
+                    f'<td class="num">{fmt_score(v.score)}</td><td class="{esc(v.verdict)}">{esc(v.verdict)}</td>'
+                    f"<td>{esc(v.action)}</td><td>{esc(v.model)}</td></tr>"
+                )  # fmt: skip
+            body.append("</table>")
+            if len(rows) == PAGE:
+                keep = {k: v for k, v in (("verdict", f.verdict), ("action", f.action), ("source", f.source),
+                                          ("since", since_text), ("until", until_text)) if v}  # fmt: skip
+                older = urllib.parse.urlencode({**keep, "before": rows[-1].id})
+                body.append(f'<p><a id="older" href="/history?{esc(older)}">older &rarr;</a></p>')
+        return Page(200, self._layout("Verdict history", "".join(body)))
+
+    async def _verdict(self, id: int, q: dict[str, list[str]], token: str) -> Page:
+        v: Verdict | None = await self._read_history(lambda h: h.get(id))
+        if v is None:
+            raise HttpError(404, f"no verdict {id} (deleted by retention, or never recorded)")
+        fields = [("time (UTC)", fmt_time(v.at)), ("door", v.source), ("queue / entry id", v.ref), ("from", v.sender),
+                  ("to", ", ".join(v.recipients)), ("subject", v.subject), ("P(spam)", fmt_score(v.score)),
+                  ("verdict", v.verdict), ("action", v.action), ("model", v.model), ("decided by list", v.listed)]  # fmt: skip
+        body = ['<table id="fields">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(x)}</td></tr>" for k, x in fields) + "</table>"]
+        body.append("<h2>Why</h2>")
+        words = (v.explanation or {}).get("words")
+        words = [w for w in words if isinstance(w, dict)] if isinstance(words, list) else None
+        if v.text is not None:
+            body.append(f'<pre class="text" id="text">{highlight(v.text, words or [])}</pre>')
+            if not words:
+                body.append('<p class="note">No explanation was recorded for this verdict.</p>')
+            else:
+                body.append('<p class="note">Red words raised P(spam), green ones lowered it; darker is stronger.'
+                            f' Method: {esc((v.explanation or {}).get("method", "?"))}.</p>')  # fmt: skip
+        elif words:
+            body.append('<p class="note">The text is not stored ([history] store_text = false); the words that moved the score:</p>')
+            body.append(words_table(words))
+        else:
+            body.append('<p class="note">No explanation was recorded, and the text is not stored ([history] store_text = false).</p>')
+        body.append("<h2>Teach the filter</h2>")
+        learned = _one(q, "learned")
+        if learned in ("spam", "ham"):
+            body.append(f'<p class="ok" id="learned">Stored in the label store as {learned}; the next refit learns from it.</p>')
+        if v.text is None:
+            why = "the text of this message is not stored ([history] store_text = false), so there is nothing to learn from"
+            body.append(f'<p class="note" id="learn-disabled">{esc(why)}.</p>')
+            for label in ("spam", "ham"):
+                body.append(f'<button disabled title="{esc(why)}">learn as {label}</button> ')
+        else:
+            current = await asyncio.to_thread(self._label_of, v.text)
+            if current:
+                body.append(f'<p class="note" id="label-now">In the label store as <b>{esc(current)}</b>.</p>')
+            for label in ("spam", "ham"):
+                body.append(f'<form class="inline" method="post" action="/verdict/{v.id}/learn">'
+                            f'<input type="hidden" name="csrf" value="{token}"><input type="hidden" name="label" value="{label}">'
+                            f'<button type="submit" id="learn-{label}">learn as {label}</button></form> ')  # fmt: skip
+        return Page(200, self._layout(f"Verdict {v.id}", "".join(body)))
+
+    def _label_of(self, text: str) -> str:
+        from trainer.store import LabelStore, message_id
+
+        path = self.full.trainer.store
+        if not path.is_file():
+            return ""
+        with LabelStore(path) as store:
+            row = store.get(message_id(text))
+        return f"{row.label} (by {row.source})" if row else ""
+
+    async def _learn(self, id: int, label: str) -> Page:
+        if label not in ("spam", "ham"):
+            raise HttpError(400, "label must be spam or ham")
+        v: Verdict | None = await self._read_history(lambda h: h.get(id))
+        if v is None:
+            raise HttpError(404, f"no verdict {id}")
+        if v.text is None:
+            raise HttpError(409, "the text of this message is not stored ([history] store_text = false): nothing to learn from")
+        text = v.text
+
+        def add() -> Any:
+            from trainer.store import LabelStore
+
+            with LabelStore(self.full.trainer.store) as store:  # as `filterd-trainer learn`: one row per text
+                return store.add(text, label, "console")
+
+        try:
+            result = await asyncio.to_thread(add)
+        except Exception as e:
+            raise HttpError(500, f"label store {self.full.trainer.store}: {' '.join(str(e).split())}") from None
+        log.info("console: verdict %d learned as %s (%s)", id, label, "new" if result.new else "flipped" if result.flipped else "unchanged")
+        return Page(303, b"", location=f"/verdict/{id}?learned={label}")
+
+    async def _models(self, q: dict[str, list[str]], token: str) -> Page:
+        rows = await asyncio.to_thread(self._model_rows)
+        body = []
+        rolled = _one(q, "rolled")
+        if rolled:
+            body.append(f'<p class="ok" id="rolled">Rolled back: current now points at {esc(rolled)}; '
+                        "the daemon loads it at its next model check.</p>")  # fmt: skip
+        body.append(f'<p class="note">Versions in {esc(self.full.trainer.models_dir)}, newest first. '
+                    "Metrics are those the trainer wrote beside each version (filterd.json).</p>")  # fmt: skip
+        if not rows:
+            body.append('<p class="note">No published versions.</p>')
+        else:
+            body.append('<table id="models"><tr><th>version</th><th>created</th><th>base</th><th>trained</th>'
+                        "<th>test accuracy</th><th>ham FPR</th><th>spam recall</th><th>ROC AUC</th><th>n</th><th>refit</th></tr>")  # fmt: skip
+            for r in rows:
+                m = r["test"]
+                mark = " (current)" if r["current"] else ""
+                body.append(
+                    f'<tr{" class=current" if r["current"] else ""}><td><code>{esc(r["version"])}</code>{mark}</td>'
+                    f'<td>{esc(r["created"])}</td><td>{esc(r["base"])}</td><td>{esc(r["trainable"])}</td>'
+                    f'<td class="num">{_pct(m.get("accuracy"))}</td><td class="num">{_pct(m.get("ham_fpr"))}</td>'
+                    f'<td class="num">{_pct(m.get("spam_recall"))}</td><td class="num">{_num(m.get("roc_auc"))}</td>'
+                    f'<td class="num">{esc(m.get("n", ""))}</td><td>{esc(r["refit"])}</td></tr>'
+                )  # fmt: skip
+            body.append("</table>")
+        can = any(r["current"] for r in rows[:-1]) if rows else False
+        live_path, current_link = self.full.model.path, self.full.trainer.models_dir / "current"
+        if live_path.absolute() != current_link.absolute():
+            body.append(f'<p class="err" id="not-current">The daemon serves [model] path = {esc(live_path)}, not {esc(current_link)}:'
+                        " a rollback here does not change the live model.</p>")  # fmt: skip
+        body.append(f'<form method="post" action="/models/rollback"><input type="hidden" name="csrf" value="{token}">'
+                    f'<button type="submit" id="rollback"{"" if can else " disabled"}>roll back to the previous version</button>'
+                    "</form>")  # fmt: skip
+        if not can:
+            body.append('<p class="note">No older version to roll back to.</p>')
+        return Page(200, self._layout("Model versions", "".join(body)))
+
+    def _model_rows(self) -> list[dict[str, Any]]:
+        from trainer.publish import ModelStore
+
+        store = ModelStore(self.full.trainer.models_dir)
+        current = store.current_version()
+        out = []
+        for version in store.versions():
+            try:
+                meta = json.loads((store.versions_dir / version / "filterd.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            metrics = meta.get("metrics") or {}
+            refit = (meta.get("extra") or {}).get("refit")
+            if isinstance(refit, dict):
+                counts = refit.get("counts") or {}
+                what = f"from {refit.get('parent', '?')}, {refit.get('mode', '?')}, final fit: {refit.get('final_fit', '?')}"
+                if isinstance(counts, dict) and counts:
+                    what += ", labels " + ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int))
+            else:
+                what = "initial fit"
+            test = metrics.get("test") or next(iter(metrics.values()), {}) if isinstance(metrics, dict) else {}
+            out.append({"version": version, "current": version == current, "created": str(meta.get("created", ""))[:16].replace("T", " "),
+                        "base": meta.get("base", ""), "trainable": meta.get("trainable", ""),
+                        "test": test if isinstance(test, dict) else {}, "refit": what})  # fmt: skip
+        return out
+
+    async def _rollback(self) -> Page:
+        from trainer.publish import ModelStore
+
+        from .errors import FilterdError
+
+        try:
+            version = await asyncio.to_thread(ModelStore(self.full.trainer.models_dir).rollback)
+        except FilterdError as e:
+            raise HttpError(409, str(e)) from None
+        log.info("console: rolled back to %s", version)
+        return Page(303, b"", location=f"/models?rolled={urllib.parse.quote(version)}")
+
+    async def _classify(self, text: str | None, token: str) -> Page:
+        body = [f'<form method="post" action="/classify"><input type="hidden" name="csrf" value="{token}">'
+                f'<p><textarea name="text" id="paste" placeholder="Paste a message (its text, or a whole mail)">{esc(text or "")}</textarea></p>'
+                '<button type="submit" id="score">Score</button></form>']  # fmt: skip
+        if text is not None and text.strip():
+            if self.score_text is None:
+                raise HttpError(503, "no model is loaded yet")
+            from .mail import extract_text
+
+            if re.match(r"(?:[A-Za-z0-9-]+:[^\n]*\n)+\r?\n", text):  # looks like a whole mail: read it as the doors do
+                text = await asyncio.to_thread(extract_text, text.encode("utf-8", "surrogateescape"))
+            try:
+                scored = await self.score_text(text)
+            except Exception as e:
+                raise HttpError(503, f"could not score: {type(e).__name__}") from None
+            verdict = "spam" if scored.score >= scored.threshold else "ham"
+            body.append(f'<p id="result">P(spam) = <b id="p-spam">{scored.score:.4f}</b>: <span class="{verdict}">{verdict}</span>'
+                        f" at the model's threshold {scored.threshold:.4f} (model {esc(scored.model)})</p>")  # fmt: skip
+            explanation = await self._explain(text)
+            if explanation is None:
+                body.append('<p class="note" id="no-explain">explanations not available</p>')
+            else:
+                words = [w for w in explanation.get("words", []) if isinstance(w, dict)]
+                body.append(f'<pre class="text" id="text">{highlight(text, words)}</pre>')
+        return Page(200, self._layout("Score a message", "".join(body)))
+
+    async def _explain(self, text: str) -> dict[str, Any] | None:
+        """The explanation from filterd.explain when that module exists (imported on first use), else None."""
+        try:
+            from . import explain  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+        fn = getattr(explain, "explain", None)
+        if fn is None or self.engine is None:
+            return None
+        try:
+            result = await asyncio.to_thread(fn, self.engine(), text)
+        except Exception:
+            log.exception("console: explanation failed")
+            return None
+        if hasattr(result, "to_json"):  # filterd.explain's Explanation
+            result = result.to_json()
+        return result if isinstance(result, dict) else None
+
+
+def _one(q: dict[str, list[str]], key: str) -> str:
+    values = q.get(key)
+    return values[0] if values else ""
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "-"
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
