@@ -882,3 +882,40 @@ def test_max_sessions_config():
     assert load_config(None, ["milter.max_sessions=2"]).milter.max_sessions == 2
     with pytest.raises(ConfigError, match=r"\[milter\] max_sessions"):
         load_config(None, ["milter.max_sessions=0"])
+
+
+@needs_postfix
+def test_postfix_over_max_sessions_does_not_hang_and_applies_default_action(tmp_path):
+    """One milter session allowed and held by a slow decision: a second SMTP session through Postfix
+    is delivered at once, untagged (the shipped default_action = accept), not left waiting."""
+    release = threading.Event()
+
+    async def holding(msg: MilterMessage) -> MilterReply:
+        if b"HOLDME" in msg.body:
+            await asyncio.to_thread(release.wait, 60)
+        return MilterReply(Accept(), (AddHeader("X-Spam-Score", "0.0100"),))
+
+    port = free_port()
+    with SmtpSink() as sink, ThreadedMilter(cfg(listen=HostPort("127.0.0.1", port), max_sessions=1), holding) as milter:
+        postfix = PostfixServer(tmp_path / "postfix", relay_port=sink.port, content_filter=False, milter_port=port)
+        with postfix:
+            held: list = []
+            first = threading.Thread(target=lambda: held.append(smtp_send(postfix.smtpd_port, _mail("cap1", "HOLDME"))))
+            first.start()
+            try:
+                deadline = time.monotonic() + 30
+                while milter.server.stats.sessions_open < 1 or not milter.server._sessions or not any(
+                        s.msg.body for s in milter.server._sessions.values()):  # fmt: skip
+                    assert time.monotonic() < deadline, postfix.log_tail()
+                    time.sleep(0.05)
+                t0 = time.monotonic()
+                code, reply = smtp_send(postfix.smtpd_port, _mail("cap2", "plain"))
+                assert code == 250, (code, reply)
+                assert time.monotonic() - t0 < 20  # not Postfix's 30 s command timeout: refused at once
+                assert b"X-Spam-Score" not in by_message_id(sink, "cap2").data  # nobody classified it
+                assert milter.server.stats.errors["over-capacity"] >= 1
+            finally:
+                release.set()
+                first.join(60)
+            assert held and held[0][0] == 250
+            assert b"X-Spam-Score: 0.0100" in by_message_id(sink, "cap1").data
