@@ -1300,6 +1300,15 @@ def _warn_reject(cfg: Config) -> str | None:
     )
 
 
+def _warn_keep_upstream(cfg: Config) -> str | None:
+    if not cfg.headers.keep_upstream:
+        return None
+    return (
+        f"[headers] keep_upstream = true: incoming X-Spam-* fields are kept as {cfg.headers.upstream_prefix}Spam-*; "
+        "safe only if every path into this server passes the trusted filter first (else senders can forge them)"
+    )
+
+
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
@@ -1309,6 +1318,7 @@ _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_trainer_listen,
     _warn_redis_plaintext,
     _warn_reject,
+    _warn_keep_upstream,
 )
 
 

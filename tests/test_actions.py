@@ -628,3 +628,9 @@ def test_upstream_prefix_can_never_be_ours(prefix: str) -> None:
     assert upstream_name("X-Spam-Status", HeadersConfig(keep_upstream=True)) == "X-Upstream-Spam-Status"
     assert upstream_name("X-Filterd-Original-Recipients", HeadersConfig(keep_upstream=True)) is None
     assert upstream_name("X-Spam-Status") is None
+
+
+def test_keep_upstream_warns_in_check_config() -> None:
+    assert not [w for w in load_config(None, []).warnings() if "keep_upstream" in w]
+    warnings = load_config(None, ["headers.keep_upstream=true"]).warnings()
+    assert any(w.startswith("[headers] keep_upstream = true: incoming X-Spam-* fields are kept as X-Upstream-Spam-*") for w in warnings)
