@@ -377,7 +377,7 @@ class HttpServer:
             reply = await self._route(req)
             await self._send(writer, reply)  # counted until sent: stop() must not abort a reply on its way
         finally:
-            if self.door.metrics is not None and req.path != "/ping":  # request read to reply written (or given up)
+            if self.door.metrics is not None and req.path != "/ping" and req.method != "PING":  # scans: request read to reply written
                 self.door.metrics.observe_request("http", time.perf_counter() - t0)
             self.in_flight -= 1
             if self.in_flight == 0:
