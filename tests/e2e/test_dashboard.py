@@ -297,6 +297,10 @@ def test_every_panel_query_returns_data(redis_server, tiny_model, sms_file, spam
         # discovery, ~5 s): counters that appear already at their final value have a rate of 0.
         sel = f'job="filterd", instance="{target}"'
         wait_for(lambda: prom.value(f"up{{{sel}}}") == 1, timeout=30, what="prometheus' first scrape")
+        # ... and of the counters at zero: the daemon primes them only once the model is loaded, which a
+        # first scrape can precede; traffic done within one scrape interval then showed no rate at all.
+        wait_for(lambda: prom.value(f"count(filterd_messages_total{{{sel}}} == 0)") >= 3 * 3, timeout=30,
+                 what="prometheus to scrape the primed counters")  # fmt: skip
 
         traffic_start = time.time()
         add_all(r, texts)
