@@ -6,6 +6,14 @@ changes bytes): our fields are prepended, incoming fields in our namespaces (`X-
 `X-Filterd-*`) are cut out of the header block so a sender cannot forge them, and every other byte
 is relayed as it came.
 
+Two formats ([headers] style): "filterd" (X-Spam-Score is P(spam); the contract of INTERFACES.md)
+and "spamassassin" (X-Spam-Score on SpamAssassin's scale, where the spam threshold lands on
+`required_score`, X-Spam-Level stars, X-Spam-Status as SpamAssassin writes it), so rules written
+for SpamAssassin (`X-Spam-Score >= 5`, `X-Spam-Level` stars) keep working. With
+[headers] keep_upstream, incoming X-Spam-* fields (a trusted upstream filter's) are renamed
+(`X-Spam-Status` -> `X-Upstream-Spam-Status`, folded lines and all) instead of cut out;
+X-Filterd-* are always cut.
+
 Readers disagree on where a header block ends, and a forged field must be gone for all of them, so
 the block is read as leniently as the most lenient common reader: Python's email package (a bare CR
 ends a line, `From ` lines and nameless `:x` lines do not end the block) and Postfix (blanks allowed
@@ -16,11 +24,14 @@ fields are prepended they would fold into ours.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from .decision import LEVELS, Decision
+from . import __version__
+from .config import HeadersConfig
+from .decision import LEVELS, Decision, scaled_score
 
 if TYPE_CHECKING:
     from .config import SmtpConfig
@@ -66,6 +77,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLAIN = re.compile(r"[!-~]+")  # a word that can go into a header as is
 _MAX_LINE = 998  # RFC 5322, without the line ending
 _FOLD_AT = 78  # RFC 5322's recommended width for the lines we write
+DEFAULT_HEADERS = HeadersConfig()
+SA_TEST = "FILTERD_GPT2"  # our one "test" in X-Spam-Status tests=...
+SA_MAX_STARS = 50  # SpamAssassin caps X-Spam-Level at 50 characters
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class Policy:
     quarantine_rcpt: str = ""
     subject_prefix: str = "[SPAM] "
     on_error: str = "accept"  # accept | tempfail
+    headers: HeadersConfig = DEFAULT_HEADERS  # [headers]: field format, upstream fields kept or cut
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -87,8 +102,8 @@ class Policy:
             raise ValueError('quarantine_rcpt is required when action = "quarantine"')
 
     @classmethod
-    def from_config(cls, smtp_cfg: SmtpConfig) -> Policy:
-        return cls(smtp_cfg.action, smtp_cfg.quarantine_rcpt, smtp_cfg.subject_prefix, smtp_cfg.on_error)
+    def from_config(cls, smtp_cfg: SmtpConfig, headers: HeadersConfig = DEFAULT_HEADERS) -> Policy:
+        return cls(smtp_cfg.action, smtp_cfg.quarantine_rcpt, smtp_cfg.subject_prefix, smtp_cfg.on_error, headers)
 
 
 @dataclass(frozen=True)
@@ -116,11 +131,28 @@ def _header_block(raw: bytes) -> int:
     return _BLOCK.match(raw).end()
 
 
-def _without_ours(block: bytes) -> bytes:
-    """The block minus our namespaces' fields and continuation lines of no field (they would fold into ours)."""
+def upstream_name(name: str, headers: HeadersConfig = DEFAULT_HEADERS) -> str | None:
+    """What an incoming field in our namespaces becomes: its new name (an upstream filter's X-Spam-*
+    with keep_upstream: "X-Spam-Status" -> "X-Upstream-Spam-Status"), or None: deleted. The prefix
+    is never one of our namespaces (config.py checks), so a renamed field cannot pass as ours."""
+    if headers.keep_upstream and name[:7].lower() == "x-spam-":
+        return headers.upstream_prefix + name[2:]
+    return None
+
+
+def _without_ours(block: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> bytes:
+    """The block minus our namespaces' fields (or those kept from upstream, renamed) and continuation
+    lines of no field (they would fold into ours)."""
+    prefix = headers.upstream_prefix.encode("ascii") if headers.keep_upstream else None
+
+    def out(m: re.Match[bytes], envelope: bool) -> bytes:
+        if prefix is not None and m[0][:7].lower() == b"x-spam-":  # renamed in place: its folded lines stay with it
+            return prefix + m[0][2:]
+        return b"".join(_ENVELOPE_LINE.findall(m[0])) if envelope else b""  # keep From_ lines
+
     top = _TOP.match(block).end()
-    rest = _OUR_FIELD.sub(b"", block[top:])
-    rest = _OUR_FIELD_ACROSS_FROM.sub(lambda m: b"".join(_ENVELOPE_LINE.findall(m[0])), rest)  # keep From_ lines
+    rest = _OUR_FIELD.sub(lambda m: out(m, False), block[top:])
+    rest = _OUR_FIELD_ACROSS_FROM.sub(lambda m: out(m, True), rest)
     return _ORPHAN.sub(b"", block[:top]) + rest
 
 
@@ -130,11 +162,12 @@ def _eol(raw: bytes) -> bytes:
     return b"\r\n" if m and m[0] == b"\r\n" else b"\n"
 
 
-def strip_spam_headers(raw: bytes) -> bytes:
-    """The message without incoming X-Spam-* (and X-Filterd-*) fields; every other byte unchanged."""
+def strip_spam_headers(raw: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> bytes:
+    """The message without incoming X-Spam-* (and X-Filterd-*) fields (X-Spam-* renamed with
+    keep_upstream); every other byte unchanged."""
     raw = bytes(raw)
     end = _header_block(raw)
-    return _without_ours(raw[:end]) + raw[end:]
+    return _without_ours(raw[:end], headers) + raw[end:]
 
 
 # --- fields we write -----------------------------------------------------------------
@@ -155,10 +188,10 @@ def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
     return _decision_fields(d, c.model if c else "", error)
 
 
-def header_fields(d: Decision | None, model: str, error: str = "") -> list[tuple[str, str]]:
+def header_fields(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS) -> list[tuple[str, str]]:
     """Our X-Spam-* headers for a decision (None: the classification failed, `error` says why), for
-    the doors that add headers themselves (the milter)."""
-    return _decision_fields(d, model, error)
+    the doors that add headers themselves (the milter); values are one line each."""
+    return _decision_fields(d, model, error, headers)
 
 
 def subject_prefix(prefix: str) -> str:
@@ -166,9 +199,11 @@ def subject_prefix(prefix: str) -> str:
     return _prefix_bytes(prefix).decode("ascii")
 
 
-def _decision_fields(d: Decision | None, model: str, error: str) -> list[tuple[str, str]]:
+def _decision_fields(d: Decision | None, model: str, error: str, headers: HeadersConfig = DEFAULT_HEADERS) -> list[tuple[str, str]]:
     if d is None:  # no Flag and no Score: nothing was measured
         return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]
+    if headers.style == "spamassassin":
+        return _sa_fields(d, model, headers.required_score)
     yes = "Yes" if d.spam else "No"
     if d.score is None:  # a list decided: no Score, the list named instead of a model
         return [("X-Spam-Flag", yes.upper()), ("X-Spam-Status", f"{yes}, listed={_token(d.listed, 40)}")]
@@ -180,7 +215,52 @@ def _decision_fields(d: Decision | None, model: str, error: str) -> list[tuple[s
     ]
 
 
-def _field_bytes(fields: list[tuple[str, str]], eol: bytes) -> bytes:
+def _tenths(x: float) -> str:
+    return f"{x:.1f}" if abs(x * 10 - round(x * 10)) < 1e-9 else f"{x:g}"
+
+
+def sa_score(d: Decision, required: float) -> str:
+    """The X-Spam-Score of a decision on SpamAssassin's scale (P(spam) mapped by `scaled_score`, the
+    HTTP door's mapping), one decimal as SpamAssassin writes it. Rounded away from `required`
+    (spam up, ham down), so `X-Spam-Score >= required` matches exactly the spam, also when a rule
+    compares only the integer part (Sieve's i;ascii-numeric) and `required` is whole."""
+    if d.score is None:  # a list decided: the ends of the scale, as the HTTP door reports them
+        return _tenths(2 * required if d.spam else 0.0)
+    tenths = round(scaled_score(d.score, d.threshold, required) * 10, 6)  # 72.9999999 is 7.3
+    if d.spam:
+        return _tenths(math.ceil(tenths) / 10)
+    shown = math.floor(tenths) / 10
+    return _tenths(shown - 0.1 if shown >= required else shown)  # a ham a hair under required
+
+
+def _sa_fields(d: Decision, model: str, required: float) -> list[tuple[str, str]]:
+    """SpamAssassin's fields: Flag only on spam (SA writes none on ham), Score, Level (one star per
+    whole point, capped as SA caps it), Status with SA's keys (tests, autolearn, version) and ours (model)."""
+    score = sa_score(d, required)
+    tests = SA_TEST if d.score is not None else "FILTERD_" + _token(d.listed, 40).upper()  # e.g. FILTERD_DENY_SENDERS
+    status = (f"{'Yes' if d.spam else 'No'}, score={score} required={_tenths(required)} tests={tests} autolearn=no "
+              f"version=filterd-{__version__}" + (f" model={_token(model, 200)}" if d.score is not None else ""))  # fmt: skip
+    fields = [("X-Spam-Flag", "YES")] if d.spam else []
+    stars = "*" * min(max(int(float(score)), 0), SA_MAX_STARS)
+    return fields + [("X-Spam-Score", score), ("X-Spam-Level", stars), ("X-Spam-Status", status)]
+
+
+def _sa_folded(name: str, value: str, eol: bytes) -> bytes:
+    """`name: value` folded between words with a tab, as SpamAssassin folds its long fields."""
+    lines, line = [], f"{name}:"
+    for word in value.split(" "):
+        if len(line) + 1 + len(word) > _FOLD_AT and line.strip() and not line.endswith(":"):
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return eol.join(text.encode("ascii") for text in lines) + eol
+
+
+def _field_bytes(fields: list[tuple[str, str]], eol: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> bytes:
+    if headers.style == "spamassassin":
+        return b"".join(_sa_folded(name, value, eol) if value else f"{name}:".encode("ascii") + eol for name, value in fields)
     return b"".join(f"{name}: {value}".encode("ascii") + eol for name, value in fields)
 
 
@@ -273,8 +353,8 @@ def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str,
     raw = bytes(raw)
     eol = _eol(raw)
     end = _header_block(raw)
-    block = _without_ours(raw[:end])
-    added = _field_bytes(_decision_fields(d, model, error), eol)
+    block = _without_ours(raw[:end], policy.headers)
+    added = _field_bytes(_decision_fields(d, model, error, policy.headers), eol, policy.headers)
     rcpts = tuple(recipients)
     action = "accept-unknown" if d is None else d.action
 

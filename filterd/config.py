@@ -744,6 +744,9 @@ class MilterConfig:
         60.0, Duration(), "end of message to our reply; then on_error applies. Keep below Postfix's milter_content_timeout (300s)"
     )
     idle_timeout: float = _key(600.0, Duration(), "a connection silent this long is closed (Postfix reconnects)")
+    max_sessions: int = _key(
+        256, Int(1), "MTA connections at once (Postfix: one per smtpd process, 100 by default); more are closed at once"
+    )
 
 
 @dataclass(frozen=True)
@@ -762,6 +765,36 @@ class HttpConfig:
     required_score: float = _key(
         15.0, Number(0.001), "Rspamd-scale score at the spam threshold: score = P(spam) / threshold * required_score"
     )
+    max_connections: int = _key(256, Int(1), "client connections at once; more get 503 with Retry-After and are closed")
+
+
+HEADER_STYLES = ("filterd", "spamassassin")
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    """[headers]: the X-Spam-* fields the doors that edit mail write (SMTP content filter, milter); see filterd/actions.py.
+
+    A section of its own, like [policy]: it is one format for every door that adds headers, not a
+    setting of one door (HTTP and Redis report in their own protocols)."""
+
+    style: str = _key(
+        "filterd", Choice(options=HEADER_STYLES),
+        "filterd (X-Spam-Score = P(spam)) | spamassassin (X-Spam-Score on SpamAssassin's scale, X-Spam-Level stars)",
+    )  # fmt: skip
+    required_score: float = _key(
+        5.0, Number(0.1, 1000.0), "spamassassin style: the X-Spam-Score at the spam threshold (SpamAssassin's required_score)"
+    )
+    keep_upstream: bool = _key(
+        False, Bool(), "rename incoming X-Spam-* fields (trusted upstream filter) instead of deleting them; only if every path passes it"
+    )
+    upstream_prefix: str = _key(
+        "X-Upstream-",
+        # never one of our namespaces: a renamed field would be ours again (and deleted, or trusted)
+        Text("a header name prefix (printable ASCII, no colon), not X- and not starting X-Spam- or X-Filterd-", allow_empty=False,
+             pattern=r"(?i)(?!x-spam-|x-filterd-|x-$)[!-9;-~]+"),
+        "keep_upstream: X-Spam-Status becomes <prefix>Spam-Status",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -872,6 +905,7 @@ class Config:
     redis: RedisConfig = _section(RedisConfig, "[redis]")
     smtp: SmtpConfig = _section(SmtpConfig, "[smtp]")
     policy: PolicyConfig = _section(PolicyConfig, "[policy]")
+    headers: HeadersConfig = _section(HeadersConfig, "[headers]")
     milter: MilterConfig = _section(MilterConfig, "[milter]")
     http: HttpConfig = _section(HttpConfig, "[http]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
@@ -1308,6 +1342,15 @@ def _warn_reject(cfg: Config) -> str | None:
     )
 
 
+def _warn_keep_upstream(cfg: Config) -> str | None:
+    if not cfg.headers.keep_upstream:
+        return None
+    return (
+        f"[headers] keep_upstream = true: incoming X-Spam-* fields are kept as {cfg.headers.upstream_prefix}Spam-*; "
+        "safe only if every path into this server passes the trusted filter first (else senders can forge them)"
+    )
+
+
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
@@ -1318,6 +1361,7 @@ _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_trainer_listen,
     _warn_redis_plaintext,
     _warn_reject,
+    _warn_keep_upstream,
 )
 
 

@@ -116,13 +116,14 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy)
+            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy, headers=cfg.headers)
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
         if cfg.milter.enabled:
-            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics)
+            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics,
+                                          headers=cfg.headers)  # fmt: skip
             self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
             try:
                 await self.milter.start()

@@ -85,6 +85,15 @@ class Decision:
         return self.verdict == "spam"
 
 
+def scaled_score(p: float, threshold: float, required: float) -> float:
+    """P(spam) on an additive scale whose spam threshold is `required` (Rspamd's required_score for the
+    HTTP door, SpamAssassin's required for [headers] style = "spamassassin"): [0, t] -> [0, R],
+    [t, 1] -> [R, 2R], so score >= R exactly when p >= t, and every level keeps its order."""
+    if p < threshold:
+        return required * p / threshold
+    return required * (2.0 if threshold >= 1.0 else 1.0 + (p - threshold) / (1.0 - threshold))
+
+
 # --- lists ---------------------------------------------------------------------------
 
 

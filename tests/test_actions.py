@@ -14,21 +14,33 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
+import os
+import pwd
 import re
+import shutil
+import subprocess
+import tempfile
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
+from filterd import __version__
 from filterd.actions import (
     Classification,
     Outcome,
     Policy,
+    apply,
     decide,
+    header_fields,
+    sa_score,
     spam_headers,
     strip_spam_headers,
+    upstream_name,
 )
-from filterd.config import SmtpConfig
+from filterd.config import HeadersConfig, SmtpConfig, load_config
+from filterd.decision import Decision, scaled_score
+from filterd.errors import ConfigError
 from filterd.mail import extract_text
 
 FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
@@ -458,3 +470,167 @@ def test_corpus_sample_byte_exact_and_one_flag(corpus: Path) -> None:
             msg = parse(out.data)
             assert len(msg.get_all("X-Spam-Flag")) == 1, path.name
             assert list(msg.raw_items())[3:] == original_fields(raw), path.name
+
+
+# --- [headers]: SpamAssassin style, upstream fields kept ---------------------------------
+
+SA = HeadersConfig(style="spamassassin")
+# An SA-style parser as mail clients and scripts read X-Spam-Status (the unfolded value: a fold leaves its tab).
+SA_STATUS = re.compile(r"(Yes|No),\s+score=(-?\d+\.\d+)\s+required=(\d+\.\d+)\s+tests=(\S+)\s+autolearn=\S+\s+version=(\S+)\s+model=\S+")
+SIEVE = """require ["fileinto", "relational", "comparator-i;ascii-numeric"];
+if header :value "ge" :comparator "i;ascii-numeric" "X-Spam-Score" "5" { fileinto "Junk"; }
+"""
+
+
+def sa_mail(p: float, threshold: float, eol: bytes = b"\r\n") -> bytes:
+    d = Decision("spam" if p >= threshold else "ham", "tag" if p >= threshold else "pass", p, (), threshold)
+    raw = eol.join([b"From: a@example.net", b"X-Spam-Score: 99.0", b"x-spam-level: ***************", b"Subject: hi", b"", b"body", b""])
+    return apply(raw, RCPTS, d, "gpt2-20240101-abc-a-rather-long-model-version-name", Policy(headers=SA)).data
+
+
+# P(spam) around every edge: just under and at the threshold, the ends, a hair either side of 0.5.
+GRID = [(p, t) for t in (0.3, 0.5, 0.9) for p in (0.0, 0.01, t * 0.98, t - 1e-9, t, t + 1e-9, (t + 1) / 2, 0.999, 1.0)]
+
+
+def test_spamassassin_style_score_rule_matches_exactly_the_spam() -> None:
+    """`X-Spam-Score >= 5` as a float, as Sieve's ascii-numeric (integer part) and as procmail's stars."""
+    for p, t in GRID:
+        data = sa_mail(p, t)
+        spam = p >= t
+        msg = parse(data)
+        score = msg.get_all("X-Spam-Score")
+        assert score is not None and len(score) == 1, data  # the forged one is gone, ours is there once
+        assert (float(score[0]) >= 5.0) is spam, (p, t, score)
+        assert (int(score[0].split(".")[0]) >= 5) is spam, (p, t, score)  # i;ascii-numeric reads the digits
+        assert bool(re.search(rb"^X-Spam-Level: \*\*\*\*\*", data, re.M)) is spam, (p, t)  # procmail's rule
+        assert msg.get_all("X-Spam-Level") == ["*" * int(float(score[0]))]
+        assert msg.get_all("X-Spam-Flag") == (["YES"] if spam else None)  # SpamAssassin writes no Flag on ham
+        status = SA_STATUS.fullmatch(str(msg["X-Spam-Status"]))
+        assert status, msg["X-Spam-Status"]
+        assert status.groups()[:4] == ("Yes" if spam else "No", score[0], "5.0", "FILTERD_GPT2")
+        assert status[5] == f"filterd-{__version__}"
+        assert str(msg["X-Spam-Status"]).endswith("model=gpt2-20240101-abc-a-rather-long-model-version-name")
+        head = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+        assert all(len(line) <= 78 for line in head), head  # folded like SpamAssassin's own
+        assert any(line.startswith(b"\tversion=") or line.startswith(b"\t") for line in head)
+
+
+def test_spamassassin_score_is_the_http_doors_scale() -> None:
+    """One mapping: the header score is the Rspamd scale of the HTTP door with required = 5."""
+    from filterd.ingress.http import rspamd_score
+
+    assert rspamd_score is scaled_score
+    for p, t in GRID:
+        d = Decision("spam" if p >= t else "ham", "tag", p, (), t)
+        assert abs(float(sa_score(d, 5.0)) - scaled_score(p, t, 5.0)) <= 0.1 + 1e-9
+    assert sa_score(Decision("spam", "tag", 0.73, (), 0.5), 5.0) == "7.3"
+    assert sa_score(Decision("spam", "reject", None, (), 0.5, "deny_senders"), 5.0) == "10.0"
+    assert sa_score(Decision("ham", "pass", None, (), 0.5, "allow_senders"), 5.0) == "0.0"
+    listed = header_fields(Decision("spam", "tag", None, (), 0.5, "deny_senders"), "", headers=SA)
+    assert ("X-Spam-Flag", "YES") in listed and "tests=FILTERD_DENY_SENDERS" in dict(listed)["X-Spam-Status"]
+    # required_score is configurable; a whole required keeps the integer-part rule exact too
+    for p, t in GRID:
+        d = Decision("spam" if p >= t else "ham", "tag", p, (), t)
+        assert (float(sa_score(d, 6.0)) >= 6.0) is (p >= t)
+    # unclassified: no score to compare in either style
+    assert header_fields(None, "", "QueueFull", SA) == [("X-Spam-Status", "Unknown, reason=QueueFull")]
+
+
+def test_default_style_is_unchanged() -> None:
+    d = Decision("spam", "tag", 0.98712, (), 0.5)
+    assert header_fields(d, "m") == header_fields(d, "m", headers=HeadersConfig()) == [
+        ("X-Spam-Flag", "YES"), ("X-Spam-Score", "0.9871"), ("X-Spam-Status", "Yes, score=0.9871 threshold=0.5000 model=m")]  # fmt: skip
+
+
+@pytest.mark.skipif(not shutil.which("sieve-test"), reason="sieve-test not installed (apt-get install dovecot-sieve)")
+def test_a_real_sieve_rule_files_exactly_the_spam() -> None:
+    """Dovecot's Pigeonhole `sieve-test` runs the rule users have for SpamAssassin on our fields."""
+    # As root Dovecot runs as nobody, so not under pytest's tmp_path (0700).
+    tmp_path = Path(tempfile.mkdtemp(prefix="filterd-sieve-", dir="/tmp" if os.geteuid() == 0 else None))
+    try:
+        _sieve_cases(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _sieve_cases(tmp_path: Path) -> None:
+    conf = tmp_path / "dovecot.conf"
+    user = ""
+    if os.geteuid() == 0:  # Dovecot never opens mail as root
+        nobody = pwd.getpwnam("nobody")
+        user = f"mail_uid = {nobody.pw_uid}\nmail_gid = {nobody.pw_gid}\n"
+    conf.write_text(f"base_dir = {tmp_path}/run\nstate_dir = {tmp_path}/run\nlog_path = /dev/stderr\nssl = no\n"
+                    f"first_valid_uid = 1\nfirst_valid_gid = 1\n{user}mail_location = maildir:{tmp_path}/Maildir\n"
+                    "plugin {\n  sieve_extensions = +comparator-i;ascii-numeric\n}\n")  # fmt: skip
+    (tmp_path / "rule.sieve").write_text(SIEVE)
+    cases = [(p, t) for p, t in GRID if t == 0.5 and 0.0 < p < 1.0]
+    for i, (p, t) in enumerate(cases):
+        (tmp_path / f"{i}.eml").write_bytes(sa_mail(p, t))
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    filed = []
+    for i in range(len(cases)):
+        out = subprocess.run(["sieve-test", "-c", str(conf), str(tmp_path / "rule.sieve"), str(tmp_path / f"{i}.eml")],
+                             capture_output=True, text=True, timeout=60, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        filed.append("store message in folder: Junk" in out.stdout)
+    assert filed == [p >= t for p, t in cases]
+    assert any(filed) and not all(filed)
+
+
+FOLDED_UPSTREAM = [
+    b"Received: from gw.example.net",
+    b"X-Spam-Status: Yes, score=12.1 required=5.0 tests=BAYES_99,",
+    b"\tHTML_MESSAGE,URIBL_BLACK autolearn=no",
+    b"\tversion=3.4.6",
+    b"x-spam-FLAG: YES",
+    b"X-Filterd-Original-Recipients: forged@example.org",
+    b"X-Spam-Level :  ************",  # Postfix's blanks before the colon (the email package reads no field here)
+    b"Subject: hi",
+    b"",
+    b"X-Spam-Status: a body line, not a field",
+    b"",
+]
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_keep_upstream_renames_with_folded_lines_and_drops_x_filterd(eol: bytes) -> None:
+    raw = eol.join(FOLDED_UPSTREAM)
+    keep = HeadersConfig(keep_upstream=True)
+    out = apply(raw, RCPTS, Decision("ham", "pass", 0.1, (), 0.5), "m", Policy(headers=keep)).data
+    msg = parse(out)
+    ours_ = b"".join(f"{k}: {v}".encode() + eol for k, v in header_fields(Decision("ham", "pass", 0.1, (), 0.5), "m"))
+    expected = raw.replace(b"X-Spam-Status: Yes", b"X-Upstream-Spam-Status: Yes").replace(b"x-spam-FLAG", b"X-Upstream-spam-FLAG")
+    expected = expected.replace(b"X-Spam-Level :", b"X-Upstream-Spam-Level :").replace(b"X-Filterd-Original-Recipients: forged@example.org" + eol, b"")
+    assert out == ours_ + expected  # every other byte as it came; folded lines stay under the renamed field
+    assert msg["X-Upstream-Spam-Status"] == "Yes, score=12.1 required=5.0 tests=BAYES_99,\tHTML_MESSAGE,URIBL_BLACK autolearn=no\tversion=3.4.6"
+    assert msg.get_all("X-Upstream-spam-flag") == ["YES"]
+    assert msg.get_all("X-Spam-Flag") == ["NO"] and msg.get_all("X-Spam-Status") == ["No, score=0.1000 threshold=0.5000 model=m"]
+    assert not [k for k in msg.keys() if k.lower().startswith("x-filterd-")]
+    # the renamed fields are no longer in our namespace: another pass keeps them as they are
+    assert strip_spam_headers(out) == out[len(ours_):]
+    # without keep_upstream (the default) they are cut, as before
+    assert b"Upstream" not in apply(raw, RCPTS, Decision("ham", "pass", 0.1, (), 0.5), "m", Policy()).data
+
+
+def test_keep_upstream_across_a_from_line_and_on_unclassified_mail() -> None:
+    keep = HeadersConfig(keep_upstream=True, upstream_prefix="X-GW-")
+    raw = b"X-Spam-Status: Yes,\n\tscore=9\nFrom someone\n\tmore\nSubject: s\n\nbody\n"
+    out = apply(raw, RCPTS, None, "", Policy(headers=keep), "busy")
+    assert out.data == b"X-Spam-Status: Unknown, reason=busy\nX-GW-Spam-Status: Yes,\n\tscore=9\nFrom someone\n\tmore\nSubject: s\n\nbody\n"
+    assert strip_spam_headers(raw, keep) == out.data.split(b"\n", 1)[1]
+
+
+@pytest.mark.parametrize("prefix", ["X-Spam-Old-", "x-filterd-", "X-", "x-", "X Up-", ""])
+def test_upstream_prefix_can_never_be_ours(prefix: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[headers\] upstream_prefix"):
+        load_config(None, [f'headers.upstream_prefix="{prefix}"'])
+    assert upstream_name("X-Spam-Status", HeadersConfig(keep_upstream=True)) == "X-Upstream-Spam-Status"
+    assert upstream_name("X-Filterd-Original-Recipients", HeadersConfig(keep_upstream=True)) is None
+    assert upstream_name("X-Spam-Status") is None
+
+
+def test_keep_upstream_warns_in_check_config() -> None:
+    assert not [w for w in load_config(None, []).warnings() if "keep_upstream" in w]
+    warnings = load_config(None, ["headers.keep_upstream=true"]).warnings()
+    assert any(w.startswith("[headers] keep_upstream = true: incoming X-Spam-* fields are kept as X-Upstream-Spam-*") for w in warnings)

@@ -198,7 +198,7 @@ def test_every_alert_has_for_severity_and_annotations():
     assert {"FilterdDown", "FilterdErrorVerdictsRising", "FilterdClassifyLatencyHigh", "FilterdQueueDepthHigh",
             "FilterdSpamShareJump", "FilterdDeadLetters", "FilterdTrainerNoSuccessfulRefit",
             "FilterdTrainerRefitRejected", "FilterdModelReloadFailed", "FilterdStreamBacklogHigh",
-            "FilterdIngressDown"} <= names  # fmt: skip
+            "FilterdIngressDown", "FilterdRequestLatencyHigh", "FilterdDeferralsHigh"} <= names  # fmt: skip
     for r in alerts:
         assert r.get("for"), r["alert"]
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
@@ -212,10 +212,11 @@ def _exposition() -> dict[str, dict[str, set[str]]]:
     """{sample name: {label: values seen}} from both registries, every labelled metric exercised once."""
     from prometheus_client import generate_latest
 
-    from filterd.metrics import EVAL_MODELS, SOURCES, FilterdMetrics, TrainerMetrics
+    from filterd.decision import SOURCES
+    from filterd.metrics import EVAL_MODELS, FilterdMetrics, TrainerMetrics
 
     daemon = FilterdMetrics()
-    daemon.prime(SOURCES)  # messages x {source, verdict}, classify_seconds x source, reloads x outcome
+    daemon.prime(SOURCES)  # every door: messages, classify_seconds, actions, request_seconds (milter, http), reloads
     daemon.set_model("v1", "gpt2", "cpu", "float32")
     daemon.smtp_replies.labels("250").inc()
     daemon.dead_letters.labels("too-large").inc()
@@ -278,7 +279,8 @@ def test_rules_use_only_existing_metrics_and_labels():
                 assert name in families, f"{rule['alert']}: annotation names unknown metric {name}"
     assert {"filterd_messages_total", "filterd_classify_seconds_bucket", "filterd_queue_depth",
             "filterd_dead_letters_total", "filterd_model_reloads_total", "filterd_trainer_refits_total",
-            "filterd_trainer_last_refit_timestamp_seconds", "filterd_stream_backlog", "filterd_ingress_up"} <= used  # fmt: skip
+            "filterd_trainer_last_refit_timestamp_seconds", "filterd_stream_backlog", "filterd_ingress_up",
+            "filterd_request_seconds_bucket", "filterd_actions_total"} <= used  # fmt: skip
 
 
 # --- Redis ------------------------------------------------------------------------------------------

@@ -307,3 +307,37 @@ def test_off_loopback_with_password_warns_about_cleartext():
     cfg = check_config(None, ["http.enabled=true", "http.listen=0.0.0.0:11333", 'http.password="x"'])
     assert any(w.startswith('[http] listen = "0.0.0.0:11333" is not a loopback address: the Password header') for w in cfg.warnings())
     assert not any("[http]" in w for w in check_config(None, ["http.enabled=true"]).warnings())
+
+
+def test_connections_over_max_connections_get_503_with_retry_after_and_close():
+    with Served("http.max_connections=2") as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
+        try:
+            for s in held:  # both are in (a keep-alive request answered on each)
+                s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert parse(s.recv(65536))[0] == 200
+            body = mail(0.93) * 2000  # ~200 KB the server does not read: still a clean 503, not a reset
+            status, headers, data = parse(srv.raw(b"POST /checkv2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+            assert (status, headers["retry-after"], headers["connection"]) == (503, "1", "close")
+            assert "too many connections" in json.loads(data)["error"]
+            assert srv.calls == 0 and srv.server.refused == 1
+            held[0].sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # the connections in are still served
+            assert parse(held[0].recv(65536))[0] == 200
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 10
+        while srv.request("GET", "/ping")[0] != 200:  # a freed place is taken again
+            assert time.monotonic() < deadline, "the cap was not freed"
+            time.sleep(0.05)
+        assert srv.checkv2(mail(0.55))["action"] == "add header"
+
+
+def test_request_latency_is_observed_for_scans_not_for_ping():
+    with Served() as srv:
+        srv.checkv2(mail(0.93))
+        assert srv.request("POST", "/classify", b'{"text": "SCORE=0.2"}')[0] == 200
+        assert srv.request("GET", "/ping")[0] == 200
+        assert srv.request("POST", "/checkv2", b"no score here")[0] == 500  # a failed scan is a request too
+        count = srv.metrics.registry.get_sample_value("filterd_request_seconds_count", {"source": "http"})
+        assert count == 3

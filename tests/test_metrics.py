@@ -321,3 +321,23 @@ def test_stream_metrics_and_process_collector():
     t = TrainerMetrics()
     t.on_stream_stats("filterd:labels", "filterd-trainer", 5, 1)
     assert 'filterd_stream_backlog{group="filterd-trainer",stream="filterd:labels"} 5.0' in generate_latest(t.registry).decode()
+
+
+def test_request_latency_per_door_reaches_postfixs_milter_timeouts():
+    from filterd.metrics import REQUEST_BUCKETS, UNLISTED_METRICS
+
+    m = FilterdMetrics()
+    m.prime(["smtp", "milter", "http"])
+    reg = m.registry
+    count = lambda s: reg.get_sample_value("filterd_request_seconds_count", {"source": s})
+    assert (count("milter"), count("http"), count("smtp")) == (0.0, 0.0, None)  # primed for the two doors it times
+    m.observe_request("milter", 0.02)
+    m.observe_request("http", 45.0)  # a p99 near Postfix's 30 s / 300 s must read as a number, not "> 10 s"
+    bucket = lambda s, le: reg.get_sample_value("filterd_request_seconds_bucket", {"source": s, "le": le})
+    assert (bucket("http", "30.0"), bucket("http", "60.0"), bucket("milter", "0.025")) == (0.0, 1.0, 1.0)
+    assert REQUEST_BUCKETS[-1] == 300.0 and list(REQUEST_BUCKETS) == sorted(REQUEST_BUCKETS)
+    with pytest.raises(ValueError):
+        m.observe_request("smtp", 1.0)  # the content filter has filterd_classify_seconds and its SMTP replies
+    text = generate_latest(reg).decode()
+    assert "# TYPE filterd_request_seconds histogram\n" in text and UNLISTED_METRICS["filterd_request_seconds"] == "histogram"
+    _promtool(text.encode())

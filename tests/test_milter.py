@@ -795,3 +795,127 @@ def test_postfix_with_the_milter_down(tmp_path, default_action):
             else:
                 assert 400 <= code < 500 and b"4.7.1" in reply, (code, reply)
                 assert postfix.queue() == [] and sink.messages == []
+
+
+# --------------------------------------------------------------------------------------------
+# The door's headers ([headers]), request latency, and the session cap
+
+
+def test_door_writes_spamassassin_fields_renames_upstream_ones_and_times_the_request():
+    from types import SimpleNamespace
+
+    from filterd import __version__
+    from filterd.config import HeadersConfig
+    from filterd.decision import Policy
+    from filterd.ingress.milter import MilterDoor
+    from filterd.metrics import FilterdMetrics
+
+    async def score(text: str) -> SimpleNamespace:
+        return SimpleNamespace(score=0.73, model="stub-1", threshold=0.5)
+
+    metrics = FilterdMetrics()
+    headers = HeadersConfig(style="spamassassin", keep_upstream=True)
+    door = MilterDoor(cfg(), score, Policy.default(), "[SPAM] ", metrics, headers=headers)
+    incoming = [("Subject", " hi"), ("X-Spam-Status", " Yes, score=12.1 required=5.0\n\ttests=BAYES_99"),
+                ("x-spam-flag", " YES"), ("X-Filterd-Checked", " yes")]  # fmt: skip
+    replies, _ = run(_transaction(door.on_message, headers=incoming))
+    deletions = [(m.SMFIR_CHGHEADER, struct.pack("!I", d.index) + _cstr(d.name, ""))
+                 for d in forged_header_deletions([n for n, _ in incoming])]  # fmt: skip
+    assert len(deletions) == 3
+    assert replies == deletions + [
+        (m.SMFIR_ADDHEADER, _cstr("X-Upstream-Spam-Status", " Yes, score=12.1 required=5.0\ttests=BAYES_99")),  # unfolded
+        (m.SMFIR_ADDHEADER, _cstr("X-Upstream-spam-flag", " YES")),
+        (m.SMFIR_ADDHEADER, _cstr("X-Spam-Flag", " YES")),
+        (m.SMFIR_ADDHEADER, _cstr("X-Spam-Score", " 7.3")),
+        (m.SMFIR_ADDHEADER, _cstr("X-Spam-Level", " *******")),
+        (m.SMFIR_ADDHEADER, _cstr("X-Spam-Status", f" Yes, score=7.3 required=5.0 tests=FILTERD_GPT2 autolearn=no "
+                                                   f"version=filterd-{__version__} model=stub-1")),  # fmt: skip
+        (m.SMFIR_ACCEPT, b""),
+    ]
+    # end of message to reply, once per message
+    assert metrics.registry.get_sample_value("filterd_request_seconds_count", {"source": "milter"}) == 1
+    # the default: forged ones deleted, nothing renamed, filterd's own format
+    door = MilterDoor(cfg(), score, Policy.default(), "[SPAM] ", metrics)
+    replies, _ = run(_transaction(door.on_message, headers=incoming))
+    assert replies[:3] == deletions and [r[1].split(b"\0")[0] for r in replies[3:-1]] == [b"X-Spam-Flag", b"X-Spam-Score", b"X-Spam-Status"]
+    assert metrics.registry.get_sample_value("filterd_request_seconds_count", {"source": "milter"}) == 2
+
+
+async def _closed(mta: Mta) -> bool:
+    """The server hung up (a reset counts: it closed without reading what we sent)."""
+    try:
+        return await asyncio.wait_for(mta.reader.read(), 10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_sessions_over_max_sessions_are_closed_at_once_and_the_others_are_served():
+    async def main():
+        async with MilterServer(cfg(max_sessions=2), Recorder()) as server:
+            a, b = await Mta.open(server), await Mta.open(server)
+            await a.optneg()
+            await b.optneg()
+            over = await Mta.open(server)
+            over.send(m.SMFIC_OPTNEG, struct.pack("!III", 6, ALL_ACTIONS, ALL_STEPS))
+            assert await _closed(over)  # no negotiation: Postfix applies default_action at once
+            assert server.stats.errors["over-capacity"] == 1
+            await a.envelope()
+            assert await a.message(HEADERS, BODY) == [(m.SMFIR_ACCEPT, b"")]  # the sessions in are untouched
+            b.send(m.SMFIC_QUIT)
+            await b.close()
+            deadline = time.monotonic() + 10
+            while server.stats.sessions_open > 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            again = await Mta.open(server)  # a freed place is taken again
+            await again.optneg()
+            await again.envelope()
+            assert await again.message(HEADERS, BODY) == [(m.SMFIR_ACCEPT, b"")]
+            await again.close()
+            await a.close()
+            assert server.stats.errors["over-capacity"] == 1 and server.stats.sessions_total == 3
+
+    run(main())
+
+
+def test_max_sessions_config():
+    assert load_config(None, []).milter.max_sessions == 256
+    assert load_config(None, ["milter.max_sessions=2"]).milter.max_sessions == 2
+    with pytest.raises(ConfigError, match=r"\[milter\] max_sessions"):
+        load_config(None, ["milter.max_sessions=0"])
+
+
+@needs_postfix
+def test_postfix_over_max_sessions_does_not_hang_and_applies_default_action(tmp_path):
+    """One milter session allowed and held by a slow decision: a second SMTP session through Postfix
+    is delivered at once, untagged (the shipped default_action = accept), not left waiting."""
+    release = threading.Event()
+
+    async def holding(msg: MilterMessage) -> MilterReply:
+        if b"HOLDME" in msg.body:
+            await asyncio.to_thread(release.wait, 60)
+        return MilterReply(Accept(), (AddHeader("X-Spam-Score", "0.0100"),))
+
+    port = free_port()
+    with SmtpSink() as sink, ThreadedMilter(cfg(listen=HostPort("127.0.0.1", port), max_sessions=1), holding) as milter:
+        postfix = PostfixServer(tmp_path / "postfix", relay_port=sink.port, content_filter=False, milter_port=port)
+        with postfix:
+            held: list = []
+            first = threading.Thread(target=lambda: held.append(smtp_send(postfix.smtpd_port, _mail("cap1", "HOLDME"))))
+            first.start()
+            try:
+                deadline = time.monotonic() + 30
+                while milter.server.stats.sessions_open < 1 or not milter.server._sessions or not any(
+                        s.msg.body for s in milter.server._sessions.values()):  # fmt: skip
+                    assert time.monotonic() < deadline, postfix.log_tail()
+                    time.sleep(0.05)
+                t0 = time.monotonic()
+                code, reply = smtp_send(postfix.smtpd_port, _mail("cap2", "plain"))
+                assert code == 250, (code, reply)
+                assert time.monotonic() - t0 < 20  # not Postfix's 30 s command timeout: refused at once
+                assert b"X-Spam-Score" not in by_message_id(sink, "cap2").data  # nobody classified it
+                assert milter.server.stats.errors["over-capacity"] >= 1
+            finally:
+                release.set()
+                first.join(60)
+            assert held and held[0][0] == 250
+            assert b"X-Spam-Score: 0.0100" in by_message_id(sink, "cap1").data

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from ..actions import subject_prefix
 from ..config import HttpConfig
 from ..decision import Decision, Message, Policy
+from ..decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)
 from ..mail import extract_text
 
 if TYPE_CHECKING:
@@ -89,13 +90,6 @@ _REASONS = {
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 ScoreText = Callable[[str], Awaitable["Scored"]]
-
-
-def rspamd_score(p: float, threshold: float, required: float) -> float:
-    """P(spam) on Rspamd's scale: [0, t] -> [0, R], [t, 1] -> [R, 2R] (so score >= R exactly when spam)."""
-    if p < threshold:
-        return required * p / threshold
-    return required * (2.0 if threshold >= 1.0 else 1.0 + (p - threshold) / (1.0 - threshold))
 
 
 class HttpError(Exception):
@@ -283,6 +277,8 @@ class HttpServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._stopping = False
         self._password = cfg.password.encode()
+        self.refused = 0  # connections refused over max_connections
+        self._refusal_logged = -math.inf
 
     async def start(self) -> None:
         """Bind (an OSError here is the daemon's one-line start failure)."""
@@ -313,8 +309,11 @@ class HttpServer:
         self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
         peer = writer.get_extra_info("peername")
+        if len(self._writers) >= self.cfg.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self._writers.add(writer)
         try:
             first = True
             while not self._stopping:
@@ -333,6 +332,20 @@ class HttpServer:
             writer.transport.abort()
         finally:
             self._writers.discard(writer)
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over [http] max_connections: 503 with Retry-After at once, without reading the request, and close."""
+        self.refused += 1
+        if time.monotonic() - self._refusal_logged >= 10:  # one line per 10 s, not one per connection of a flood
+            self._refusal_logged = time.monotonic()
+            log.warning("http: %d connections open ([http] max_connections); refusing new ones (%d so far)",
+                        len(self._writers), self.refused)  # fmt: skip
+        try:
+            await self._send(writer, _error(503, "too many connections; retry later", None, retry_after=1))
+            await self._linger(reader, writer)  # the request the client is sending must not turn into a reset
+            writer.close()
+        except (TimeoutError, ConnectionError, OSError):
+            writer.transport.abort()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool) -> tuple[bool, bool]:
         """Serve one request: (keep the connection, discard unread input before closing)."""
@@ -363,10 +376,13 @@ class HttpServer:
             return False, True
         self.in_flight += 1
         self._idle.clear()
+        t0 = time.perf_counter()
         try:
             reply = await self._route(req)
             await self._send(writer, reply)  # counted until sent: stop() must not abort a reply on its way
         finally:
+            if self.door.metrics is not None and req.path != "/ping" and req.method != "PING":  # scans: request read to reply written
+                self.door.metrics.observe_request("http", time.perf_counter() - t0)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()

@@ -56,8 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence, Union
 
-from ..actions import header_fields, subject_prefix
-from ..config import MilterConfig, UnixSocket
+from ..actions import DEFAULT_HEADERS, header_fields, subject_prefix, upstream_name
+from ..config import HeadersConfig, MilterConfig, UnixSocket
 from ..decision import Decision, Message, Policy
 from ..mail import extract_text
 
@@ -428,6 +428,7 @@ class MilterServer:
         self.stats = MilterStats()
         self._server: asyncio.AbstractServer | None = None
         self._sessions: dict[asyncio.Task, _Session] = {}
+        self._refusal_logged = -math.inf
 
     @property
     def address(self) -> str:
@@ -472,6 +473,17 @@ class MilterServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._sessions) >= self.cfg.max_sessions:
+            # Over the cap: close at once, before negotiation. Postfix then applies the milter's
+            # default_action (deploy/postfix: accept) for this SMTP session without waiting; answering
+            # the protocol instead would hold a connection, which is what the cap is there to bound.
+            self.stats.errors["over-capacity"] += 1
+            if time.monotonic() - self._refusal_logged >= 10:  # one line per 10 s, not one per connection of a flood
+                self._refusal_logged = time.monotonic()
+                log.warning("milter: %d sessions open ([milter] max_sessions); closing new connections (%d so far)",
+                            len(self._sessions), self.stats.errors["over-capacity"])  # fmt: skip
+            writer.transport.abort()
+            return
         session = _Session(self, reader, writer)
         self._sessions[task] = session
         self.stats.sessions_open += 1
@@ -774,8 +786,10 @@ class MilterDoor:
     forged X-Spam-*/X-Filterd-* headers and gets ours. A failed or busy classification follows
     `[milter] on_error` (accept with an Unknown status, or 451), like the SMTP door's."""
 
-    def __init__(self, cfg: MilterConfig, score: ScoreText, policy: Policy, subject_prefix: str, metrics: "FilterdMetrics | None" = None) -> None:
+    def __init__(self, cfg: MilterConfig, score: ScoreText, policy: Policy, subject_prefix: str, metrics: "FilterdMetrics | None" = None,
+                 headers: HeadersConfig = DEFAULT_HEADERS) -> None:  # fmt: skip
         self.cfg = cfg
+        self.headers = headers
         self.score = score
         self.policy = policy
         self.prefix = subject_prefix
@@ -788,9 +802,12 @@ class MilterDoor:
     async def on_message(self, msg: MilterMessage) -> MilterReply:
         self.in_flight += 1
         self._idle.clear()
+        t0 = time.perf_counter()
         try:
             return await self._decide(msg)
-        finally:
+        finally:  # end of message to reply, also when reply_timeout cuts it short (cancelled here)
+            if self.metrics is not None:
+                self.metrics.observe_request("milter", time.perf_counter() - t0)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
@@ -837,13 +854,28 @@ class MilterDoor:
         if action == "discard":
             return MilterReply(Discard()), action
         mods: list[Modification] = list(msg.forged_header_deletions())
-        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error)]
+        mods += _upstream_renamed(msg, self.headers)
+        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error, self.headers)]
         prefix = subject_prefix(self.prefix)
         if action == "subject" and prefix.strip():
             mods.append(ChangeSubject(prefix + _subject_of(msg)))
         elif action == "quarantine":
             mods.append(Quarantine(f"filterd: spam score {d.score:.4f}" if d is not None and d.score is not None else "filterd: spam"))
         return MilterReply(Accept(), tuple(mods)), action
+
+
+def _upstream_renamed(msg: MilterMessage, headers: HeadersConfig) -> list[AddHeader]:
+    """With [headers] keep_upstream: the incoming X-Spam-* fields added back under their new names
+    (their originals are deleted with the forged ones). A milter cannot rename a field, and its
+    ADDHEADER value is one line, so a folded value is unfolded (the same value, RFC 5322 2.2.3).
+    Fields past max_message_bytes were not kept, so they are only deleted."""
+    out = []
+    for line in msg.header_lines:
+        name, _, value = line.partition(b":")
+        new = upstream_name(_text(name).strip(), headers)
+        if new is not None and _HEADER_NAME.fullmatch(new):  # a name too long to rename is only deleted
+            out.append(AddHeader(new, re.sub(r"[\r\n\0]", "", _text(value)).strip()))
+    return out
 
 
 def _subject_of(msg: MilterMessage) -> str:

@@ -39,7 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from .. import decision
 from ..actions import Outcome, Policy, apply
 from ..batcher import QueueFull, Scored
-from ..config import Config, HostPort, SmtpConfig
+from ..config import Config, HeadersConfig, HostPort, SmtpConfig
 from ..decision import Decision, Message
 from ..mail import extract_text
 from ..metrics import FilterdMetrics
@@ -656,14 +656,14 @@ class FilterHandler:
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        budget: ByteBudget | None = None, policy: decision.Policy | None = None,
+        budget: ByteBudget | None = None, policy: decision.Policy | None = None, headers: HeadersConfig | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.score = score
         self.budget = budget or ByteBudget(cfg.max_inflight_bytes)
         self.metrics = metrics
         self.decider = policy or decision.Policy.from_config(Config(smtp=cfg))  # alone: [smtp] action, mapped
-        self.policy = Policy.from_config(cfg)  # how actions are carried out here (quarantine_rcpt, prefix, on_error)
+        self.policy = Policy.from_config(cfg, headers or HeadersConfig())  # how actions are carried out here ([headers] too)
         self.relay = relay or Relay(cfg.next_hop, cfg.timeout)
         self.in_flight = 0
         self.closing = False
@@ -899,11 +899,11 @@ class SmtpIngress:
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        policy: decision.Policy | None = None,
+        policy: decision.Policy | None = None, headers: HeadersConfig | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
-        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy)
+        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy, headers)
         self.max_connections = cfg.max_connections
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[_Server] = set()

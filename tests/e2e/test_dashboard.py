@@ -1,7 +1,11 @@
 """The Grafana dashboard (deploy/grafana/filterd.json) against a real Prometheus scraping a real
-`filterd serve` that has served Redis and SMTP traffic: every panel query must parse and return data,
-so a renamed metric or label, or a typo in PromQL, fails here rather than as an empty panel in
-production. Only the trainer panels may be empty (no trainer runs here): see NO_DATA_YET."""
+`filterd serve` that has served Redis, SMTP and HTTP traffic: every panel query must parse and return
+data, so a renamed metric or label, or a typo in PromQL, fails here rather than as an empty panel in
+production. Only the trainer panels may be empty (no trainer runs here): see NO_DATA_YET.
+
+A panel may use a metric of INTERFACES.md's table or one of `filterd.metrics.UNLISTED_METRICS` (what
+the daemon exports beyond the contract, which this repository cannot edit), and only metrics the
+daemon or the trainer really export."""
 
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ SCRAPE_INTERVAL = "1s"
 # What Grafana would put in: $__rate_interval is at least 4 scrape intervals; 30 s spans all the traffic
 # of this test, so rates are not only present but non-zero.
 MACROS = {"$__rate_interval": "30s", "$__interval": "15s", "$__range": "1m"}
-N_SMS, N_MAIL, N_BAD = 200, 20, 2
+N_SMS, N_MAIL, N_BAD, N_HTTP = 200, 20, 2, 5
 
 
 # --- the dashboard -------------------------------------------------------------------------------
@@ -90,6 +94,43 @@ def contract_metrics() -> dict[str, str]:
     return out
 
 
+def repo_metrics() -> dict[str, str]:
+    """{metric name: type} the repository documents beyond the contract (filterd/metrics.py, the README's table)."""
+    from filterd.metrics import UNLISTED_METRICS
+
+    return dict(UNLISTED_METRICS)
+
+
+def exported_metrics() -> dict[str, str]:
+    """{metric name: type} the daemon's and the trainer's registries really export (every door primed)."""
+    from prometheus_client import generate_latest
+
+    from filterd.decision import SOURCES
+    from filterd.metrics import FilterdMetrics, TrainerMetrics
+
+    daemon = FilterdMetrics()
+    daemon.prime(SOURCES)
+    out = {}
+    for registry in (daemon.registry, TrainerMetrics().registry):
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                if not name.endswith("_created"):  # prometheus_client's creation-time series of counters and histograms
+                    out[re.sub(r"_total$", "", name) + ("_total" if kind == "counter" else "")] = kind
+    return out
+
+
+def test_metrics_beyond_the_contract_are_exported_and_documented():
+    contract, repo, exported = contract_metrics(), repo_metrics(), exported_metrics()
+    readme = (REPO / "README.md").read_text()
+    for name, kind in repo.items():
+        assert exported.get(name) == kind, f"UNLISTED_METRICS names {name} ({kind}), the daemon exports {exported.get(name)}"
+        assert f"| `{name}` | {kind} |" in readme, f"{name} is missing from the README's metrics table"
+        assert name not in contract, f"{name} is in INTERFACES.md now: take it out of UNLISTED_METRICS"
+    unlisted = {n for n in exported if n.startswith("filterd_")} - contract.keys() - repo.keys()
+    assert not unlisted, f"exported but neither in INTERFACES.md nor in UNLISTED_METRICS: {sorted(unlisted)}"
+
+
 def series_names(metrics: dict[str, str]) -> set[str]:
     """The names a query can select: a histogram is only visible as _bucket, _sum and _count."""
     names = set()
@@ -119,7 +160,8 @@ def test_dashboard_is_well_formed():
     assert {"job", "instance"} <= variables.keys()
     ids = [p["id"] for p in all_panels(dash)]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
-    allowed = series_names(contract_metrics()) | PROMETHEUS_OWN
+    allowed = series_names({**contract_metrics(), **repo_metrics()}) | PROMETHEUS_OWN
+    exported = series_names(exported_metrics()) | PROMETHEUS_OWN  # the daemon must really export what a panel shows
     for p in query_panels(dash):
         assert p.get("datasource", {}).get("uid") == "${DS_PROMETHEUS}", p["title"]
         assert p.get("targets"), f"{p['title']}: no target"
@@ -128,6 +170,7 @@ def test_dashboard_is_well_formed():
         for t in p["targets"]:
             assert t.get("datasource", {}).get("uid") == "${DS_PROMETHEUS}" and t["expr"].strip(), p["title"]
             assert names_in(t["expr"]) <= allowed, f"{p['title']}: not in the contract: {names_in(t['expr']) - allowed}"
+            assert names_in(t["expr"]) <= exported, f"{p['title']}: not exported: {names_in(t['expr']) - exported}"
             # rate() over a fixed short window breaks when the scrape interval changes; Grafana's macro adapts.
             for window in re.findall(r"\brate\([^\[]*\[([^\]]+)\]", t["expr"]):
                 assert window == "$__rate_interval", f"{p['title']}: rate over [{window}]"
@@ -238,11 +281,12 @@ def test_every_panel_query_returns_data(redis_server, tiny_model, sms_file, spam
     r = redis_server.client()
     texts = [e.text for e in read_sms(sms_file)[:N_SMS]]
     raws = [p.read_bytes() for p in corpus_files(spamassassin_dir, N_MAIL // 2, N_MAIL // 2)]
-    smtp_port = free_port()
+    smtp_port, http_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(SmtpSink())
         d = FilterdProcess(tiny_model.model_dir, redis_server.url, tmp_path / "filterd.log", smtp__enabled="true",
-                           smtp__listen=f"127.0.0.1:{smtp_port}", smtp__next_hop=sink.address)  # fmt: skip
+                           smtp__listen=f"127.0.0.1:{smtp_port}", smtp__next_hop=sink.address, http__enabled="true",
+                           http__listen=f"127.0.0.1:{http_port}")  # fmt: skip
         target = f"127.0.0.1:{d.metrics_port}"
         # Prometheus first, so it has samples from before the traffic: rates then show the traffic itself.
         prom = stack.enter_context(PrometheusServer(tmp_path / "prometheus", target))
@@ -253,6 +297,10 @@ def test_every_panel_query_returns_data(redis_server, tiny_model, sms_file, spam
         # discovery, ~5 s): counters that appear already at their final value have a rate of 0.
         sel = f'job="filterd", instance="{target}"'
         wait_for(lambda: prom.value(f"up{{{sel}}}") == 1, timeout=30, what="prometheus' first scrape")
+        # ... and of the counters at zero: the daemon primes them only once the model is loaded, which a
+        # first scrape can precede; traffic done within one scrape interval then showed no rate at all.
+        wait_for(lambda: prom.value(f"count(filterd_messages_total{{{sel}}} == 0)") >= 3 * 3, timeout=30,
+                 what="prometheus to scrape the primed counters")  # fmt: skip
 
         traffic_start = time.time()
         add_all(r, texts)
@@ -262,12 +310,16 @@ def test_every_panel_query_returns_data(redis_server, tiny_model, sms_file, spam
         wait_for(lambda: r.xlen("filterd:dead") >= N_BAD, timeout=30, what="dead letters")
         assert send_all(smtp_port, raws) == [250] * N_MAIL
         sink.wait_for(N_MAIL)
+        for raw in raws[:N_HTTP]:  # the HTTP door: actions and request latency per door
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/checkv2", data=raw, method="POST")
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 200
         d.proc.send_signal(signal.SIGHUP)  # a reload: reloads_total{outcome="ok"} and the annotation get a sample
         wait_for(lambda: d.metric('filterd_model_reloads_total{outcome="ok"}') >= 1, timeout=30, what="SIGHUP reload")
 
         # Wait until Prometheus has scraped the final state, then two scrapes more: every series, the
         # newest included, has >= 3 samples in the window, and rate() needs at least 2.
-        wait_for(lambda: prom.value(f"sum(filterd_messages_total{{{sel}}})") == N_SMS + N_MAIL + N_BAD
+        wait_for(lambda: prom.value(f"sum(filterd_messages_total{{{sel}}})") == N_SMS + N_MAIL + N_BAD + N_HTTP
                  and prom.value(f'sum(filterd_model_reloads_total{{{sel}, outcome="ok"}})') >= 1,
                  timeout=30, what="prometheus to scrape the final state")  # fmt: skip
         final = prom.value(f"max(timestamp(filterd_messages_total{{{sel}}}))")

@@ -80,3 +80,51 @@ def test_same_score_and_decision_through_smtp_milter_http_and_redis(redis_server
             assert abs(score - ref_score) <= 5e-5, (door, got, reference)
             assert action == ref_action, (door, got, reference)
     assert {a for _, a in reference} <= {"subject", "pass"}
+
+
+def test_spamassassin_headers_through_smtp_and_milter_agree_with_the_http_scale(redis_server, tiny_model, spamassassin_dir, tmp_path):
+    """[headers] style = "spamassassin" and keep_upstream reach both doors that write headers, and
+    their X-Spam-Score is the HTTP door's score on the same scale (required 5 on both)."""
+    upstream = b"X-Spam-Status: Yes, score=12.1 required=5.0\r\n\ttests=UPSTREAM_TEST\r\n"
+    raws = [upstream + without_mbox_line(p.read_bytes()).replace(b"\n", b"\r\n") for p in corpus_files(spamassassin_dir, 3, 3)]
+    smtp_port, milter_port, http_port = free_port(), free_port(), free_port()
+    with SmtpSink() as sink:
+        d = FilterdProcess(tiny_model.model_dir, redis_server.url, tmp_path / "filterd.log", redis__enabled="false",
+                           smtp__enabled="true", smtp__listen=f"127.0.0.1:{smtp_port}", smtp__next_hop=sink.address,
+                           milter__enabled="true", milter__listen=f"127.0.0.1:{milter_port}", http__enabled="true",
+                           http__listen=f"127.0.0.1:{http_port}", http__required_score="5", headers__style="spamassassin",
+                           headers__keep_upstream="true").start()  # fmt: skip
+        try:
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as c:
+                for i, raw in enumerate(raws):
+                    c.sendmail("alice@example.org", [f"user{i}@example.net"], raw)
+            delivered = {x.rcpt_tos[0]: x.data for x in sink.wait_for(len(raws), timeout=60)}
+            for i, raw in enumerate(raws):
+                status, body = asyncio.run(post(http_port, "/checkv2", raw, {"Rcpt": f"<user{i}@example.net>"}))
+                assert status == 200, body
+                reply = json.loads(body)
+                spam = reply["filterd"]["verdict"] == "spam"
+                msg = email.message_from_bytes(delivered[f"user{i}@example.net"], policy=email.policy.default)
+                smtp_score = float(msg["X-Spam-Score"])
+                assert abs(smtp_score - reply["score"]) <= 0.1 + 1e-6 and (smtp_score >= 5) is spam, (smtp_score, reply)
+                assert msg.get_all("X-Spam-Flag") == (["YES"] if spam else None)
+                assert msg["X-Spam-Level"] == "*" * int(smtp_score)
+                assert str(msg["X-Spam-Status"]).startswith(f"{'Yes' if spam else 'No'}, score={msg['X-Spam-Score']} required=5.0")
+                assert msg["X-Upstream-Spam-Status"] == "Yes, score=12.1 required=5.0\ttests=UPSTREAM_TEST"
+                mta = asyncio.run(_milter_replies(milter_port, raw, i))
+                added = [tuple(data.rstrip(b"\0").split(b"\0", 1)) for c, data in mta if c == m.SMFIR_ADDHEADER]
+                assert (b"X-Upstream-Spam-Status", b" Yes, score=12.1 required=5.0\ttests=UPSTREAM_TEST") in added
+                assert (b"X-Spam-Score", b" " + msg["X-Spam-Score"].encode()) in added  # the same score as the SMTP door
+        finally:
+            assert d.stop() == 0
+
+
+async def _milter_replies(port: int, raw: bytes, i: int) -> list[tuple[bytes, bytes]]:
+    mta = await Mta.open(SimpleNamespace(cfg=SimpleNamespace(listen=HostPort("127.0.0.1", port))))  # type: ignore[arg-type]
+    try:
+        await mta.optneg()
+        await mta.envelope(queue_id=f"S{i}")
+        headers, body = split_message(raw)
+        return await mta.message(headers, body)
+    finally:
+        await mta.close()
