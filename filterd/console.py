@@ -168,6 +168,9 @@ class Console(HttpServer):
         self.up = True
         log.info("console: listening on http://%s:%d/", self.host, self.port)
 
+    def _observe(self, req: Request, seconds: float) -> None:
+        """Console pages are not scans: filterd_request_seconds stays the doors' latency."""
+
     def _authorize(self, req: Request) -> None:
         """Checked in `_route` instead, where the reply can carry WWW-Authenticate and the page headers."""
 

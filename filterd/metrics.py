@@ -49,6 +49,8 @@ UNLISTED_METRICS = {
     "filterd_reservoir_written_total": "counter",
     "filterd_reservoir_dropped_total": "counter",
     "filterd_trainer_over_ham_fpr_bound": "gauge",
+    "filterd_history_written_total": "counter",
+    "filterd_history_dropped_total": "counter",
 }
 
 SOURCES = ("smtp", "redis")

@@ -381,13 +381,17 @@ class HttpServer:
             reply = await self._route(req)
             await self._send(writer, reply)  # counted until sent: stop() must not abort a reply on its way
         finally:
-            if self.door.metrics is not None and req.path != "/ping" and req.method != "PING":  # scans: request read to reply written
-                self.door.metrics.observe_request("http", time.perf_counter() - t0)
+            self._observe(req, time.perf_counter() - t0)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
         closes = b"\r\nConnection: close\r\n" in reply.partition(b"\r\n\r\n")[0] + b"\r\n"
         return req.keep_alive and not closes and not self._stopping, False
+
+    def _observe(self, req: Request, seconds: float) -> None:
+        """Scans only, request read to reply written (a subclass serving other pages overrides it)."""
+        if self.door.metrics is not None and req.path != "/ping" and req.method != "PING":
+            self.door.metrics.observe_request("http", seconds)
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
