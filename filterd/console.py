@@ -465,6 +465,29 @@ class Console(HttpServer):
                     f'<td class="num">{esc(m.get("n", ""))}</td><td>{esc(r["refit"])}</td></tr>'
                 )  # fmt: skip
             body.append("</table>")
+        refits = await asyncio.to_thread(self._refit_rows)
+        body.append('<h2>Recent refits</h2>')
+        if not refits:
+            body.append('<p class="note">No refit has run yet (refits.jsonl in models_dir is written by the trainer).</p>')
+        else:
+            body.append('<table id="refits"><tr><th>time</th><th>outcome</th><th>mode</th><th>from</th><th>to</th>'
+                        "<th>test accuracy: candidate / current</th><th>golden ham FPR: candidate / current</th>"
+                        "<th>seconds</th><th>why</th></tr>")  # fmt: skip
+            for r in refits:
+                cand, cur = r.get("candidate") or {}, r.get("current") or {}
+
+                def pair(split: str, key: str) -> str:
+                    a, b = (x.get(split) or {} for x in (cand, cur))
+                    return f"{_pct(a.get(key) if isinstance(a, dict) else None)} / {_pct(b.get(key) if isinstance(b, dict) else None)}"
+
+                body.append(
+                    f'<tr class="refit-{esc(str(r.get("outcome", "")))}"><td>{esc(str(r.get("time", ""))[:19].replace("T", " "))}</td>'
+                    f'<td>{esc(r.get("outcome", ""))}</td><td>{esc(r.get("mode", ""))}</td>'
+                    f'<td><code>{esc(r.get("current_version") or "")}</code></td><td><code>{esc(r.get("version") or "")}</code></td>'
+                    f'<td class="num">{pair("test", "accuracy")}</td><td class="num">{pair("golden", "ham_fpr")}</td>'
+                    f'<td class="num">{r.get("seconds", 0):.1f}</td><td>{esc(r.get("reason", ""))}</td></tr>'
+                )  # fmt: skip
+            body.append("</table>")
         can = any(r["current"] for r in rows[:-1]) if rows else False
         live_path, current_link = self.full.model.path, self.full.trainer.models_dir / "current"
         if live_path.absolute() != current_link.absolute():
@@ -502,6 +525,11 @@ class Console(HttpServer):
                         "base": meta.get("base", ""), "trainable": meta.get("trainable", ""),
                         "test": test if isinstance(test, dict) else {}, "refit": what})  # fmt: skip
         return out
+
+    def _refit_rows(self) -> list[dict[str, Any]]:
+        from trainer.publish import ModelStore
+
+        return ModelStore(self.full.trainer.models_dir).refits()
 
     async def _rollback(self) -> Page:
         from trainer.publish import ModelStore

@@ -287,3 +287,21 @@ def test_a_form_posted_from_another_site_is_refused_in_the_browser(tmp_path, bro
         finally:
             server.shutdown()
         assert c.labels() == []
+
+
+def test_models_page_lists_refit_outcomes_escaped(tmp_path):
+    from trainer.publish import ModelStore
+
+    models = ModelStore(tmp_path / "models")
+    models.record_refit({"outcome": "promoted", "reason": "better", "mode": "head", "current_version": "v1", "version": "v2",
+                         "candidate": {"test": {"accuracy": 0.97}}, "current": {"test": {"accuracy": 0.95}}, "seconds": 12.0})  # fmt: skip
+    models.record_refit({"outcome": "rejected", "reason": "golden accuracy <script>x</script>", "mode": "head",
+                         "current_version": "v2", "version": None, "candidate": {"golden": {"ham_fpr": 0.2}},
+                         "current": {"golden": {"ham_fpr": 0.01}}, "seconds": 3.5})  # fmt: skip
+    with ConsoleServed(tmp_path) as c:
+        status, _, body = c.request("GET", "/models")
+    assert status == 200
+    table = body.split(b'id="refits"')[1]
+    assert table.index(b"refit-rejected") < table.index(b"refit-promoted")  # newest first
+    assert b"97.00% / 95.00%" in table and b"20.00% / 1.00%" in table
+    assert b"golden accuracy &lt;script&gt;x&lt;/script&gt;" in table and b"<script>" not in body

@@ -144,6 +144,9 @@ def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
 
     again = refit_once(cfg, store)  # from the published model now; features of the same backbone are cached
     assert again.current_version == out.version and again.outcome in ("promoted", "rejected")
+    logged = models.refits()  # both cycles, newest first, for the console's models page
+    assert [r["outcome"] for r in logged] == [again.outcome, "promoted"] and logged[1]["version"] == out.version
+    assert logged[1]["candidate"]["test"]["accuracy"] == cand.accuracy
 
 
 def test_flipped_labels_are_rejected_by_the_golden_set(tmp_path, tiny_model, uci):
@@ -159,6 +162,8 @@ def test_flipped_labels_are_rejected_by_the_golden_set(tmp_path, tiny_model, uci
     assert out.candidate["golden"].accuracy < 0.5 < out.current["golden"].accuracy  # ...which the golden set exposes
     assert models.current() == live.resolve() and models.versions() == [live.name]  # current unchanged
     assert store.meta_get("last_refit_seq") == store.last_seq()
+    (logged,) = models.refits()  # a rejected cycle leaves no version, but it is on record
+    assert logged["outcome"] == "rejected" and logged["reason"] == out.reason and logged["version"] is None
 
 
 def test_too_few_labels_is_skipped_not_failed(tmp_path, uci):
@@ -167,6 +172,7 @@ def test_too_few_labels_is_skipped_not_failed(tmp_path, uci):
     metrics = TrainerMetrics()
     out = refit_once(config(tmp_path), store, metrics=metrics)
     assert out.outcome == "skipped" and out.reason == "too few labels: 5 spam, 60 ham (min_per_class 20)"
+    assert ModelStore(tmp_path / "models").refits() == []  # skipped cycles are not logged
     assert store.meta_get("last_refit_seq") is None  # nothing was tried: the next labels still count as new
     assert metrics.registry.get_sample_value("filterd_trainer_refits_total", {"outcome": "failed"}) == 0
 

@@ -17,6 +17,7 @@ microsecond), then name; `rollback` moves `current` to the one created before it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -38,6 +39,8 @@ log = logging.getLogger("filterd.trainer")
 
 CURRENT = "current"
 VERSIONS = "versions"
+REFIT_LOG = "refits.jsonl"  # one line per refit cycle that ran (promoted, rejected, failed), newest last
+REFIT_LOG_KEEP = 200
 STALE_STAGING_S = 3600.0  # a staging directory this old belongs to a publish that died
 
 
@@ -173,6 +176,34 @@ class ModelStore:
         self._point_current(older[0])
         log.info("rollback: %s -> %s", current, older[0])
         return older[0]
+
+    def record_refit(self, outcome: dict[str, Any], keep: int = REFIT_LOG_KEEP) -> None:
+        """Append one cycle's outcome to models_dir/refits.jsonl (the last `keep` kept): a rejected or failed
+        refit leaves no version behind, and the console shows operators what happened to their labels."""
+        path = self.root / REFIT_LOG
+        line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **outcome}, default=str)
+        lines = path.read_text(errors="replace").splitlines()[-(keep - 1) :] if path.is_file() and keep > 1 else []
+        tmp = self.root / f".{REFIT_LOG}.tmp-{secrets.token_hex(4)}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("\n".join([*lines, line]) + "\n")
+        os.replace(tmp, path)  # readers see the old log or the new one, never half a line
+
+    def refits(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The last `limit` recorded refit outcomes, newest first (unreadable lines skipped)."""
+        path = self.root / REFIT_LOG
+        if not path.is_file():
+            return []
+        out = []
+        for line in reversed(path.read_text(errors="replace").splitlines()):
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                out.append(item)
+            if len(out) >= limit:
+                break
+        return out
 
     # -- telling filterd -----------------------------------------------------------------------
     @staticmethod

@@ -490,6 +490,10 @@ def refit_once(
             store.meta_set(LAST_TIME_KEY, time.time())
         except FilterdError as e:
             log.warning("refit: cannot record the cycle in the store: %s", e)
+        try:
+            ModelStore(cfg.trainer.models_dir).record_refit(result.to_dict())
+        except OSError as e:
+            log.warning("refit: cannot append to %s: %s", cfg.trainer.models_dir, e)
     _report(result, metrics)
     return result
 
