@@ -474,17 +474,11 @@ class Console(HttpServer):
                         "<th>test accuracy: candidate / current</th><th>golden ham FPR: candidate / current</th>"
                         "<th>seconds</th><th>why</th></tr>")  # fmt: skip
             for r in refits:
-                cand, cur = r.get("candidate") or {}, r.get("current") or {}
-
-                def pair(split: str, key: str) -> str:
-                    a, b = (x.get(split) or {} for x in (cand, cur))
-                    return f"{_pct(a.get(key) if isinstance(a, dict) else None)} / {_pct(b.get(key) if isinstance(b, dict) else None)}"
-
                 body.append(
                     f'<tr class="refit-{esc(str(r.get("outcome", "")))}"><td>{esc(str(r.get("time", ""))[:19].replace("T", " "))}</td>'
                     f'<td>{esc(r.get("outcome", ""))}</td><td>{esc(r.get("mode", ""))}</td>'
                     f'<td><code>{esc(r.get("current_version") or "")}</code></td><td><code>{esc(r.get("version") or "")}</code></td>'
-                    f'<td class="num">{pair("test", "accuracy")}</td><td class="num">{pair("golden", "ham_fpr")}</td>'
+                    f'<td class="num">{_pair(r, "test", "accuracy")}</td><td class="num">{_pair(r, "golden", "ham_fpr")}</td>'
                     f'<td class="num">{r.get("seconds", 0):.1f}</td><td>{esc(r.get("reason", ""))}</td></tr>'
                 )  # fmt: skip
             body.append("</table>")
@@ -605,6 +599,15 @@ def _is_ip(name: str) -> bool:
 
 def _pct(x: Any) -> str:
     return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "-"
+
+
+def _pair(refit: dict[str, Any], split: str, key: str) -> str:
+    """"candidate / current" for one metric of a logged refit."""
+    got = []
+    for model in ("candidate", "current"):
+        m = (refit.get(model) or {}).get(split) if isinstance(refit.get(model), dict) else None
+        got.append(_pct(m.get(key) if isinstance(m, dict) else None))
+    return " / ".join(got)
 
 
 def _num(x: Any) -> str:
