@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -81,7 +82,47 @@ class PathRun:
     mean_batch: float | None = None
     mean_classify_ms: float | None = None  # filterd_classify_seconds: arrival in filterd to verdict
     extra: dict = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds while sending, per party (see cpu_seconds)
     load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process and its live descendants have used so far, their reaped
+    children included (Postfix's master reaps its smtpd/cleanup/smtp processes; filterd its parsers)."""
+    if pid is None:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            f = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(f[1]), []).append(int(p.name))
+        ticks[int(p.name)] = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        total += ticks.get(q, 0)
+        todo += children.get(q, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None) -> dict[str, float]:
+    """CPU used so far by filterd (process tree), Postfix (its master's tree) and this process (the
+    clients, the sink): on a shared machine a fairer figure than messages/s."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "filterd": tree_cpu_s(filterd.proc.pid if filterd is not None and filterd.proc is not None else None),
+        "postfix": tree_cpu_s(postfix.master_pid()) if postfix is not None else 0.0,
+        "bench_client_and_sink": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 3) for k in before}
 
 
 class TimedSink(SmtpSink):
@@ -147,9 +188,10 @@ def smtp_path(model: Path, raws: list[bytes], concurrency: int, tmp: Path) -> Pa
         d = daemon(model, tmp / "filterd-smtp.log", smtp__enabled="true", smtp__listen=f"127.0.0.1:{port}",
                    smtp__next_hop=sink.address)  # fmt: skip
         try:
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(d, None), time.perf_counter()
             codes, session_s = asyncio.run(send_all(port, raws, concurrency))
             run = finish(PathRun("smtp", [], session_s, [str(c) for c in codes], time.perf_counter() - t0), d)
+            run.cpu_s = cpu_delta(c0, cpu_seconds(d, None))
         finally:
             d.stop()
         run.scores, run.extra["not_one_x_spam_score"] = relayed_scores(sink, len(raws))
@@ -172,7 +214,7 @@ def postfix_path(name: str, model: Path, raws: list[bytes], concurrency: int, tm
             elif name == "postfix+milter":
                 d = daemon(model, tmp / "filterd-milter.log", milter__enabled="true", milter__listen=f"127.0.0.1:{milter_port}")
             try:
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(d, pf), time.perf_counter()
                 codes, session_s = asyncio.run(send_all(pf.smtpd_port, raws, concurrency, starts))
                 sessions_done = time.perf_counter() - t0
                 try:
@@ -180,6 +222,7 @@ def postfix_path(name: str, model: Path, raws: list[bytes], concurrency: int, tm
                 except AssertionError as e:  # reported below as messages without a verdict
                     print(f"{name}: {str(e)[:300]}", file=sys.stderr)
                 run = finish(PathRun(name, [], [], [str(c) for c in codes], time.perf_counter() - t0), d)
+                run.cpu_s = cpu_delta(c0, cpu_seconds(d, pf))
                 time.sleep(0.5)
                 queue = pf.queue()
             finally:
@@ -213,8 +256,10 @@ def milter_protocol_path(model: Path, raws: list[bytes], concurrency: int, tmp: 
         return Mta(*await asyncio.open_connection("127.0.0.1", port))
 
     try:
+        c0 = cpu_seconds(d, None)
         replies, lat, wall = asyncio.run(run_sessions(open_mta, raws, concurrency))
         run = finish(PathRun("milter-protocol", [], lat, [], wall), d)
+        run.cpu_s = cpu_delta(c0, cpu_seconds(d, None))
     finally:
         d.stop()
     for r in replies:
@@ -227,9 +272,10 @@ def http_path(model: Path, raws: list[bytes], concurrency: int, tmp: Path) -> Pa
     port = free_port()
     d = daemon(model, tmp / "filterd-http.log", http__enabled="true", http__listen=f"127.0.0.1:{port}")
     try:
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(d, None), time.perf_counter()
         out = asyncio.run(post_all(port, raws, concurrency))
         run = finish(PathRun("http", [], [r[2] for r in out], [], time.perf_counter() - t0), d)
+        run.cpu_s = cpu_delta(c0, cpu_seconds(d, None))
     finally:
         d.stop()
     run.replies = [f"{status} {body.get('action')}" for status, body, _ in out]
@@ -261,7 +307,8 @@ def summarize(run: PathRun, labels: list[int], threshold: float, engine: list[fl
         "p99_ms": round(1000 * pct(run.latency_s, 0.99), 1),
         "mean_batch": round(run.mean_batch, 2) if run.mean_batch is not None else None,
         "mean_classify_ms": round(run.mean_classify_ms, 1) if run.mean_classify_ms is not None else None,
-        "replies": dict(Counter(run.replies)), "load_start": run.load_start, **run.extra,
+        "replies": dict(Counter(run.replies)), "load_start": run.load_start, "cpu_s": run.cpu_s,
+        "cpu_ms_per_msg": {k: round(1000 * v / n, 2) for k, v in run.cpu_s.items()}, **run.extra,
     }  # fmt: skip
     if got:
         metrics = compute_metrics([labels[i] for i in got], [run.scores[i] for i in got], threshold)
@@ -313,6 +360,13 @@ def markdown(doc: dict) -> str:
             rows.append(f"| {r['path']} | {r['session_msg_per_s']} | {r['session_p50_ms']} | {r['session_p99_ms']} | "
                         f"{round(r['messages'] / r['all_delivered_s'], 1) if r['all_delivered_s'] else ''} | "
                         f"{r['delivery_p50_ms']} | {r['delivery_p99_ms']} | {r['queue_after']} |")  # fmt: skip
+    rows += ["", "CPU per message while the path ran (user + system, all processes of each party), and the load average "
+             "(1 min) when it started:", "",
+             "| path | filterd ms | Postfix ms | bench clients + sink ms | load at start |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in doc["paths"]:
+        c = r["cpu_ms_per_msg"]
+        rows.append(f"| {r['path']} | {c.get('filterd', '')} | {c.get('postfix') or ''} | {c.get('bench_client_and_sink', '')} | "
+                    f"{r['load_start'][0]:.2f} |")  # fmt: skip
     worst = max(doc["agreement"].items(), key=lambda kv: kv[1]["max_abs_diff"] or 0, default=None)
     differ = sum(v["verdicts_differ"] for v in doc["agreement"].values())
     m = doc["machine"]
