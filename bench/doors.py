@@ -365,7 +365,7 @@ def markdown(doc: dict) -> str:
              "| path | filterd ms | Postfix ms | bench clients + sink ms | load at start |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in doc["paths"]:
         c = r["cpu_ms_per_msg"]
-        rows.append(f"| {r['path']} | {c.get('filterd', '')} | {c.get('postfix') or ''} | {c.get('bench_client_and_sink', '')} | "
+        rows.append(f"| {r['path']} | {c.get('filterd') or ''} | {c.get('postfix') or ''} | {c.get('bench_client_and_sink', '')} | "
                     f"{r['load_start'][0]:.2f} |")  # fmt: skip
     worst = max(doc["agreement"].items(), key=lambda kv: kv[1]["max_abs_diff"] or 0, default=None)
     differ = sum(v["verdicts_differ"] for v in doc["agreement"].values())
