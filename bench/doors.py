@@ -25,7 +25,10 @@ arrival at the sink), the mean batch (filterd_batch_size), the verdicts' accurac
 ham FPR (trainer/evaluate.py at the model's threshold), and the scores' agreement: with each other
 and with the engine scoring the same bytes' text in-process (SMTP and milter carry the score with
 4 decimals in X-Spam-Score; HTTP its full value). For the Postfix paths the client's own session
-time (queued) and the time until all are delivered are reported too.
+time (queued) and the time until all are delivered are reported too. And the CPU each party used
+per message (filterd's and Postfix's process trees, this process: clients and sink), which a
+shared machine's load changes less than the rates; the load average at each path's start.
+Needs root and postfix for the Postfix paths (`--paths` picks paths).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -228,6 +232,7 @@ def postfix_path(name: str, model: Path, raws: list[bytes], concurrency: int, tm
             finally:
                 if d is not None:
                     d.stop()
+        shutil.rmtree(pf.root, ignore_errors=True)  # PostfixServer keeps its /tmp directory; a bench has no use for it
         scores, odd = relayed_scores(sink, len(raws))
         arrived = [sink.arrived.get(rcpt(i)) for i in range(len(raws))]
     delivery_s = [a - s for a, s in zip(arrived, starts) if a is not None]
