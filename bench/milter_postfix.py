@@ -22,7 +22,6 @@ import email.policy
 import json
 import os
 import platform
-import re
 import smtplib
 import sys
 import tempfile
@@ -34,8 +33,8 @@ from tests.postfix import PostfixServer
 from tests.services import free_port
 from tests.smtp_sink import SmtpSink
 
-SHARED = Path(os.environ.get("FILTERD_SHARED", "/work/shared"))
-CORPUS = SHARED / "data" / "spamassassin-publiccorpus"
+from .corpus import CORPUS, wire
+
 FORGED = b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n"
 
 
@@ -50,9 +49,7 @@ def test_ids(data: Path, n: int) -> dict[str, list[str]]:
 
 
 def message(path: Path, mid: str) -> bytes:
-    raw = re.sub(rb"\A(From [^\n]*\n)", b"", path.read_bytes())
-    raw = re.sub(rb"\r?\n", b"\r\n", raw)
-    return FORGED + f"X-Bench-Id: {mid}\r\n".encode() + raw
+    return FORGED + f"X-Bench-Id: {mid}\r\n".encode() + wire(path.read_bytes())
 
 
 def send(port: int, raw: bytes, rcpt: str) -> tuple[int, str]:

@@ -21,12 +21,12 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from filterd.config import HostPort, MilterConfig
@@ -34,18 +34,13 @@ from filterd.ingress.milter import Accept, AddHeader, MilterMessage, MilterReply
 from tests.milter_mta import Mta, split_message
 from tests.services import free_port
 
-SHARED = Path(os.environ.get("FILTERD_SHARED", "/work/shared"))
-CORPUS = SHARED / "data" / "spamassassin-publiccorpus"
+from .corpus import CORPUS, wire
 
 
 def corpus(n: int) -> list[bytes]:
     files = sorted(p for d in ("easy_ham", "hard_ham", "spam", "spam_2") for p in (CORPUS / d).iterdir() if p.is_file())
     step = max(1, len(files) // n)
-    out = []
-    for f in files[::step][:n]:
-        raw = re.sub(rb"\A(From [^\n]*\n)", b"", f.read_bytes())
-        out.append(re.sub(rb"\r?\n", b"\r\n", raw))
-    return out
+    return [wire(f.read_bytes()) for f in files[::step][:n]]
 
 
 async def answer(msg: MilterMessage) -> MilterReply:
@@ -65,29 +60,40 @@ def summary(path: str, lat: list[float], wall: float, n: int, concurrency: int, 
             **(extra or {})}  # fmt: skip
 
 
+async def run_sessions(
+    open_mta: Callable[[], Awaitable[Mta]], raws: list[bytes], concurrency: int,
+) -> tuple[list[list[tuple[bytes, bytes]]], list[float], float]:  # fmt: skip
+    """`concurrency` MTA connections, each taking the next message until none is left (envelope,
+    headers, body, end of message). Per message (in `raws` order) the replies to its end (header
+    modifications, final verdict) and its latency from MAIL to the final reply; the wall time."""
+    replies: list[list[tuple[bytes, bytes]]] = [[] for _ in raws]
+    lat: list[float] = [0.0] * len(raws)
+    queue = list(enumerate(raws))
+
+    async def connection() -> None:
+        mta = await open_mta()
+        await mta.optneg()
+        while queue:
+            i, raw = queue.pop()
+            t0 = time.perf_counter()
+            await mta.envelope(queue_id=f"Q{i}")
+            headers, body = split_message(raw)
+            replies[i] = await mta.message(headers, body)
+            lat[i] = time.perf_counter() - t0
+        await mta.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return replies, lat, time.perf_counter() - t0
+
+
 async def protocol_path(raws: list[bytes], concurrency: int) -> dict:
     cfg = MilterConfig(enabled=True, listen=HostPort("127.0.0.1", free_port()))
-    lat: list[float] = []
     async with MilterServer(cfg, answer) as server:
-        queue = list(enumerate(raws))
-
-        async def connection() -> None:
-            mta = await Mta.open(server)
-            await mta.optneg()
-            while queue:
-                i, raw = queue.pop()
-                t0 = time.perf_counter()
-                await mta.envelope(queue_id=f"Q{i}")
-                headers, body = split_message(raw)
-                replies = await mta.message(headers, body)
-                assert replies[-1][0] == b"a", replies
-                lat.append(time.perf_counter() - t0)
-            await mta.close()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(connection() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+        replies, lat, wall = await run_sessions(lambda: Mta.open(server), raws, concurrency)
         stats = server.stats
+    for r in replies:
+        assert r[-1][0] == b"a", r
     return summary("protocol", lat, wall, len(raws), concurrency, {"truncated": stats.truncated})
 
 

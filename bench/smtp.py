@@ -38,12 +38,18 @@ from trainer.evaluate import compute_metrics
 from .daemon_redis import SHARED, pct
 
 
-async def send_all(port: int, raws: list[bytes], concurrency: int) -> tuple[list[int], list[float]]:
+async def send_all(
+    port: int, raws: list[bytes], concurrency: int, starts: list[float] | None = None,
+) -> tuple[list[int], list[float]]:  # fmt: skip
+    """Message i to m{i}@example.net, one session each: reply codes and session seconds; `starts`
+    (as long as `raws`), if given, gets each session's start (time.perf_counter)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, raw: bytes) -> tuple[int, float]:
         async with gate:
             t0 = time.perf_counter()
+            if starts is not None:
+                starts[i] = t0
             client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=300, start_tls=False)
             await client.connect()
             try:
