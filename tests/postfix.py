@@ -11,6 +11,7 @@ The default instance (port 25) is never started: every command names the private
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -75,6 +76,7 @@ class PostfixServer:
         # reset to 0700 whenever another pytest session starts, which broke a parallel run).
         self.root = Path(tempfile.mkdtemp(prefix="filterd-postfix-"))
         self.root.chmod(0o711)
+        atexit.register(shutil.rmtree, self.root, True)  # after the session: tests may read maillog after stop()
         Path(tmp).parent.mkdir(parents=True, exist_ok=True)
         Path(tmp).symlink_to(self.root, target_is_directory=True)
         self.config_dir = self.root / "etc"
