@@ -27,6 +27,7 @@ from .config import format_duration
 from .decision import Policy
 from .engine import Engine
 from .errors import ConfigError
+from .explainer import DoorExplainer, Explainer
 from .ingress.http import HttpDoor, HttpServer
 from .ingress.milter import MilterDoor, MilterServer
 from .ingress.redis_streams import RedisIngress
@@ -68,6 +69,7 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
+        self.explanations = Explainer(cfg.explain, self.holder.current, self.metrics)  # [explain]: off unless enabled
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
@@ -91,6 +93,12 @@ class Daemon:
 
         return score
 
+    def explainer(self, source: str) -> DoorExplainer:
+        """What a door calls after deciding: `await explain(text, decision, scored)` -> Explanation | None (None:
+        [explain] is off or does not cover this verdict, or it was skipped: queue full or past the deadline,
+        counted); `explain.header(e)`: the X-Spam-Report value, "" unless [explain] header is on."""
+        return self.explanations.for_door(source)
+
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
             return False, "no model loaded"
@@ -113,20 +121,22 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy)
+            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy, explain=self.explainer("smtp"))
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
         if cfg.milter.enabled:
-            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics)
+            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics,
+                                          explain=self.explainer("milter"))  # fmt: skip
             self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
             try:
                 await self.milter.start()
             except OSError as e:
                 raise ConfigError(str(e.strerror or e)) from None
         if cfg.http.enabled:
-            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics)
+            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics,
+                            explain=self.explainer("http"))  # fmt: skip
             self.http = HttpServer(cfg.http, door)
             try:
                 await self.http.start()  # requests wait for the model (scorer)
@@ -165,7 +175,8 @@ class Daemon:
             sources.append("smtp")
         if cfg.redis.enabled:
             score = self.scorer("redis", wait_when_full=True)
-            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy)
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy,
+                                      explain=self.explainer("redis"))  # fmt: skip
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
@@ -181,6 +192,11 @@ class Daemon:
         on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": (), "http": (),
                     "milter": ("accept-unknown" if cfg.milter.on_error == "accept" else "tempfail",)}  # fmt: skip
         self.metrics.prime(sources, {s: sorted(self.policy.actions(s)) + list(on_error[s]) for s in sources})
+        self.explanations.prime(sources)
+        if self.explanations.enabled:
+            e = cfg.explain
+            log.info("explain: %s verdicts, %s, top %d words, header %s, queue %d, deadline %s", e.enabled, e.method,
+                     e.top_words, "on" if e.header else "off", e.max_queue, format_duration(e.deadline))  # fmt: skip
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
         if self.reservoir is not None:
             self._jobs["reservoir"] = self.reservoir.run(self.stop)
@@ -199,6 +215,7 @@ class Daemon:
         except TaskFailed as e:
             failed = e
         await self.batcher.stop(drain=True)
+        self.explanations.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # the texts of the last verdicts too
         await self.server.stop()

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .config import EXPLAIN_METHODS
 from .model import LABELS, PAD_TOKEN_ID, GPT2Classifier
 from .tokenizer import CHARS_PER_TOKEN_BOUND, _encoding, pad_batch
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-METHODS = ("screened-occlusion", "occlusion", "gradient", "integrated-gradients")
+METHODS = EXPLAIN_METHODS  # (in config.py, which must not import torch)
 DEFAULT_METHOD = "screened-occlusion"
 DEFAULT_TOP = 5
 IG_STEPS = 16

@@ -155,6 +155,13 @@ class FilterdMetrics(StreamMetrics):
         self.reservoir_dropped = Counter(
             "filterd_reservoir_dropped_total", "Texts not handed to the reservoir, by reason.", ["reason"], registry=r
         )
+        # [explain]: `outcome` explained | queue-full | deadline | error (skips: the message went on without one)
+        self.explanations = Counter(
+            "filterd_explanations_total", "Verdict explanations asked for, by door and outcome.", ["source", "outcome"], registry=r
+        )
+        self.explain_seconds = Histogram(
+            "filterd_explain_seconds", "Time to explain one message (in the explaining thread).", buckets=LATENCY_BUCKETS, registry=r
+        )
         self._model_labels: tuple[str, str, str, str] | None = None
         self._init_stream_metrics(r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...

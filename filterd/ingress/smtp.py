@@ -656,10 +656,11 @@ class FilterHandler:
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        budget: ByteBudget | None = None, policy: decision.Policy | None = None,
+        budget: ByteBudget | None = None, policy: decision.Policy | None = None, explain: Any = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.score = score
+        self.explain = explain  # Daemon.explainer("smtp"): async (text, decision, scored) -> Explanation | None; .header(e)
         self.budget = budget or ByteBudget(cfg.max_inflight_bytes)
         self.metrics = metrics
         self.decider = policy or decision.Policy.from_config(Config(smtp=cfg))  # alone: [smtp] action, mapped
@@ -770,19 +771,21 @@ class FilterHandler:
     async def _filter(self, txn: Transaction, raw: bytes, origin: str) -> str:
         t0 = time.perf_counter()
         message = Message("smtp", txn.mail_from, tuple(txn.rcpts))
-        d, model, error = self.decider.listed(message), "", ""  # a listed message is neither parsed nor scored
+        d, model, error, report = self.decider.listed(message), "", "", ""  # a listed message is neither parsed nor scored
         if d is None:
-            scored, error = await self._classify(raw)
+            scored, error, text = await self._classify(raw)
             if error == "busy":
                 self._observe("error", None, t0)
                 log.warning("smtp: batcher queue full, message from <%s> deferred", txn.mail_from)
                 return BUSY
             if scored is not None:
                 d, model = self.decider.decide(message, scored.score, scored.threshold), scored.model
+                if self.explain is not None:  # bounded by [explain] deadline; None when skipped
+                    report = self.explain.header(await self.explain(text, d, scored))
         self._observe(d.verdict if d else "error", d.score if d else None, t0)
         # Parsing and rewriting stay off the event loop whatever the size: a few ms of regex on
         # the loop is a few ms of stall for every other session.
-        args = (raw, tuple(txn.rcpts), d, model, self.policy, error)
+        args = (raw, tuple(txn.rcpts), d, model, self.policy, error, report)
         outcome, message_id = await asyncio.to_thread(_decide, *args) if len(raw) > THREAD_DECIDE_BYTES else _decide(*args)
         queued_as, reply = "", outcome.reply
         if outcome.relay:
@@ -830,8 +833,9 @@ class FilterHandler:
             txn.abort()
             return Reply(451, f"4.3.0 {e}")
 
-    async def _classify(self, raw: bytes) -> tuple[Scored | None, str]:
-        """The score, or None with a short reason ("busy" when the batcher's queue is full)."""
+    async def _classify(self, raw: bytes) -> tuple[Scored | None, str, str]:
+        """The score, or None with a short reason ("busy" when the batcher's queue is full); and the text read."""
+        text = ""
         try:
             # The model reads a few thousand characters at most; parsing a 64 MiB attachment to find
             # them would cost ~9 bytes of memory per byte of mail and seconds of GIL.
@@ -839,18 +843,18 @@ class FilterHandler:
             text = await asyncio.get_running_loop().run_in_executor(self.parser(), extract_text, head)
             scored = await self.score(text)
         except QueueFull:
-            return None, "busy"
+            return None, "busy", text
         except BrokenProcessPool:  # a parser process died (killed, out of memory): a new pool for the next message
             log.error("smtp: a parser process died; starting new ones")
             self.close_parser()
-            return None, "parser-died"
+            return None, "parser-died", text
         except Exception as e:  # the model failed: on_error decides between relaying untagged and 451
             log.error("smtp: classification failed: %r", e)
-            return None, type(e).__name__
+            return None, type(e).__name__, text
         if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
             log.error("smtp: the model scored NaN")
-            return None, "nan-score"
-        return scored, ""
+            return None, "nan-score", text
+        return scored, "", text
 
     def _observe(self, verdict: str, score: float | None, t0: float) -> None:
         if self.metrics is not None:
@@ -865,12 +869,13 @@ def _verdict_text(d: Decision | None) -> str:
     return f"verdict={d.verdict} score={d.score:.4f}"
 
 
-def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str) -> tuple[Outcome, str]:
+def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str,
+            report: str = "") -> tuple[Outcome, str]:  # fmt: skip
     """`actions.apply` plus the Message-ID for the log line (in the worker thread, with the parse)."""
     head = raw[: raw.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in raw[:1 << 20] else raw[: 1 << 16]
     m = _MESSAGE_ID.search(head)
     message_id = _CONTROL.sub("", m[1].decode("ascii", "replace"))[:200] if m else ""
-    return apply(raw, rcpts, d, model, policy, error), message_id or "-"
+    return apply(raw, rcpts, d, model, policy, error, report), message_id or "-"
 
 
 def _log_warm_failure(f: asyncio.Future[str]) -> None:
@@ -895,11 +900,11 @@ class SmtpIngress:
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        policy: decision.Policy | None = None,
+        policy: decision.Policy | None = None, explain: Any = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
-        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy)
+        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy, explain)
         self.max_connections = cfg.max_connections
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[_Server] = set()
