@@ -196,7 +196,7 @@ def report_value(e: Any, max_bytes: int) -> str:
     used = len(tail)
     for c in e.words:
         word = _REPORT_CONTROL.sub("\ufffd", c.word)  # decoded, an encoded word must not carry a control either
-        word = word if _PLAIN.fullmatch(word) and "=?" not in c.word else " ".join(_encoded_words(c.word))
+        word = word if _PLAIN.fullmatch(word) and "=?" not in word else " ".join(_encoded_words(word))
         item = f"{c.weight:+.3f} {word}"
         cost = len(item) + (3 if items else 0)
         if used + cost > min(max_bytes, _MAX_REPORT):

@@ -69,7 +69,8 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.reservoir: ReservoirWriter | None = None  # [trainer] reservoir: off unless set
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
-        self.explanations = Explainer(cfg.explain, self.holder.current, self.metrics)  # [explain]: off unless enabled
+        self.explanations = Explainer(cfg.explain, self.holder.current, self.metrics, backlog=self._backlog,
+                                      max_backlog=cfg.batching.max_batch_size)  # [explain]: off unless enabled
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
@@ -92,6 +93,9 @@ class Daemon:
             return scored
 
         return score
+
+    def _backlog(self) -> int:
+        return self.batcher.depth if self.batcher is not None else 0
 
     def explainer(self, source: str) -> DoorExplainer:
         """What a door calls after deciding: `await explain(text, decision, scored)` -> Explanation | None (None:

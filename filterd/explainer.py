@@ -2,8 +2,9 @@
 
 Each door asks through `Daemon.explainer(source)` after it has its decision: `await explain(text, decision,
 scored)` gives an `Explanation` or None. None when [explain] does not ask for this verdict, or when the
-message would have to wait: more than `max_queue` messages already waiting or being explained, or no
-result within `deadline` (the thread's work is not interrupted, but its result is dropped and a message
+message would have to wait: scoring is behind (more than a full batch, `[batching] max_batch_size`,
+waiting for the batcher: under a flood every message goes unexplained rather than hold its door's
+in-flight window), `max_queue` messages already waiting or being explained, or no result within `deadline` (the thread's work is not interrupted, but its result is dropped and a message
 still queued when its deadline passed is skipped unexplained). Every skip is counted in
 `filterd_explanations_total{outcome}`; mail is never held longer than `deadline` for an explanation.
 
@@ -26,6 +27,9 @@ from .explain import Explanation, explain
 
 log = logging.getLogger("filterd")
 
+OUTCOMES = ("explained", "busy", "queue-full", "deadline", "error")  # filterd_explanations_total{outcome}
+
+
 class DoorExplainer:
     """What a door holds: `await it(text, decision, scored)` -> Explanation | None; `it.header(e)` -> X-Spam-Report value or ""."""
 
@@ -43,10 +47,13 @@ class DoorExplainer:
 class Explainer:
     """Explanations for the daemon's doors (see the module docstring); `engine()` gives the live model."""
 
-    def __init__(self, cfg: Any, engine: Callable[[], Any], metrics: Any | None = None) -> None:
+    def __init__(self, cfg: Any, engine: Callable[[], Any], metrics: Any | None = None,
+                 backlog: Callable[[], int] | None = None, max_backlog: int = 64) -> None:  # fmt: skip
         self.cfg = cfg
         self.engine = engine
         self.metrics = metrics
+        self.backlog = backlog  # messages waiting for the batcher
+        self.max_backlog = max_backlog
         self.pending = 0  # waiting or being explained
         self._pool: ThreadPoolExecutor | None = None
 
@@ -74,6 +81,8 @@ class Explainer:
     async def explain(self, source: str, text: str, decision: Any) -> Explanation | None:
         if not self.wants(decision):
             return None
+        if self.backlog is not None and self.backlog() > self.max_backlog:  # scoring is behind: CPU to it, not to us
+            return self._skip(source, "busy")
         if self.pending >= self.cfg.max_queue:
             return self._skip(source, "queue-full")
         if self._pool is None:
@@ -121,7 +130,7 @@ class Explainer:
     def prime(self, sources: list[str]) -> None:
         if self.metrics is not None and self.enabled:
             for source in sources:
-                for outcome in ("explained", "queue-full", "deadline", "error"):
+                for outcome in OUTCOMES:
                     self.metrics.explanations.labels(source, outcome)
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ class FilterdMetrics(StreamMetrics):
         self.reservoir_dropped = Counter(
             "filterd_reservoir_dropped_total", "Texts not handed to the reservoir, by reason.", ["reason"], registry=r
         )
-        # [explain]: `outcome` explained | queue-full | deadline | error (skips: the message went on without one)
+        # [explain]: `outcome` explained | busy | queue-full | deadline | error (skips: the message went on without one)
         self.explanations = Counter(
             "filterd_explanations_total", "Verdict explanations asked for, by door and outcome.", ["source", "outcome"], registry=r
         )
