@@ -109,13 +109,16 @@ def _ci(d: dict, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
 def markdown(out: dict) -> str:
     lines = [f"Model `{out['model']}` ({out['base']}, max_length {out['max_length']}), split `{out['split']}`: "
              f"{out['spam']} spam. Command: `{out['command']}`. Load average at start: {out['loadavg']}.", "",
-             f"### Faithfulness: delete the top-{out['k']} raising words vs {out['k']} random words (means, 95% bootstrap CI)", "",
-             "| method | spam | ΔP(spam) top-k | ΔP(spam) random | Δlogit top-k | Δlogit random | flipped to ham | no raising word |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             ]  # fmt: skip
+    if out["faithfulness"]:
+        lines += [f"### Faithfulness: delete the top-{out['k']} raising words vs {out['k']} random words (means, 95% bootstrap CI)", "",
+                  "| method | spam | ΔP(spam) top-k | ΔP(spam) random | Δlogit top-k | Δlogit random | flipped to ham | no raising word |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for f in out["faithfulness"]:
         lines.append(f"| {f['method']} | {f['spam']} | {_ci(f['top_p'])} | {_ci(f['random_p'])} | {_ci(f['top_logit'], fmt='{:.2f}')} | "
                      f"{_ci(f['random_logit'], fmt='{:.2f}')} | {f['flipped_to_ham']} | {f['no_raising_word']} |")  # fmt: skip
-    lines += ["", "### Cost per message on CPU (ms)", "", "| method | threads | messages | mean | p50 | p95 |", "| --- | --- | --- | --- | --- | --- |"]
+    if out["cost"]:
+        lines += ["", "### Cost per message on CPU (ms)", "", "| method | threads | messages | mean | p50 | p95 |", "| --- | --- | --- | --- | --- | --- |"]
     for c in out["cost"]:
         lines.append(f"| {c['method']} | {c['threads']} | {c['messages']} | {c['mean_ms']:.1f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} |")
     if out.get("daemon"):
@@ -140,8 +143,9 @@ def main() -> None:
     ap.add_argument("--occlusion-limit", type=int, default=150, help="full occlusion is slow: at most this many spam")
     ap.add_argument("--cost-messages", type=int, default=30)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--daemon-messages", type=int, default=0, help="test mails fed to the daemon (0: skip the daemon runs)")
+    ap.add_argument("--daemon-messages", type=int, default=400, help="test mails fed to the daemon")
     ap.add_argument("--rate", type=float, default=10.0, help="steady arrival rate for the daemon runs (messages/s)")
+    ap.add_argument("--sections", nargs="+", default=["faithfulness", "cost"], choices=("faithfulness", "cost", "daemon"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
@@ -157,17 +161,17 @@ def main() -> None:
                  "spam": len(spam), "k": args.k, "loadavg": [round(x, 2) for x in loadavg], "cores": os.cpu_count(),
                  "torch": torch.__version__, "command": "python -m bench.explain " + " ".join(os.sys.argv[1:]),
                  "faithfulness": [], "cost": []}  # fmt: skip
-    for method in args.methods:
+    for method in args.methods if "faithfulness" in args.sections else []:
         texts = spam[: args.occlusion_limit] if method == "occlusion" else spam
         f = faithfulness(engine, texts, method, args.k, args.seed)
         out["faithfulness"].append(f)
         print(f"{method}: top-{args.k} ΔP {_ci(f['top_p'])} vs random {_ci(f['random_p'])} ({f['seconds']:.0f}s)", flush=True)
-    for threads in args.threads:
+    for threads in args.threads if "cost" in args.sections else []:
         for method in args.methods:
             out["cost"].append(cost(engine, spam[: args.cost_messages], method, threads))
             print(f"cost {method} x{threads}: {out['cost'][-1]['mean_ms']:.1f} ms", flush=True)
     torch.set_num_threads(1)
-    if args.daemon_messages:
+    if "daemon" in args.sections:
         mails = [e.text for e in examples][: args.daemon_messages]
         out["daemon_messages"] = len(mails)
         out["daemon"] = daemon(args.model, mails, ["off", "spam", "all"], args.rate, 1)
