@@ -61,8 +61,21 @@ def faithfulness(engine: Engine, texts: list[str], method: str, k: int, seed: in
             drops[f"{name}_logit"].append(base - after)
         flipped += _sigmoid(base) >= engine.threshold > _sigmoid(after_top)
     return {"method": method, "k": k, "spam": len(texts), "no_raising_word": no_raising,
-            "flipped_to_ham": flipped, "seconds": time.perf_counter() - t0,
+            "flipped_to_ham": flipped, "seconds": time.perf_counter() - t0, "per_message_top_logit": drops["top_logit"],
             **{name: mean_ci(v) for name, v in drops.items()}}  # fmt: skip
+
+
+def paired(results: list[dict], reference: str) -> list[dict]:
+    """Per-message difference of the top-k logit drop, each method minus `reference` (same messages only)."""
+    ref = next((f for f in results if f["method"] == reference), None)
+    out = []
+    for f in results:
+        if ref is None or f is ref:
+            continue
+        n = min(f["spam"], ref["spam"])
+        diff = [a - b for a, b in zip(f["per_message_top_logit"][:n], ref["per_message_top_logit"][:n])]
+        out.append({"method": f["method"], "reference": reference, "n": n, "top_logit_minus_reference": mean_ci(diff)})
+    return out
 
 
 def cost(engine: Engine, texts: list[str], method: str, threads: int) -> dict:
@@ -117,6 +130,10 @@ def markdown(out: dict) -> str:
     for f in out["faithfulness"]:
         lines.append(f"| {f['method']} | {f['spam']} | {_ci(f['top_p'])} | {_ci(f['random_p'])} | {_ci(f['top_logit'], fmt='{:.2f}')} | "
                      f"{_ci(f['random_logit'], fmt='{:.2f}')} | {f['flipped_to_ham']} | {f['no_raising_word']} |")  # fmt: skip
+    if out.get("paired"):
+        lines += ["", "Paired, on the same spam (the first n): Δlogit top-k of each method minus that of "
+                  f"{out['paired'][0]['reference']} (mean, 95% bootstrap CI):", ""]
+        lines += [f"- {p['method']}: {_ci(p['top_logit_minus_reference'], fmt='{:+.2f}')} (n = {p['n']})" for p in out["paired"]]
     if out["cost"]:
         lines += ["", "### Cost per message on CPU (ms)", "", "| method | threads | messages | mean | p50 | p95 |", "| --- | --- | --- | --- | --- | --- |"]
     for c in out["cost"]:
@@ -166,6 +183,7 @@ def main() -> None:
         f = faithfulness(engine, texts, method, args.k, args.seed)
         out["faithfulness"].append(f)
         print(f"{method}: top-{args.k} ΔP {_ci(f['top_p'])} vs random {_ci(f['random_p'])} ({f['seconds']:.0f}s)", flush=True)
+    out["paired"] = paired(out["faithfulness"], "integrated-gradients")
     for threads in args.threads if "cost" in args.sections else []:
         for method in args.methods:
             out["cost"].append(cost(engine, spam[: args.cost_messages], method, threads))

@@ -765,7 +765,7 @@ class HttpConfig:
     )
 
 
-EXPLAIN_METHODS = ("screened-occlusion", "occlusion", "gradient", "integrated-gradients")  # filterd/explain.py
+EXPLAIN_METHODS = ("integrated-gradients", "gradient", "screened-occlusion", "occlusion")  # filterd/explain.py; the first is the default
 
 
 @dataclass(frozen=True)

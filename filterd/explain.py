@@ -1,17 +1,20 @@
 """Why a message scored as it did: the words that raised and lowered P(spam) most, with signed weights.
 
 Four methods, measured against each other in bench/explain.py (faithfulness and cost, bench/RESULTS.md
-"Explanations"):
+section 12); `integrated-gradients` is the default: deleting its top-5 raising words lowered the spam
+logit of SpamAssassin test spam by 0.55 on average, significantly more than any other method (paired
+bootstrap), for ~0.1 s per message on one CPU thread.
 - `occlusion`: delete each word's tokens and score what is left (batched forward passes, no backward).
   A word's weight is the full text's spam logit minus the logit without it: what that word is worth,
-  in the unit the decision uses (log-odds; P(spam) = sigmoid(logit)). It answers exactly the question
-  "what if this word were not there", so deleting the top words lowers the score by construction of
-  the ranking (not only in expectation).
+  in the unit the decision uses (log-odds; P(spam) = sigmoid(logit)). It answers exactly "what if this
+  one word were not there": deleting any one top raising word alone lowers the score by its weight.
+  Deleting several at once is not the sum (words interact), which is what the bench measures.
 - `gradient`: gradient x input at the token embeddings, one forward and one backward pass. Cheap, but a
-  first-order guess that misses words the model saturates on.
-- `integrated-gradients`: gradient x input averaged over a path from a zero embedding (`IG_STEPS` points
-  in one batch); closer to occlusion, at `IG_STEPS` times the gradient's cost.
-- `screened-occlusion` (the default): the gradient screens, occlusion weighs. One backward pass ranks the
+  first-order guess; its weights are not in log-odds (a local linear estimate of them).
+- `integrated-gradients` (the default): gradient x input averaged over a straight path from a zero token
+  embedding (`IG_STEPS` midpoints, one batched forward and backward pass). Its weights add up (over
+  all tokens) to the logit of the text minus the logit of the all-zero input: log-odds, shared out.
+- `screened-occlusion`: the gradient screens, occlusion weighs. One backward pass ranks the
   words by |gradient x input|; the `SCREEN` (at least 4 x top) strongest are occluded, so the cost is
   bounded (~SCREEN forward passes) however long the message, and every reported weight is an occlusion
   weight. Full occlusion costs one pass per word (hundreds for a 1,024-token mail).
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 METHODS = EXPLAIN_METHODS  # (in config.py, which must not import torch)
-DEFAULT_METHOD = "screened-occlusion"
+DEFAULT_METHOD = "integrated-gradients"  # the most faithful on the SpamAssassin split (bench/explain.py)
 DEFAULT_TOP = 5
 IG_STEPS = 16
 SCREEN = 24  # screened-occlusion: words kept by the gradient screen, at least 4 x top

@@ -160,7 +160,7 @@ def test_classify_explain_adds_the_words_with_offsets(tiny_model):
     lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), "--explain", "--top", "2", *texts))
     for text, line in zip(texts, lines):
         e = line["explanation"]
-        assert e["method"] == "screened-occlusion" and abs(e["score"] - line["score"]) < 1e-5
+        assert e["method"] == "integrated-gradients" and abs(e["score"] - line["score"]) < 1e-5
         assert 0 < len(e["words"]) <= 4
         for w in e["words"]:
             assert text[w["start"] : w["end"]] == w["word"] and w["weight"] != 0
