@@ -55,7 +55,9 @@ def faithfulness(engine: Engine, texts: list[str], method: str, k: int, seed: in
         rng = random.Random(seed * 1_000_003 + n)
         rand = rng.sample(range(len(every)), min(k, len(every)))
         base = full
-        after_top, after_random = logits_of(engine.model, [delete_words(ids, every, top), delete_words(ids, every, rand)], engine.device)
+        after_top, after_random = logits_of(
+            engine.model, [delete_words(ids, every, top), delete_words(ids, every, rand)], engine.device
+        )
         for name, after in (("top", after_top), ("random", after_random)):
             drops[f"{name}_p"].append(_sigmoid(base) - _sigmoid(after))
             drops[f"{name}_logit"].append(base - after)
@@ -131,13 +133,25 @@ def markdown(out: dict) -> str:
         lines.append(f"| {f['method']} | {f['spam']} | {_ci(f['top_p'])} | {_ci(f['random_p'])} | {_ci(f['top_logit'], fmt='{:.2f}')} | "
                      f"{_ci(f['random_logit'], fmt='{:.2f}')} | {f['flipped_to_ham']} | {f['no_raising_word']} |")  # fmt: skip
     if out.get("paired"):
-        lines += ["", "Paired, on the same spam (the first n): Δlogit top-k of each method minus that of "
-                  f"{out['paired'][0]['reference']} (mean, 95% bootstrap CI):", ""]
+        lines += [
+            "",
+            "Paired, on the same spam (the first n): Δlogit top-k of each method minus that of "
+            f"{out['paired'][0]['reference']} (mean, 95% bootstrap CI):",
+            "",
+        ]
         lines += [f"- {p['method']}: {_ci(p['top_logit_minus_reference'], fmt='{:+.2f}')} (n = {p['n']})" for p in out["paired"]]
     if out["cost"]:
-        lines += ["", "### Cost per message on CPU (ms)", "", "| method | threads | messages | mean | p50 | p95 |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "### Cost per message on CPU (ms)",
+            "",
+            "| method | threads | messages | mean | p50 | p95 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
     for c in out["cost"]:
-        lines.append(f"| {c['method']} | {c['threads']} | {c['messages']} | {c['mean_ms']:.1f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} |")
+        lines.append(
+            f"| {c['method']} | {c['threads']} | {c['messages']} | {c['mean_ms']:.1f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} |"
+        )
     if out.get("daemon"):
         lines += ["", f"### Daemon over Redis ({out['daemon_messages']} test mails, [explain] defaults otherwise)", "",
                   "| [explain] enabled | arrivals/s | messages/s | p50 ms | p99 ms | explained | skipped: busy | skipped: queue full | skipped: deadline |",

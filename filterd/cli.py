@@ -136,9 +136,13 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _explain_args(p: argparse.ArgumentParser) -> None:
     from .config import EXPLAIN_METHODS
 
-    p.add_argument("--explain", action="store_true", help="add the words that raised and lowered P(spam) most (filterd/explain.py)")
+    p.add_argument(
+        "--explain", action="store_true", help="add the words that raised and lowered P(spam) most (filterd/explain.py)"
+    )
     p.add_argument("--top", type=int, default=5, help="with --explain: words of each sign")
-    p.add_argument("--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed")
+    p.add_argument(
+        "--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -193,7 +193,9 @@ def _token_gradient_x_input(model: GPT2Classifier, ids: list[int], device: torch
     return (grad.float().mean(dim=0) * emb[0]).sum(dim=-1).tolist()
 
 
-def attribute(engine: Engine, text: str, method: str = DEFAULT_METHOD, screen: int = SCREEN) -> tuple[float, list[Word], list[float]]:
+def attribute(
+    engine: Engine, text: str, method: str = DEFAULT_METHOD, screen: int = SCREEN
+) -> tuple[float, list[Word], list[float]]:
     """(full-text spam logit, words, weight per word) for one text; the raw material of `explain` and the bench.
 
     screened-occlusion returns only the `screen` words the gradient screen kept (the others are not weighed)."""
@@ -217,7 +219,9 @@ def attribute(engine: Engine, text: str, method: str = DEFAULT_METHOD, screen: i
     return full, [words[i] for i in kept], occluded
 
 
-def _occlude(model: GPT2Classifier, device: torch.device, ids: list[int], words: list[Word]) -> tuple[float, list[Word], list[float]]:
+def _occlude(
+    model: GPT2Classifier, device: torch.device, ids: list[int], words: list[Word]
+) -> tuple[float, list[Word], list[float]]:
     variants = [ids] + [ids[: w.first] + ids[w.last :] or [PAD_TOKEN_ID] for w in words]
     logits = logits_of(model, variants, device)
     return logits[0], words, [logits[0] - x for x in logits[1:]]

@@ -186,12 +186,17 @@ def test_trainer_evaluate_explain_writes_errors_to_report(tiny_model, sms_data, 
         w.writeheader()
         w.writerows(rows)
     report = tmp_path / "report.md"
-    r = run("-m", "trainer", "evaluate", "--model", str(tiny_model.model_dir), "--data", str(data), "--explain", "--report", str(report), "--top", "3")
+    argv = ["evaluate", "--model", str(tiny_model.model_dir), "--data", str(data), "--explain", "--report", str(report)]
+    r = run("-m", "trainer", *argv, "--top", "3")
     assert r.returncode == 0, r.stderr
     md = report.read_text()
     assert "## Metrics" in md and "## Errors explained: test" in md
     assert "### False positives (ham scored spam):" in md and "### False negatives (spam scored ham):" in md
-    n_errors = sum(int(line.rsplit(": ", 1)[1]) for line in md.splitlines() if line.startswith(("### False positives", "### False negatives")))
+    n_errors = sum(
+        int(line.rsplit(": ", 1)[1])
+        for line in md.splitlines()
+        if line.startswith(("### False positives", "### False negatives"))
+    )
     assert n_errors > 0  # the tiny model makes mistakes on 121 messages: the section is not empty
     assert "x\\|1" in md  # the hostile message is listed (its id escaped)...
     assert "<script>" not in md and "](http" not in md and "**FREE**" not in md  # ...and its words escaped

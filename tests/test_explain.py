@@ -93,9 +93,7 @@ def test_explanations_are_deterministic_and_round_trip_json(engine, spams):
         obj = json.loads(json.dumps(a.to_json()))
         assert set(obj) == {"score", "method", "words"}
         assert set(obj["words"][0]) == {"word", "start", "end", "weight"}
-        assert explanation_from_json(obj).words == tuple(
-            type(c)(c.word, c.start, c.end, round(c.weight, 6)) for c in a.words
-        )
+        assert explanation_from_json(obj).words == tuple(type(c)(c.word, c.start, c.end, round(c.weight, 6)) for c in a.words)
 
 
 def test_top_words_are_ordered_and_bounded(engine, spams):

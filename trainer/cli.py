@@ -111,7 +111,10 @@ def _explained_report(args: argparse.Namespace, engine: Any, data: Path, reports
         errors = [(k, e.id, s, explain(engine, e.text, top=args.top, method=args.method)) for k, e, s in wrong[: args.max_errors]]
         extra += errors_section(r.split, errors)
         if len(wrong) > args.max_errors:
-            extra += [f"({len(wrong) - args.max_errors} more errors on {r.split} not explained: --max-errors {args.max_errors})", ""]
+            extra += [
+                f"({len(wrong) - args.max_errors} more errors on {r.split} not explained: --max-errors {args.max_errors})",
+                "",
+            ]
     info = {"version": engine.version, "base": engine.meta.base, "data": str(data)}
     write_report(Path(args.report), title=f"Evaluation of {engine.version}", model_info=info, reports=reports, extra=extra)
     print(f"wrote {args.report}", file=sys.stderr)
@@ -287,11 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val", "train", "holdout", "all"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--explain", action="store_true", help="write --report with the explanations of false positives and false negatives")
+    p.add_argument(
+        "--explain", action="store_true", help="write --report with the explanations of false positives and false negatives"
+    )
     p.add_argument("--report", default="report.md", help="with --explain: the Markdown report to write (default ./report.md)")
     p.add_argument("--top", type=int, default=5, help="with --explain: words of each sign")
     p.add_argument("--max-errors", type=int, default=100, help="with --explain: errors explained per split, most confident first")
-    p.add_argument("--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed")
+    p.add_argument(
+        "--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="greedy continuation with the LM head (weight-loading check)")

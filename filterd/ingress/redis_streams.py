@@ -107,7 +107,9 @@ class RedisIngress:
             log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
         explanation = await self.explain(text or "", decision, result) if self.explain is not None else None
-        return Outcome(entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0, explanation=explanation)
+        return Outcome(
+            entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0, explanation=explanation
+        )
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:
         """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""

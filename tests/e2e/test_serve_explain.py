@@ -66,7 +66,9 @@ def test_explanations_through_every_door(redis_server, tiny_model, spamassassin_
             status, body = asyncio.run(post(http_port, "/checkv2", raw))
             assert status == 200, body
             checkv2 = json.loads(body)
-            status, body = asyncio.run(post(http_port, "/classify", json.dumps({"email": base64.b64encode(raw).decode()}).encode()))
+            status, body = asyncio.run(
+                post(http_port, "/classify", json.dumps({"email": base64.b64encode(raw).decode()}).encode())
+            )
             assert status == 200, body
             classify = json.loads(body)
             r.xadd("filterd:in", {"text": text, "id": "1"})
