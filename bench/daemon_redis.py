@@ -53,11 +53,14 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
 
 
-def run_daemon(model: Path, texts: list[str], work: Path, rate: float | None) -> dict:
-    """Feed `texts` to a fresh filterd + redis-server: all at once (rate None) or `rate` per second."""
+def run_daemon(model: Path, texts: list[str], work: Path, rate: float | None, *, metrics: tuple[str, ...] = (),
+               **overrides: object) -> dict:  # fmt: skip
+    """Feed `texts` to a fresh filterd + redis-server: all at once (rate None) or `rate` per second.
+
+    `overrides`: config keys for FilterdProcess (explain__enabled="spam"); `metrics`: series read at the end."""
     redis = RedisServer(work / "redis").start()
     try:
-        d = FilterdProcess(model, redis.url, work / "filterd.log").start(timeout=300)
+        d = FilterdProcess(model, redis.url, work / "filterd.log", **overrides).start(timeout=300)
         r = redis.client()
         t0 = time.perf_counter()
         if rate is None:
@@ -75,6 +78,7 @@ def run_daemon(model: Path, texts: list[str], work: Path, rate: float | None) ->
         out = r.xrange("filterd:out")
         mean_batch = d.metric("filterd_batch_size_sum") / d.metric("filterd_batch_size_count")
         padding = d.metric("filterd_padding_ratio_sum") / d.metric("filterd_padding_ratio_count")
+        extra = {name: d.metric(name) for name in metrics}
         d.stop()
     finally:
         redis.stop()
@@ -82,7 +86,7 @@ def run_daemon(model: Path, texts: list[str], work: Path, rate: float | None) ->
     lat = [(entry_ms(oid) - entry_ms(f[b"entry"])) / 1000 for oid, f in out]
     return {"messages": len(texts), "seconds": wall, "messages_per_s": len(texts) / wall,
             "arrival_rate": rate, "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
-            "mean_batch_size": mean_batch, "mean_padding_ratio": padding}  # fmt: skip
+            "mean_batch_size": mean_batch, "mean_padding_ratio": padding, **extra}  # fmt: skip
 
 
 def bench_single(model: Path, texts: list[str]) -> dict:

@@ -27,7 +27,7 @@ import base64
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .config import HeadersConfig
@@ -188,10 +188,12 @@ def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
     return _decision_fields(d, c.model if c else "", error)
 
 
-def header_fields(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS) -> list[tuple[str, str]]:
+def header_fields(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS,
+                  report: str = "") -> list[tuple[str, str]]:  # fmt: skip
     """Our X-Spam-* headers for a decision (None: the classification failed, `error` says why), for
-    the doors that add headers themselves (the milter); values are one line each."""
-    return _decision_fields(d, model, error, headers)
+    the doors that add headers themselves (the milter); values are one line each. `report`: an
+    X-Spam-Report value (`report_value`)."""
+    return _decision_fields(d, model, error, headers, report)
 
 
 def subject_prefix(prefix: str) -> str:
@@ -199,20 +201,48 @@ def subject_prefix(prefix: str) -> str:
     return _prefix_bytes(prefix).decode("ascii")
 
 
-def _decision_fields(d: Decision | None, model: str, error: str, headers: HeadersConfig = DEFAULT_HEADERS) -> list[tuple[str, str]]:
+def _decision_fields(d: Decision | None, model: str, error: str, headers: HeadersConfig = DEFAULT_HEADERS,
+                     report: str = "") -> list[tuple[str, str]]:  # fmt: skip
     if d is None:  # no Flag and no Score: nothing was measured
         return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]
-    if headers.style == "spamassassin":
-        return _sa_fields(d, model, headers.required_score)
     yes = "Yes" if d.spam else "No"
-    if d.score is None:  # a list decided: no Score, the list named instead of a model
+    if headers.style == "spamassassin":
+        fields = _sa_fields(d, model, headers.required_score)
+    elif d.score is None:  # a list decided: no Score, the list named instead of a model
         return [("X-Spam-Flag", yes.upper()), ("X-Spam-Status", f"{yes}, listed={_token(d.listed, 40)}")]
-    score = f"{d.score:.4f}"
-    return [
-        ("X-Spam-Flag", yes.upper()),
-        ("X-Spam-Score", score),
-        ("X-Spam-Status", f"{yes}, score={score} threshold={d.threshold:.4f} model={_token(model, 200)}"),
-    ]
+    else:
+        score = f"{d.score:.4f}"
+        fields = [
+            ("X-Spam-Flag", yes.upper()),
+            ("X-Spam-Score", score),
+            ("X-Spam-Status", f"{yes}, score={score} threshold={d.threshold:.4f} model={_token(model, 200)}"),
+        ]
+    report = _REPORT_UNSAFE.sub("_", report)[:_MAX_REPORT]  # report_value made it safe; a caller's string is checked anyway
+    return fields + [("X-Spam-Report", report)] if report.strip() else fields
+
+
+_REPORT_UNSAFE = re.compile(r"[^ -~]")  # printable ASCII and the space: no CR, LF, tab or other control can pass
+_REPORT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MAX_REPORT = _MAX_LINE - len("X-Spam-Report: ")
+
+
+def report_value(e: Any, max_bytes: int) -> str:
+    """An X-Spam-Report value for an Explanation: `+1.234 word | ... | -0.321 word (method, log-odds)`, at most
+    `max_bytes`, cut between words. A word that is not plain printable ASCII (spaces, controls, line breaks,
+    non-ASCII, or something that looks like an encoded word) goes in as RFC 2047 encoded words."""
+    tail = f" ({_token(e.method, 40)}, log-odds)"
+    items: list[str] = []
+    used = len(tail)
+    for c in e.words:
+        word = _REPORT_CONTROL.sub("\ufffd", c.word)  # decoded, an encoded word must not carry a control either
+        word = word if _PLAIN.fullmatch(word) and "=?" not in word else " ".join(_encoded_words(word))
+        item = f"{c.weight:+.3f} {word}"
+        cost = len(item) + (3 if items else 0)
+        if used + cost > min(max_bytes, _MAX_REPORT):
+            break
+        items.append(item)
+        used += cost
+    return " | ".join(items) + tail if items else ""
 
 
 def _tenths(x: float) -> str:
@@ -341,10 +371,12 @@ def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, poli
     return apply(raw, recipients, d, c.model if c else "", policy, error)
 
 
-def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str, policy: Policy, error: str = "") -> Outcome:
+def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str, policy: Policy, error: str = "",
+          report: str = "") -> Outcome:  # fmt: skip
     """The outcome for one message: `d.action` carried out (filterd.decision decided it; `model` names
     the model for the headers). Every relayed message gets our headers; a failed classification (d is
-    None, `error` says why) is relayed with an Unknown status or deferred, as `policy.on_error` says."""
+    None, `error` says why) is relayed with an Unknown status or deferred, as `policy.on_error` says.
+    `report`: an X-Spam-Report value (`report_value`), written with the other X-Spam-* fields when not empty."""
     if d is None and policy.on_error == "tempfail":
         return _skip("tempfail")
     if d is not None and d.action in ("discard", "reject", "soft-reject"):
@@ -354,7 +386,7 @@ def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str,
     eol = _eol(raw)
     end = _header_block(raw)
     block = _without_ours(raw[:end], policy.headers)
-    added = _field_bytes(_decision_fields(d, model, error, policy.headers), eol, policy.headers)
+    added = _field_bytes(_decision_fields(d, model, error, policy.headers, report), eol, policy.headers)
     rcpts = tuple(recipients)
     action = "accept-unknown" if d is None else d.action
 

@@ -83,9 +83,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
         texts: Iterable[str] = _email_texts(args.text)
     else:
         texts = (safe_text(t) for t in args.text) if args.text else _stdin_lines()
+    if args.top < 1:
+        raise FilterdError(f"--top must be at least 1, got {args.top}")
     for chunk in chunks(texts, CHUNK):
-        for v in engine.classify_texts(chunk, threshold=args.threshold):
+        for text, v in zip(chunk, engine.classify_texts(chunk, threshold=args.threshold)):
             line = {"verdict": v.verdict, "score": round(v.score, 6), "model": engine.version, "tokens": v.tokens}
+            if args.explain:
+                from .explain import explain
+
+                line["explanation"] = explain(engine, text, top=args.top, method=args.method).to_json()
             sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
     return 0
@@ -127,6 +133,18 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
 
 
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    from .config import EXPLAIN_METHODS
+
+    p.add_argument(
+        "--explain", action="store_true", help="add the words that raised and lowered P(spam) most (filterd/explain.py)"
+    )
+    p.add_argument("--top", type=int, default=5, help="with --explain: words of each sign")
+    p.add_argument(
+        "--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterd", description="GPT-2 spam filter for mail and SMS")
     add_version(parser)
@@ -136,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="P(spam) at or above which a message is spam (default: the model's)")
     p.add_argument("--email", action="store_true", help="TEXT arguments are files holding raw RFC 822 messages")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _explain_args(p)
     p.add_argument("text", nargs="*", metavar="TEXT", help="messages; none: one message per line on stdin")
     p.set_defaults(func=cmd_classify)
 

@@ -32,6 +32,7 @@ from .errors import ConfigError
 __all__ = [
     "BatchingConfig",
     "Config",
+    "ExplainConfig",
     "HostPort",
     "HttpConfig",
     "LoggingConfig",
@@ -797,6 +798,23 @@ class HeadersConfig:
     )  # fmt: skip
 
 
+EXPLAIN_METHODS = ("integrated-gradients", "gradient", "screened-occlusion", "occlusion")  # filterd/explain.py; the first is the default
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """[explain]: per-verdict explanations (the words that moved P(spam)), computed beside the batcher."""
+
+    enabled: str = _key("off", Choice(options=("off", "spam", "all")), "which verdicts get an explanation: off | spam | all")
+    method: str = _key(EXPLAIN_METHODS[0], Choice(options=EXPLAIN_METHODS), "how word contributions are computed (see README)")
+    top_words: int = _key(5, Int(1, 50), "words of each sign (raising, lowering P(spam)) reported")
+    header: bool = _key(False, Bool(), "add an X-Spam-Report header with the top words (SMTP, milter)")
+    max_header_bytes: int = _key(256, Int(64, 900), "X-Spam-Report's value is cut to this many bytes (whole words)")
+    max_queue: int = _key(16, Int(1), "messages waiting for an explanation; beyond, a message goes without (counted)")
+    deadline: float = _key(2.0, Duration(), "longest a message waits for its explanation; then it goes on without one (counted)")
+    nice: int = _key(10, Int(0, 19), "niceness of the explaining thread and its torch threads, so scoring keeps the CPU first")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz of the daemon."""
@@ -908,6 +926,7 @@ class Config:
     headers: HeadersConfig = _section(HeadersConfig, "[headers]")
     milter: MilterConfig = _section(MilterConfig, "[milter]")
     http: HttpConfig = _section(HttpConfig, "[http]")
+    explain: ExplainConfig = _section(ExplainConfig, "[explain]")
     metrics: MetricsConfig = _section(MetricsConfig, "[metrics]")
     trainer: TrainerConfig = _section(TrainerConfig, "[trainer]")
     history: HistoryConfig = _section(HistoryConfig, "[history]")

@@ -26,8 +26,9 @@ from .batcher import Batcher, Scored
 from .config import format_duration
 from .decision import Policy
 from .engine import Engine
-from .history import HistoryWriter, open_history
 from .errors import ConfigError
+from .explainer import DoorExplainer, Explainer
+from .history import HistoryWriter, open_history
 from .ingress.http import HttpDoor, HttpServer
 from .ingress.milter import MilterDoor, MilterServer
 from .ingress.redis_streams import RedisIngress
@@ -71,6 +72,8 @@ class Daemon:
         self.history: HistoryWriter | None = None  # [history]: off unless enabled
         self.console: Any = None  # [console]: off unless enabled
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
+        self.explanations = Explainer(cfg.explain, self.holder.current, self.metrics, backlog=self._backlog,
+                                      max_backlog=cfg.batching.max_batch_size)  # [explain]: off unless enabled
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
@@ -94,6 +97,15 @@ class Daemon:
 
         return score
 
+    def _backlog(self) -> int:
+        return self.batcher.depth if self.batcher is not None else 0
+
+    def explainer(self, source: str) -> DoorExplainer:
+        """What a door calls after deciding: `await explain(text, decision, scored)` -> Explanation | None (None:
+        [explain] is off or does not cover this verdict, or it was skipped: queue full or past the deadline,
+        counted); `explain.header(e)`: the X-Spam-Report value, "" unless [explain] header is on."""
+        return self.explanations.for_door(source)
+
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
             return False, "no model loaded"
@@ -116,21 +128,23 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy, headers=cfg.headers)
+            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy, headers=cfg.headers,
+                                    explain=self.explainer("smtp"))  # fmt: skip
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
         if cfg.milter.enabled:
             self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics,
-                                          headers=cfg.headers)  # fmt: skip
+                                          headers=cfg.headers, explain=self.explainer("milter"))  # fmt: skip
             self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
             try:
                 await self.milter.start()
             except OSError as e:
                 raise ConfigError(str(e.strerror or e)) from None
         if cfg.http.enabled:
-            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics)
+            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics,
+                            explain=self.explainer("http"))  # fmt: skip
             self.http = HttpServer(cfg.http, door)
             try:
                 await self.http.start()  # requests wait for the model (scorer)
@@ -186,7 +200,8 @@ class Daemon:
             sources.append("smtp")
         if cfg.redis.enabled:
             score = self.scorer("redis", wait_when_full=True)
-            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy)
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy,
+                                      explain=self.explainer("redis"))  # fmt: skip
             self.redis.record = self.history.record if self.history is not None else None
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
@@ -203,6 +218,11 @@ class Daemon:
         on_error = {"smtp": ("accept-unknown" if cfg.smtp.on_error == "accept" else "tempfail",), "redis": (), "http": (),
                     "milter": ("accept-unknown" if cfg.milter.on_error == "accept" else "tempfail",)}  # fmt: skip
         self.metrics.prime(sources, {s: sorted(self.policy.actions(s)) + list(on_error[s]) for s in sources})
+        self.explanations.prime(sources)
+        if self.explanations.enabled:
+            e = cfg.explain
+            log.info("explain: %s verdicts, %s, top %d words, header %s, queue %d, deadline %s", e.enabled, e.method,
+                     e.top_words, "on" if e.header else "off", e.max_queue, format_duration(e.deadline))  # fmt: skip
         self._jobs["model-watch"] = self.holder.watch(self.stop, cfg.model.poll_interval)
         if self.reservoir is not None:
             self._jobs["reservoir"] = self.reservoir.run(self.stop)
@@ -225,6 +245,7 @@ class Daemon:
         except TaskFailed as e:
             failed = e
         await self.batcher.stop(drain=True)
+        self.explanations.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # the texts of the last verdicts too
         if self.history is not None:

@@ -51,6 +51,8 @@ UNLISTED_METRICS = {
     "filterd_trainer_over_ham_fpr_bound": "gauge",
     "filterd_history_written_total": "counter",
     "filterd_history_dropped_total": "counter",
+    "filterd_explanations_total": "counter",
+    "filterd_explain_seconds": "histogram",
 }
 
 SOURCES = ("smtp", "redis")
@@ -186,6 +188,13 @@ class FilterdMetrics(StreamMetrics):
         self.history_written = Counter("filterd_history_written_total", "Decisions written to the verdict history.", registry=r)
         self.history_dropped = Counter(
             "filterd_history_dropped_total", "Decisions not written to the verdict history, by reason.", ["reason"], registry=r
+        )
+        # [explain]: `outcome` explained | busy | queue-full | deadline | error (skips: the message went on without one)
+        self.explanations = Counter(
+            "filterd_explanations_total", "Verdict explanations asked for, by door and outcome.", ["source", "outcome"], registry=r
+        )
+        self.explain_seconds = Histogram(
+            "filterd_explain_seconds", "Time to explain one message (in the explaining thread).", buckets=LATENCY_BUCKETS, registry=r
         )
         self._model_labels: tuple[str, str, str, str] | None = None
         self._init_stream_metrics(r)

@@ -634,3 +634,54 @@ def test_keep_upstream_warns_in_check_config() -> None:
     assert not [w for w in load_config(None, []).warnings() if "keep_upstream" in w]
     warnings = load_config(None, ["headers.keep_upstream=true"]).warnings()
     assert any(w.startswith("[headers] keep_upstream = true: incoming X-Spam-* fields are kept as X-Upstream-Spam-*") for w in warnings)
+
+
+# --- X-Spam-Report ([explain] header) ---------------------------------------------------------
+
+HOSTILE_WORDS = [
+    "viagra", "FREE!!!", "x\r\nBcc: victim@example.org", "\r\n\r\nbody-injection", "nul\x00byte", "tab\there",
+    "=?utf-8?b?Zm9yZ2Vk?=", "日本語", "😀", "\u2028sep", "é" * 64, "a" * 64, "\x1b[31mred", "del\x7f", "trailing\\",
+]
+
+
+def _explanation(words: list[str]):
+    from filterd.explain import Contribution, Explanation
+
+    return Explanation(0.99, "screened-occlusion",
+                       tuple(Contribution(w, 0, len(w), (1.5 - i / 10) if i % 2 == 0 else -(0.5 + i / 10)) for i, w in enumerate(words)))  # fmt: skip
+
+
+@pytest.mark.parametrize("max_bytes", [64, 256, 900])
+def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: int) -> None:
+    """No CR, LF or control character can get through; non-ASCII as encoded words that decode back."""
+    from filterd.actions import header_fields, report_value
+    from filterd.decision import Decision
+
+    value = report_value(_explanation(HOSTILE_WORDS), max_bytes)
+    assert value and len(value.encode()) <= max_bytes
+    assert re.fullmatch(r"[ -~]+", value), value  # printable ASCII and spaces only
+    fields = header_fields(Decision("spam", "tag", 0.99, (), 0.5), "m1", "", value)
+    assert fields[-1] == ("X-Spam-Report", value)
+    block = "".join(f"{n}: {v}\r\n" for n, v in fields).encode() + b"\r\nbody\r\n"
+    msg = email.message_from_bytes(block, policy=email.policy.default)
+    assert msg.get_all("Bcc") is None and list(msg.keys()) == [n for n, _ in fields]
+    decoded = str(msg["X-Spam-Report"])
+    assert "viagra" in decoded and not any(c in decoded for c in "\r\n\x00\x1b\x7f\u2028")
+    if max_bytes == 900:  # room for every word: the non-ASCII ones come back decoded
+        assert "日本語" in decoded and "😀" in decoded and "é" * 64 in decoded
+        assert "=?utf-8?b?Zm9yZ2Vk?=" not in value  # a word that looks like an encoded word is encoded itself
+
+
+def test_spam_report_written_with_the_other_fields_and_forged_one_removed(corpus: Path) -> None:
+    from filterd.actions import apply, report_value
+    from filterd.decision import Decision
+
+    raw = b"X-Spam-Report: forged\r\nSubject: hi\r\n\r\nbody\r\n"
+    value = report_value(_explanation(["cheap", "meds"]), 256)
+    out = apply(raw, ["u@example.net"], Decision("spam", "tag", 0.99, (), 0.5), "m1", Policy(), "", value)
+    msg = email.message_from_bytes(out.data, policy=email.policy.default)
+    assert msg.get_all("X-Spam-Report") == [value]
+    assert out.data.endswith(b"Subject: hi\r\n\r\nbody\r\n")
+    # a caller's unsafe string is still cleaned where the field is written
+    out = apply(raw, ["u@example.net"], Decision("spam", "tag", 0.99, (), 0.5), "m1", Policy(), "", "a\r\nBcc: x")
+    assert email.message_from_bytes(out.data, policy=email.policy.default).get_all("Bcc") is None

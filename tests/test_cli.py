@@ -153,3 +153,50 @@ def test_serve_without_tokenizer_files_exits_1_without_network(tiny_model, tmp_p
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("filterd: error: GPT-2 tokenizer file vocab.bpe not found in " + str(empty)), r.stderr
     assert "TIKTOKEN_CACHE_DIR" in last
+
+
+def test_classify_explain_adds_the_words_with_offsets(tiny_model):
+    texts = ["WINNER!! Claim your free prize now, call 09061701461", "Héllo <b>bob</b>\tsee you at 6?"]
+    lines = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), "--explain", "--top", "2", *texts))
+    for text, line in zip(texts, lines):
+        e = line["explanation"]
+        assert e["method"] == "integrated-gradients" and abs(e["score"] - line["score"]) < 1e-5
+        assert 0 < len(e["words"]) <= 4
+        for w in e["words"]:
+            assert text[w["start"] : w["end"]] == w["word"] and w["weight"] != 0
+    plain = _lines(run("-m", "filterd", "classify", "--model", str(tiny_model.model_dir), texts[0]))
+    assert "explanation" not in plain[0]
+
+
+def test_trainer_evaluate_explain_writes_errors_to_report(tiny_model, sms_data, tmp_path):
+    """False positives and false negatives of the split with their top words, escaped for Markdown."""
+    import csv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    from filterd.engine import Engine
+
+    rows = [r for r in csv.DictReader((sms_data / "test.csv").open())][:120]
+    # text no Markdown reader may interpret, labelled against the model's verdict so that it is an error
+    hostile = "[click](http://evil.example) <script>alert(1)</script> | **FREE** prize `call` now WIN"
+    verdict = Engine.load(tiny_model.model_dir, device="cpu").classify_texts([hostile])[0].verdict
+    rows.append({"id": "x|1", "label": "ham" if verdict == "spam" else "spam", "text": hostile})
+    with (data / "test.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "label", "text"])
+        w.writeheader()
+        w.writerows(rows)
+    report = tmp_path / "report.md"
+    argv = ["evaluate", "--model", str(tiny_model.model_dir), "--data", str(data), "--explain", "--report", str(report)]
+    r = run("-m", "trainer", *argv, "--top", "3")
+    assert r.returncode == 0, r.stderr
+    md = report.read_text()
+    assert "## Metrics" in md and "## Errors explained: test" in md
+    assert "### False positives (ham scored spam):" in md and "### False negatives (spam scored ham):" in md
+    n_errors = sum(
+        int(line.rsplit(": ", 1)[1])
+        for line in md.splitlines()
+        if line.startswith(("### False positives", "### False negatives"))
+    )
+    assert n_errors > 0  # the tiny model makes mistakes on 121 messages: the section is not empty
+    assert "x\\|1" in md  # the hostile message is listed (its id escaped)...
+    assert "<script>" not in md and "](http" not in md and "**FREE**" not in md  # ...and its words escaped

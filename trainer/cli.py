@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from filterd.cli import _config_args, add_version, run_main, safe_text
 from filterd.errors import FilterdError
+from filterd.config import EXPLAIN_METHODS
 
 if TYPE_CHECKING:
     from filterd.config import LoggingConfig
@@ -82,12 +83,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise FilterdError(f"{data}: no {s}.csv")
     engine = Engine.load(args.model, device=args.device)
     reports = evaluate_model(engine, data, splits)
+    if args.explain:
+        _explained_report(args, engine, data, reports)
     if args.json:
         print(json.dumps({"model": engine.version, "splits": {r.split: r.metrics.to_dict() for r in reports}}, indent=2))
     else:
         for r in reports:
             print(format_metrics_line(r.split, r.metrics))
     return 0
+
+
+def _explained_report(args: argparse.Namespace, engine: Any, data: Path, reports: list[Any]) -> None:
+    """report.md with the metrics and the explanation of every false positive and false negative (at most --max-errors per split)."""
+    from filterd.explain import explain
+
+    from .data import read_split
+    from .evaluate import errors_section, write_report
+
+    if args.top < 1 or args.max_errors < 0:
+        raise FilterdError("--top must be at least 1 and --max-errors at least 0")
+    extra: list[str] = []
+    for r in reports:
+        examples = read_split(data / f"{r.split}.csv")
+        wrong = [("fp" if y == 0 else "fn", e, s) for e, y, s in zip(examples, r.labels, r.scores)
+                 if (s >= r.metrics.threshold) != (y == 1)]  # fmt: skip
+        wrong.sort(key=lambda w: -abs(w[2] - r.metrics.threshold))  # the most confident mistakes first
+        errors = [(k, e.id, s, explain(engine, e.text, top=args.top, method=args.method)) for k, e, s in wrong[: args.max_errors]]
+        extra += errors_section(r.split, errors)
+        if len(wrong) > args.max_errors:
+            extra += [
+                f"({len(wrong) - args.max_errors} more errors on {r.split} not explained: --max-errors {args.max_errors})",
+                "",
+            ]
+    info = {"version": engine.version, "base": engine.meta.base, "data": str(data)}
+    write_report(Path(args.report), title=f"Evaluation of {engine.version}", model_info=info, reports=reports, extra=extra)
+    print(f"wrote {args.report}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -260,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val", "train", "holdout", "all"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--explain", action="store_true", help="write --report with the explanations of false positives and false negatives"
+    )
+    p.add_argument("--report", default="report.md", help="with --explain: the Markdown report to write (default ./report.md)")
+    p.add_argument("--top", type=int, default=5, help="with --explain: words of each sign")
+    p.add_argument("--max-errors", type=int, default=100, help="with --explain: errors explained per split, most confident first")
+    p.add_argument(
+        "--method", default=EXPLAIN_METHODS[0], choices=EXPLAIN_METHODS, help="with --explain: how contributions are computed"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="greedy continuation with the LM head (weight-loading check)")

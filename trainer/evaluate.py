@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -411,6 +412,35 @@ def _history_section(history: dict[str, Any]) -> list[str]:
     return ["## Training history", "", *_table(header, [list(r) for r in zip(*columns)]), ""]
 
 
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")  # ASCII punctuation: CommonMark lets any of it be backslash-escaped
+_MD_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def md_escape(text: str) -> str:
+    """Text shown literally in Markdown (and in a table cell): punctuation escaped, controls and line breaks as U+FFFD."""
+    return _MD_PUNCT.sub(r"\\\1", _MD_CONTROL.sub("\ufffd", text))
+
+
+def errors_section(split: str, errors: Sequence[tuple[str, str, float, Any]]) -> list[str]:
+    """False positives and false negatives of a split with their explanations (filterd.explain.Explanation).
+
+    `errors`: (kind "fp"|"fn", message id, P(spam), explanation). Words are escaped: a message's text
+    never becomes Markdown (links, HTML, tables) in the report."""
+
+    def words(cs: Sequence[Any]) -> str:
+        return ", ".join(f"{md_escape(c.word)} ({c.weight:+.3f})" for c in cs) or "–"
+
+    lines = [f"## Errors explained: {split}", "",
+             "Words that raised (+) and lowered (−) P(spam) most, with their weight in spam log-odds "
+             f"(method: {errors[0][3].method if errors else 'n/a'}; `filterd-trainer evaluate --explain`).", ""]  # fmt: skip
+    for kind, title in (("fp", "False positives (ham scored spam)"), ("fn", "False negatives (spam scored ham)")):
+        rows = [[md_escape(i), f"{score:.4f}", words(e.raising), words(e.lowering)] for k, i, score, e in errors if k == kind]
+        lines += [f"### {title}: {len(rows)}", ""]
+        if rows:
+            lines += [*_table(["id", "P(spam)", "raised by", "lowered by"], rows), ""]
+    return lines
+
+
 def write_report(
     path: Path,
     *,
@@ -419,8 +449,9 @@ def write_report(
     reports: list[SplitReport],
     history: dict[str, Any] | None = None,
     plots: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> None:
-    """Write a Markdown evaluation report.
+    """Write a Markdown evaluation report (`extra`: more Markdown lines at the end, e.g. `errors_section`).
 
     ``plots`` maps a caption to an image path relative to the report (e.g.
     ``{"loss": "plots/loss.png"}``); ``history`` uses the keys of `trainer.plots.plot_history`
@@ -439,6 +470,7 @@ def write_report(
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{name}]({rel})\n" for name, rel in plots.items()]
+    lines += list(extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")

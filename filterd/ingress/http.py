@@ -131,6 +131,7 @@ class Request:
 class Outcome:
     decision: Decision
     model: str
+    explanation: Any = None  # filterd.explain.Explanation, when [explain] gave one
 
 
 class Busy(Exception):
@@ -145,18 +146,19 @@ class HttpDoor:
     """One decision per request through the shared batcher and [policy]'s "http" table."""
 
     def __init__(self, cfg: HttpConfig, score: ScoreText, policy: Policy, subject_prefix: str,
-                 metrics: FilterdMetrics | None = None) -> None:  # fmt: skip
+                 metrics: FilterdMetrics | None = None, explain: Any = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.score = score
         self.policy = policy
         self.prefix = subject_prefix
         self.metrics = metrics
         self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
+        self.explain = explain  # Daemon.explainer("http"): async (text, decision, scored) -> Explanation | None
 
     async def decide(self, message: Message, *, raw: bytes | None = None, text: str | None = None, ref: str = "") -> Outcome:
         """Busy (503) or another exception (500) when the model gives no verdict; metrics counted either way."""
         t0 = time.perf_counter()
-        d, model = self.policy.listed(message), ""
+        d, model, explanation = self.policy.listed(message), "", None
         try:
             if d is None:
                 if text is None:
@@ -173,6 +175,7 @@ class HttpDoor:
                 if math.isnan(scored.score):
                     raise ValueError("the model scored NaN")
                 d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
+                explanation = await self.explain(text, d, scored) if self.explain is not None else None
         except Exception:
             if self.metrics is not None:
                 self.metrics.observe_result(source="http", verdict="error", score=None, seconds=time.perf_counter() - t0)
@@ -181,8 +184,8 @@ class HttpDoor:
             self.metrics.observe_result(source="http", verdict=d.verdict, score=d.score, seconds=time.perf_counter() - t0)
             self.metrics.count_action("http", d.action)
         if self.record is not None:
-            self.record("http", message, d, model, ref=ref, text=text, head=(raw or b"")[:65536])
-        return Outcome(d, model)
+            self.record("http", message, d, model, ref=ref, text=text, head=(raw or b"")[:65536], explanation=explanation)
+        return Outcome(d, model, explanation)
 
     # --- replies ---------------------------------------------------------------------
 
@@ -215,6 +218,9 @@ class HttpDoor:
             "filterd": {"verdict": d.verdict, "action": d.action, "p_spam": d.score, "threshold": d.threshold,
                         "reasons": list(d.reasons), "model": o.model, "listed": d.listed},
         }  # fmt: skip
+        if o.explanation is not None:  # the top words as symbol options too, for Rspamd-style consumers
+            reply["filterd_explanation"] = o.explanation.to_json()
+            reply["symbols"][SYMBOL]["options"] += [f"{c.word}({c.weight:+.3f})" for c in o.explanation.words]
         head = _headers_of(raw)
         if head.get("message-id"):
             reply["message-id"] = head["message-id"].strip().strip("<>")
@@ -559,8 +565,11 @@ class HttpServer:
             o = await self._scan(message, raw=raw)
         d = o.decision
         self._log(req, message, o, len(req.body))
-        return _json(200, {"verdict": d.verdict, "score": d.score, "action": d.action, "reasons": list(d.reasons),
-                           "model": o.model, "threshold": d.threshold, "listed": d.listed}, req)  # fmt: skip
+        reply = {"verdict": d.verdict, "score": d.score, "action": d.action, "reasons": list(d.reasons),
+                 "model": o.model, "threshold": d.threshold, "listed": d.listed}  # fmt: skip
+        if o.explanation is not None:  # `reasons` already names the policy's reasons; the words go beside them
+            reply["explanation"] = o.explanation.to_json()
+        return _json(200, reply, req)
 
     @staticmethod
     def _log(req: Request, m: Message, o: Outcome, size: int) -> None:

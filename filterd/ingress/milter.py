@@ -54,7 +54,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence, Union
 
 from ..actions import DEFAULT_HEADERS, header_fields, subject_prefix, upstream_name
 from ..config import HeadersConfig, MilterConfig, UnixSocket
@@ -787,10 +787,11 @@ class MilterDoor:
     `[milter] on_error` (accept with an Unknown status, or 451), like the SMTP door's."""
 
     def __init__(self, cfg: MilterConfig, score: ScoreText, policy: Policy, subject_prefix: str, metrics: "FilterdMetrics | None" = None,
-                 headers: HeadersConfig = DEFAULT_HEADERS) -> None:  # fmt: skip
+                 headers: HeadersConfig = DEFAULT_HEADERS, explain: Any = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.headers = headers
         self.score = score
+        self.explain = explain  # Daemon.explainer("milter"): async (text, decision, scored) -> Explanation | None; .header(e)
         self.policy = policy
         self.prefix = subject_prefix
         self.metrics = metrics
@@ -819,6 +820,7 @@ class MilterDoor:
         t0 = time.perf_counter()
         message = Message("milter", msg.sender, tuple(msg.recipients))
         d, model, error, text = self.policy.listed(message), "", "", None
+        report, explanation = "", None
         if d is None:
             try:
                 text = await asyncio.to_thread(extract_text, msg.raw())  # parsing off the event loop
@@ -826,24 +828,27 @@ class MilterDoor:
                 if math.isnan(scored.score):
                     raise ValueError("the model scored NaN")
                 d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
+                if self.explain is not None:
+                    explanation = await self.explain(text, d, scored)
+                    report = self.explain.header(explanation)
             except Exception as e:  # busy (QueueFull) or failed: on_error, as for the SMTP door
                 error = "busy" if type(e).__name__ == "QueueFull" else type(e).__name__
                 log.warning("milter: %s: classification failed (%s); on_error = %s", msg.queue_id or "-", error, self.cfg.on_error)
         if self.metrics is not None:
             self.metrics.observe_result(source="milter", verdict=d.verdict if d else "error", score=d.score if d else None,
                                         seconds=time.perf_counter() - t0)  # fmt: skip
-        reply, action = self._reply(msg, d, model, error)
+        reply, action = self._reply(msg, d, model, error, report)
         if self.metrics is not None:
             self.metrics.count_action("milter", action)
         if self.record is not None and d is not None:
             self.record("milter", message, d, model, action, ref=msg.queue_id, text=text,
-                        head=b"".join(line + b"\r\n" for line in msg.header_lines))  # fmt: skip
+                        head=b"".join(line + b"\r\n" for line in msg.header_lines), explanation=explanation)  # fmt: skip
         verdict = "unknown" if d is None else f"{d.verdict} score={d.score:.4f}" if d.score is not None else f"{d.verdict} listed={d.listed}"
         log.info("milter: queue_id=%s from=<%s> rcpts=%d size=%d verdict=%s action=%s", msg.queue_id or "-", msg.sender,
                  len(msg.recipients), msg.size, verdict, action)  # fmt: skip
         return reply
 
-    def _reply(self, msg: MilterMessage, d: Decision | None, model: str, error: str) -> tuple[MilterReply, str]:
+    def _reply(self, msg: MilterMessage, d: Decision | None, model: str, error: str, report: str = "") -> tuple[MilterReply, str]:
         if d is None and self.cfg.on_error == "tempfail":
             return MilterReply(Tempfail(451, "4.7.1", "filterd: temporary failure, try again later")), "tempfail"
         action = "accept-unknown" if d is None else d.action
@@ -855,7 +860,7 @@ class MilterDoor:
             return MilterReply(Discard()), action
         mods: list[Modification] = list(msg.forged_header_deletions())
         mods += _upstream_renamed(msg, self.headers)
-        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error, self.headers)]
+        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error, self.headers, report)]
         prefix = subject_prefix(self.prefix)
         if action == "subject" and prefix.strip():
             mods.append(ChangeSubject(prefix + _subject_of(msg)))

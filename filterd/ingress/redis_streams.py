@@ -10,6 +10,7 @@ the consumer's business (see filterd/streams.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Outcome:
     error: str | None = None  # dead-letter reason, when the entry itself is bad
     failed: bool = False  # classification failed: leave pending, it is retried after claim_idle_ms
     seconds: float = 0.0
+    explanation: Any = None  # filterd.explain.Explanation, when [explain] gave one
 
 
 def validate_entry(fields: dict[bytes, bytes], max_text_bytes: int) -> tuple[str | None, str | None]:
@@ -63,10 +65,11 @@ class RedisIngress:
     """Scores `in_stream` as consumer `consumer` of `group` and writes results; see the module docstring."""
 
     def __init__(self, cfg: Any, consumer: str, score: Callable[[str], Awaitable[Any]], metrics: Any | None = None,
-                 policy: Policy | None = None, **settings: Any) -> None:  # fmt: skip
+                 policy: Policy | None = None, explain: Any = None, **settings: Any) -> None:  # fmt: skip
         self.cfg = cfg
         self.consumer = consumer
         self.score = score
+        self.explain = explain  # Daemon.explainer("redis"): async (text, decision, scored) -> Explanation | None
         self.metrics = metrics
         self.policy = policy or Policy.default()
         s = StreamSettings.from_config(cfg, stream=cfg.in_stream, group=cfg.group, name="redis", consumer=consumer, **settings)
@@ -104,9 +107,12 @@ class RedisIngress:
         except Exception as e:  # the model failed: count it, keep the entry pending for a retry
             log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
             return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
+        explanation = await self.explain(text or "", decision, result) if self.explain is not None else None
         if self.record is not None:
-            self.record("redis", message, decision, result.model, ref=entry_id.decode(), text=text)
-        return Outcome(entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0)
+            self.record("redis", message, decision, result.model, ref=entry_id.decode(), text=text, explanation=explanation)
+        return Outcome(
+            entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0, explanation=explanation
+        )
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:
         """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""
@@ -139,10 +145,13 @@ class RedisIngress:
                 assert d is not None
                 score = "" if d.score is None else f"{d.score:.6f}"  # "": a list decided, the model was not asked
                 model = o.result.model if o.result is not None else ""
-                tx.xadd(cfg.out_stream, {
+                result = {
                     b"id": o.fields.get(b"id", b""), b"entry": o.entry_id, b"verdict": d.verdict,
                     b"score": score, b"model": model, b"latency_ms": f"{o.seconds * 1000:.1f}", b"action": d.action,
-                }, **maxlen)  # fmt: skip
+                }  # fmt: skip
+                if o.explanation is not None:  # [explain]: the words as JSON (filterd.explain.Explanation.to_json)
+                    result[b"explanation"] = json.dumps(o.explanation.to_json(), ensure_ascii=False)
+                tx.xadd(cfg.out_stream, result, **maxlen)
                 route = (cfg.routes or {}).get(d.verdict)
                 if route:
                     tx.xadd(route, {**o.fields, b"verdict": d.verdict, b"score": score, b"action": d.action}, **maxlen)

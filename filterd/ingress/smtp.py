@@ -657,9 +657,11 @@ class FilterHandler:
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
         budget: ByteBudget | None = None, policy: decision.Policy | None = None, headers: HeadersConfig | None = None,
+        explain: Any = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.score = score
+        self.explain = explain  # Daemon.explainer("smtp"): async (text, decision, scored) -> Explanation | None; .header(e)
         self.budget = budget or ByteBudget(cfg.max_inflight_bytes)
         self.metrics = metrics
         self.decider = policy or decision.Policy.from_config(Config(smtp=cfg))  # alone: [smtp] action, mapped
@@ -772,6 +774,7 @@ class FilterHandler:
         t0 = time.perf_counter()
         message = Message("smtp", txn.mail_from, tuple(txn.rcpts))
         d, model, error, text = self.decider.listed(message), "", "", None  # a listed message is neither parsed nor scored
+        report, explanation = "", None
         if d is None:
             scored, error, text = await self._classify(raw)
             if error == "busy":
@@ -780,10 +783,13 @@ class FilterHandler:
                 return BUSY
             if scored is not None:
                 d, model = self.decider.decide(message, scored.score, scored.threshold), scored.model
+                if self.explain is not None:  # bounded by [explain] deadline; None when skipped
+                    explanation = await self.explain(text, d, scored)
+                    report = self.explain.header(explanation)
         self._observe(d.verdict if d else "error", d.score if d else None, t0)
         # Parsing and rewriting stay off the event loop whatever the size: a few ms of regex on
         # the loop is a few ms of stall for every other session.
-        args = (raw, tuple(txn.rcpts), d, model, self.policy, error)
+        args = (raw, tuple(txn.rcpts), d, model, self.policy, error, report)
         outcome, message_id = await asyncio.to_thread(_decide, *args) if len(raw) > THREAD_DECIDE_BYTES else _decide(*args)
         queued_as, reply = "", outcome.reply
         if outcome.relay:
@@ -800,7 +806,7 @@ class FilterHandler:
             self.metrics.count_action("smtp", outcome.action)
         if self.record is not None and d is not None:
             self.record("smtp", message, d, model, outcome.action, ref=_xtext_decoded(txn.xforward.get("IDENT", "")) or queued_as,
-                        text=text, head=raw[:65536])  # fmt: skip
+                        text=text, head=raw[:65536], explanation=explanation)  # fmt: skip
         verdict = _verdict_text(d)
         log.info("smtp: %s message_id=%s from=<%s> rcpts=%d size=%d %s action=%s reply=%s queued_as=%s", origin, message_id,
                  txn.mail_from, len(txn.rcpts), len(raw), verdict, outcome.action, reply[:3], queued_as or "-")  # fmt: skip
@@ -869,12 +875,13 @@ def _verdict_text(d: Decision | None) -> str:
     return f"verdict={d.verdict} score={d.score:.4f}"
 
 
-def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str) -> tuple[Outcome, str]:
+def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str,
+            report: str = "") -> tuple[Outcome, str]:  # fmt: skip
     """`actions.apply` plus the Message-ID for the log line (in the worker thread, with the parse)."""
     head = raw[: raw.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in raw[:1 << 20] else raw[: 1 << 16]
     m = _MESSAGE_ID.search(head)
     message_id = _CONTROL.sub("", m[1].decode("ascii", "replace"))[:200] if m else ""
-    return apply(raw, rcpts, d, model, policy, error), message_id or "-"
+    return apply(raw, rcpts, d, model, policy, error, report), message_id or "-"
 
 
 def _log_warm_failure(f: asyncio.Future[str]) -> None:
@@ -899,11 +906,11 @@ class SmtpIngress:
 
     def __init__(
         self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        policy: decision.Policy | None = None, headers: HeadersConfig | None = None,
+        policy: decision.Policy | None = None, headers: HeadersConfig | None = None, explain: Any = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
-        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy, headers)
+        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy, headers, explain)
         self.max_connections = cfg.max_connections
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[_Server] = set()
