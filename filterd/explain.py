@@ -1,9 +1,9 @@
 """Why a message scored as it did: the words that raised and lowered P(spam) most, with signed weights.
 
 Four methods, measured against each other in bench/explain.py (faithfulness and cost, bench/RESULTS.md
-section 13); `integrated-gradients` is the default: deleting its top-5 raising words lowered the spam
-logit of SpamAssassin test spam by 0.55 on average, significantly more than any other method (paired
-bootstrap), for ~0.1 s per message on one CPU thread.
+section 13); `integrated-gradients` is the default: on the SpamAssassin test split, deleting its top-5
+raising words lowered the spam logit significantly more than any other method's (paired bootstrap),
+at a cost that lets it run on every spam at a small site's rate.
 - `occlusion`: delete each word's tokens and score what is left (batched forward passes, no backward).
   A word's weight is the full text's spam logit minus the logit without it: what that word is worth,
   in the unit the decision uses (log-odds; P(spam) = sigmoid(logit)). It answers exactly "what if this
