@@ -660,7 +660,7 @@ def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: in
     value = report_value(_explanation(HOSTILE_WORDS), max_bytes)
     assert value and len(value.encode()) <= max_bytes
     assert re.fullmatch(r"[ -~]+", value), value  # printable ASCII and spaces only
-    fields = header_fields(Decision("spam", "tag", 0.99, (), 0.5), "m1", "", value)
+    fields = header_fields(Decision("spam", "tag", 0.99, (), 0.5), "m1", "", report=value)
     assert fields[-1] == ("X-Spam-Report", value)
     block = "".join(f"{n}: {v}\r\n" for n, v in fields).encode() + b"\r\nbody\r\n"
     msg = email.message_from_bytes(block, policy=email.policy.default)
