@@ -2,10 +2,13 @@
 
 A model per source (bench/RESULTS.md, "SMS and mail in one deployment"), so one instance per source,
 each with its own config, model and metrics port: `sms.toml` reads the Redis stream, `mail.toml`
-is the SMTP content filter. Starts a private redis-server and an SMTP sink standing in for Postfix's
-re-injection port (all on loopback ports picked free), writes both configs, runs both daemons,
-sends SMS through the Redis stream and mail through SMTP, prints the verdicts and a few metrics, and
-stops everything it started, also on failure.
+serves every mail door: the SMTP content filter, the milter (behind a private Postfix with the
+shipped deploy/postfix/milter.main.cf, when run as root with postfix installed) and the HTTP scan
+API, with explanations of spam, the verdict history and the web console on. Starts a private
+redis-server and an SMTP sink standing in for Postfix's re-injection port and final delivery (all
+on loopback ports picked free), writes both configs, runs both daemons, sends SMS through the Redis
+stream and the same mail through each mail door, prints the verdicts, the words that made them and
+a few metrics, and stops everything it started, also on failure.
 
     python scripts/demo_serve.py --sms-model work/demo/model-sms --mail-model work/demo/model-mail --work work/demo
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import email
+import json
+import os
 import email.policy
 import shutil
 import signal
@@ -28,6 +33,9 @@ from pathlib import Path
 
 import redis
 from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the private Postfix of the tests (tests/postfix.py) runs the milter door's demo
 
 SMS = [
     "WINNER!! As a valued customer you have been selected to receive a £900 prize reward! Call 09061701461",
@@ -88,6 +96,39 @@ def start_filterd(name: str, config: Path, work: Path, started: list[subprocess.
     return log
 
 
+def raw_mail(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw.split(b"\n", 1)[1] if raw.startswith(b"From ") else raw  # an mbox From_ line is not part of the message
+
+
+def milter_demo(mails: list[bytes], names: list[Path], milter_port: int, sink: Sink, sink_port: int, work: Path) -> None:
+    """The mail through a private Postfix whose smtpd asks filterd's milter (deploy/postfix/milter.main.cf):
+    spam at or above [policy.milter] reject_score is refused during the SMTP session; the rest is delivered."""
+    print("\n-- the same mail through Postfix with filterd as its milter (shipped milter.main.cf; reject_score 0.9)")
+    if os.geteuid() != 0 or not shutil.which("postfix", path="/usr/sbin:/usr/bin"):
+        print("(skipped: a private Postfix needs root and the postfix package)")
+        return
+    from tests.postfix import PostfixError, PostfixServer
+
+    before = len(sink.received)
+    with PostfixServer(work / "postfix", relay_port=sink_port, content_filter=False, milter_port=milter_port) as pf:
+        delivered = 0
+        for i, (name, raw) in enumerate(zip(names, mails)):
+            try:
+                queue_id = pf.submit(raw, "demo@example.org", [f"milter{i}@example.net"])
+                delivered += 1
+                print(f"250 queued as {queue_id}  {name.parent.name}/{name.name[:5]}")
+            except PostfixError as e:
+                print(f"{str(e).splitlines()[0][:90]}  {name.parent.name}/{name.name[:5]}")
+        deadline = time.monotonic() + 60
+        while len(sink.received) < before + delivered and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for rcpts, data in sink.received[before:]:
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        print(f"delivered to {rcpts[0]}: X-Spam-Status: {msg['X-Spam-Status']}")
+    shutil.rmtree(work / "postfix", ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sms-model", type=Path, required=True, help="the model of the SMS instance (Redis)")
@@ -97,6 +138,7 @@ def main() -> int:
     args = ap.parse_args()
     work = args.work.resolve()
     redis_port, smtp_port, sink_port, sms_metrics, mail_metrics = (free_port() for _ in range(5))
+    milter_port, http_port, console_port = (free_port() for _ in range(3))
     started: list[subprocess.Popen] = []
     sink = Sink()
     controller = Controller(sink, hostname="127.0.0.1", port=sink_port, decode_data=False, enable_SMTPUTF8=True)
@@ -117,16 +159,25 @@ def main() -> int:
         mail_config.write_text(
             f'[model]\npath = "{args.mail_model.resolve()}"\ndevice = "cpu"\n'
             f"[redis]\nenabled = false\n"
-            f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nnext_hop = "127.0.0.1:{sink_port}"\naction = "tag"\n'
+            f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nnext_hop = "127.0.0.1:{sink_port}"\n'
+            f'[milter]\nenabled = true\nlisten = "127.0.0.1:{milter_port}"\n'
+            f'[http]\nenabled = true\nlisten = "127.0.0.1:{http_port}"\n'
+            f"[policy.milter]\nreject_score = 0.9\n"  # before the queue, sure spam is refused; the rest tagged
+            f'[explain]\nenabled = "spam"\nheader = true\n'
+            f'[history]\nenabled = true\npath = "{work / "history.sqlite"}"\nstore_text = true\n'
+            f'[console]\nenabled = true\nlisten = "127.0.0.1:{console_port}"\n'
+            f'[trainer]\nstore = "{work / "labels.sqlite"}"\n'
             f'[metrics]\nlisten = "127.0.0.1:{mail_metrics}"\n'
         )
+        (work / "history.sqlite").unlink(missing_ok=True)  # this run's verdicts only
         sms_log = start_filterd("sms", sms_config, work, started)
         sms_proc = started[-1]
         mail_log = start_filterd("mail", mail_config, work, started)
         wait_http(f"http://127.0.0.1:{sms_metrics}/healthz", 120, sms_proc, sms_log)
         wait_http(f"http://127.0.0.1:{mail_metrics}/healthz", 120, started[-1], mail_log)
         print(f"filterd serving: SMS on Redis 127.0.0.1:{redis_port} filterd:in -> filterd:out (model {args.sms_model}); "
-              f"mail on SMTP 127.0.0.1:{smtp_port} -> next hop 127.0.0.1:{sink_port} (model {args.mail_model})")  # fmt: skip
+              f"mail on SMTP 127.0.0.1:{smtp_port} -> next hop 127.0.0.1:{sink_port}, milter 127.0.0.1:{milter_port}, "
+              f"HTTP 127.0.0.1:{http_port} (model {args.mail_model})")  # fmt: skip
 
         r = redis.Redis(port=redis_port)
         for i, text in enumerate(SMS):
@@ -146,20 +197,36 @@ def main() -> int:
         print("\n-- mail through SMTP (the mail instance, as a Postfix content filter)")
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as c:
             for i, path in enumerate(args.mail):
-                raw = path.read_bytes()
-                if raw.startswith(b"From "):  # an mbox From_ line is not part of the message
-                    raw = raw.split(b"\n", 1)[1]
-                c.sendmail("demo@example.org", [f"user{i}@example.net"], raw)
+                c.sendmail("demo@example.org", [f"user{i}@example.net"], raw_mail(path))
         for rcpts, data in sink.received:
             msg = email.message_from_bytes(data, policy=email.policy.default)
             name = args.mail[int(rcpts[0][4:].split("@")[0])]
             print(f"{msg['X-Spam-Flag']:3s}  {msg['X-Spam-Status']}\n     {name.parent.name}/{name.name[:5]}  "
                   f"Subject: {str(msg['Subject'])[:60]}")  # fmt: skip
+            if msg["X-Spam-Report"]:
+                print(f"     X-Spam-Report: {msg['X-Spam-Report']}"[:160])
+        mails = [raw_mail(path) for path in args.mail]
+        milter_demo(mails, args.mail, milter_port, sink, sink_port, work)
+
+        print("\n-- the same mail through the HTTP scan API (POST /checkv2, as Exim's spamd variant=rspamd sends it)")
+        for path, raw in zip(args.mail, mails):
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}/checkv2", data=raw, method="POST",
+                                         headers={"From": "demo@example.org", "Rcpt": "user@example.net", "IP": "192.0.2.7"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=60) as r:
+                reply = json.loads(r.read())
+            print(f"{reply['action']:15s} score={reply['score']:.2f} required={reply['required_score']:.0f}  "
+                  f"{path.parent.name}/{path.name[:5]}")  # fmt: skip
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{console_port}/history", timeout=30) as r:
+            rows = r.read().count(b'<tr class="row-')
+        print(f"\n-- web console of the mail instance: http://127.0.0.1:{console_port}/ ({rows} verdicts of this run in its "
+              "history, spam with its words highlighted; it serves while `filterd serve --config mail.toml` runs)")
 
         for name, port in (("sms", sms_metrics), ("mail", mail_metrics)):
             print(f"\n-- metrics of the {name} instance: http://127.0.0.1:{port}/metrics (health: /healthz); a few of them:")
             for line in metric_lines(port, ("filterd_messages_total", "filterd_smtp_replies_total", "filterd_dead_letters_total",
-                                            "filterd_model_info", "filterd_batch_size_count")):  # fmt: skip
+                                            "filterd_model_info", "filterd_batch_size_count", "filterd_actions_total",
+                                            "filterd_explanations_total")):  # fmt: skip
                 print("  " + line)
         print(
             f"(the demo stops these services now; `filterd serve --config {sms_config}` and "
