@@ -22,7 +22,8 @@ from pathlib import Path
 
 from filterd.mail import extract_text
 from filterd.metrics import FilterdMetrics
-from filterd.reservoir import BATCH_MAX, Reservoir, ReservoirWriter
+from filterd.queued_writes import BATCH_MAX
+from filterd.reservoir import Reservoir, ReservoirWriter
 from tests.conftest import SMS_FILE, SPAMASSASSIN
 
 

@@ -19,7 +19,6 @@ is not affected. The daemon is the only writer; the console opens its own connec
 
 from __future__ import annotations
 
-import asyncio
 import email.parser
 import email.policy
 import json
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .queued_writes import QueuedWriter
 
 log = logging.getLogger("filterd")
 
@@ -43,8 +43,6 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 PURGE_EVERY_S = 60.0
 QUEUE_MAX = 2000  # rows waiting for the writer; more are dropped and counted
-BATCH_MAX = 500
-ERROR_LOG_EVERY_S = 60.0
 MAX_TEXT_CHARS = 65_536  # the text the model read is far shorter (max_length tokens); this only bounds a row
 MAX_FIELD_CHARS = 512  # sender, one recipient, subject, reference
 MAX_RECIPIENTS = 50
@@ -288,19 +286,16 @@ def open_history(cfg: Any) -> History:
         raise ConfigError(f"[history] path: {e}") from None
 
 
-class HistoryWriter:
+class HistoryWriter(QueuedWriter[dict[str, Any]]):
     """The daemon's side: `record` is what the doors call (never blocks, never raises); `run` writes batches from a
     worker thread until `stop`; `close` writes what is still queued."""
 
     def __init__(self, history: History, metrics: Any, *, store_text: bool = False, max_queue: int = QUEUE_MAX) -> None:
+        super().__init__(self._prepare_and_add, history.close, dropped=metrics.history_dropped, written=metrics.history_written,
+                         max_queue=max_queue, failed="history: write failed, %d verdicts not recorded")  # fmt: skip
         self.history = history
         self.metrics = metrics
         self.store_text = store_text
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max_queue)
-        self._last_error_log = -math.inf
-        self._errors_unlogged = 0
-        for reason in ("queue-full", "write-error"):  # zero-valued series from the first scrape
-            metrics.history_dropped.labels(reason)
 
     def record(self, source: str, message: Any, decision: Any, model: str, action: str | None = None, *, ref: str = "",
                text: str | None = None, head: bytes = b"", subject: str = "",
@@ -315,36 +310,11 @@ class HistoryWriter:
                 "action": action or decision.action, "model": model or "", "listed": decision.listed,
                 "explanation": explanation, "text": text if self.store_text else None,
             }  # fmt: skip
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
-            self.metrics.history_dropped.labels("queue-full").inc()
         except Exception:  # a history bug must never reach mail handling
             log.exception("history: could not record a %s verdict", source)
             self.metrics.history_dropped.labels("write-error").inc()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Write batches until `stop` (supervised: an exception here is a bug and ends the process)."""
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not getter.done():
-                getter.cancel()
-                return
-            await self._write([getter.result(), *self._take(BATCH_MAX - 1)])
-
-    async def close(self) -> None:
-        """After the doors have finished: write what is still queued, then close the file."""
-        while batch := self._take(BATCH_MAX):
-            await self._write(batch)
-        await asyncio.to_thread(self.history.close)
-
-    def _take(self, n: int) -> list[dict[str, Any]]:
-        batch = []
-        while len(batch) < n and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        return batch
+            return
+        self.put(row)
 
     def _prepare_and_add(self, batch: list[dict[str, Any]]) -> int:
         for row in batch:  # in the worker thread: header parsing and JSON stay off the event loop
@@ -353,18 +323,3 @@ class HistoryWriter:
                 row["subject"] = subject_of(head)
             row["explanation"] = _explanation_json(row["explanation"])
         return self.history.add_many(batch)
-
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
-        try:
-            n = await asyncio.to_thread(self._prepare_and_add, batch)
-        except Exception as e:  # disk full, file locked for too long, deleted directory: the history loses a batch
-            self.metrics.history_dropped.labels("write-error").inc(len(batch))
-            now = time.monotonic()
-            if now - self._last_error_log >= ERROR_LOG_EVERY_S:
-                more = f" ({self._errors_unlogged} more failed writes since the last report)" if self._errors_unlogged else ""
-                log.error("history: write failed, %d verdicts not recorded: %s%s", len(batch), " ".join(str(e).split()), more)
-                self._last_error_log, self._errors_unlogged = now, 0
-            else:
-                self._errors_unlogged += 1
-            return
-        self.metrics.history_written.inc(n)

@@ -23,7 +23,6 @@ batches from a worker thread, so verdicts never wait for the disk.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .queued_writes import QueuedWriter
 
 log = logging.getLogger("filterd")
 
@@ -48,8 +48,6 @@ BUCKETS = 1000  # arrival counts are kept per max_age/BUCKETS (at least a minute
 BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = 1
 QUEUE_MAX = 1000  # texts waiting for the writer; more are dropped and counted
-BATCH_MAX = 500  # texts per write transaction
-ERROR_LOG_EVERY_S = 60.0
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SCHEMA = """
@@ -317,62 +315,17 @@ def open_reservoir(path: Path, size: int, max_age: float) -> Reservoir:
         raise ConfigError(f"[trainer] reservoir: {e}") from None
 
 
-class ReservoirWriter:
+class ReservoirWriter(QueuedWriter[tuple[str, str, float]]):
     """The daemon's side: `offer` never blocks (a full queue drops the text and counts it); `run` writes batches
-    from a worker thread until `stop`, then writes what is queued. A write error drops that batch, is logged
-    at most once a minute and never reaches mail or SMS handling."""
+    from a worker thread until `stop`, then writes what is queued (filterd.queued_writes)."""
 
     def __init__(self, reservoir: Reservoir, metrics: Any, max_queue: int = QUEUE_MAX) -> None:
+        super().__init__(reservoir.add_many, reservoir.close, dropped=metrics.reservoir_dropped,
+                         written=metrics.reservoir_written, max_queue=max_queue,
+                         failed="reservoir: write failed, %d texts dropped")  # fmt: skip
         self.reservoir = reservoir
         self.metrics = metrics
-        self._queue: asyncio.Queue[tuple[str, str, float]] = asyncio.Queue(max_queue)
-        self._last_error_log = -math.inf
-        self._errors_unlogged = 0
-        for reason in ("queue-full", "write-error"):  # zero-valued series from the first scrape
-            metrics.reservoir_dropped.labels(reason)
 
     def offer(self, text: str, source: str) -> None:
         """Queue a classified message's text (already extracted: never raw mail bytes or addresses)."""
-        try:
-            self._queue.put_nowait((text[:MAX_TEXT_CHARS], source, time.time()))
-        except asyncio.QueueFull:
-            self.metrics.reservoir_dropped.labels("queue-full").inc()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Write batches until `stop` (supervised: an exception here is a bug and ends the process)."""
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not getter.done():
-                getter.cancel()
-                return
-            await self._write([getter.result(), *self._take(BATCH_MAX - 1)])
-
-    async def close(self) -> None:
-        """After the ingresses have finished: write what is still queued, then close the file."""
-        while batch := self._take(BATCH_MAX):
-            await self._write(batch)
-        await asyncio.to_thread(self.reservoir.close)
-
-    def _take(self, n: int) -> list[tuple[str, str, float]]:
-        batch = []
-        while len(batch) < n and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        return batch
-
-    async def _write(self, batch: list[tuple[str, str, float]]) -> None:
-        try:
-            await asyncio.to_thread(self.reservoir.add_many, batch)
-        except Exception as e:  # disk full, file deleted under us, locked for too long: the sample loses a batch
-            self.metrics.reservoir_dropped.labels("write-error").inc(len(batch))
-            now = time.monotonic()
-            if now - self._last_error_log >= ERROR_LOG_EVERY_S:
-                more = f" ({self._errors_unlogged} more failed writes since the last report)" if self._errors_unlogged else ""
-                log.error("reservoir: write failed, %d texts dropped: %s%s", len(batch), " ".join(str(e).split()), more)
-                self._last_error_log, self._errors_unlogged = now, 0
-            else:
-                self._errors_unlogged += 1
-            return
-        self.metrics.reservoir_written.inc(len(batch))
+        self.put((text[:MAX_TEXT_CHARS], source, time.time()))
