@@ -73,13 +73,13 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine
-from filterd.tokenizer import Tokenizer
+from filterd.model.engine import Engine
+from filterd.model.tokenizer import Tokenizer
 from trainer.data import MAX_TEXT_CHARS, Example, balance, read_email_dir, read_sms, split, write_split
 from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, roca_pct
 from trainer.fit import TRAINABLE, FitConfig, fit
 
-from .daemon_redis import SHARED
+from bench.daemon_redis import SHARED
 
 CORPORA = ("uci", "spamassassin")
 SOURCES = {

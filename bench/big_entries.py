@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from bench.daemon_redis import make_model
-from tests.e2e.daemon import FilterdProcess
-from tests.services import RedisServer
+from testing.daemon import FilterdProcess
+from testing.services import RedisServer
 
 
 def peak_rss_mib(pid: int) -> float:

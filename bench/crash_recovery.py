@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench.daemon_redis import make_model
 from tests.conftest import SHARED
-from tests.e2e.daemon import FilterdProcess
-from tests.services import RedisServer
+from testing.daemon import FilterdProcess
+from testing.services import RedisServer
 from trainer.data import read_sms
 
 

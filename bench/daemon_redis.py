@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine
-from filterd.tokenizer import Tokenizer
-from filterd.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
-from tests.e2e.daemon import FilterdProcess
-from tests.services import RedisServer
+from filterd.model.engine import Engine
+from filterd.model.tokenizer import Tokenizer
+from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from testing.daemon import FilterdProcess
+from testing.services import RedisServer
 from trainer.data import read_sms
 
 SHARED = Path(os.environ.get("FILTERD_SHARED", Path(__file__).resolve().parents[2] / "shared"))

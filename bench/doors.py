@@ -5,17 +5,17 @@
         --json bench/results/doors.json --md bench/results/doors.md
 
 Every raw message of the split (ids name the corpus files; the mbox From_ line removed, CRLF line
-ends, as an MTA carries it: bench/corpus.py) goes through each path below, `--concurrency` at a
-time, each path with its own fresh `filterd serve` (tests/e2e/daemon.py) on the same model and the
+ends, as an MTA carries it: testing/corpus.py) goes through each path below, `--concurrency` at a
+time, each path with its own fresh `filterd serve` (testing/daemon.py) on the same model and the
 default [policy] (tag only: every message gets its score back, none is refused):
 - `smtp`: the content filter alone: one SMTP session per message straight to filterd's SMTP
   ingress, which relays to an SMTP sink (as bench/smtp.py);
-- `postfix+content_filter`: a real Postfix (tests/postfix.py) with the shipped deploy/postfix/
+- `postfix+content_filter`: a real Postfix (testing/postfix.py) with the shipped deploy/postfix/
   main.cf + master.cf: client -> Postfix (queued) -> scan (16 processes) -> filterd -> Postfix's
   re-injection listener -> sink;
 - `postfix+milter`: the same Postfix with the shipped deploy/postfix/milter.main.cf instead:
   filterd answers during the SMTP session, Postfix queues and delivers to the sink;
-- `milter-protocol`: the milter protocol alone, tests/milter_mta.py as the MTA side (one
+- `milter-protocol`: the milter protocol alone, testing/milter_mta.py as the MTA side (one
   connection per concurrent session, the next message when one is done; as bench/milter_protocol.py);
 - `http`: `POST /checkv2` (Rspamd's protocol), one connection per request (as bench/http_checkv2.py);
 - `postfix-only`: the same Postfix with no filter at all (no model): the MTA's own cost.
@@ -52,22 +52,22 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine
-from filterd.ingress import milter as m
-from filterd.mail import extract_text
-from tests.e2e.daemon import FilterdProcess
-from tests.milter_mta import Mta
-from tests.postfix import PostfixServer
-from tests.services import free_port
-from tests.smtp_sink import Received, SmtpSink
+from filterd.model.engine import Engine
+from filterd.doors import milter as m
+from filterd.mail.text import extract_text
+from testing.daemon import FilterdProcess
+from testing.milter_mta import Mta
+from testing.postfix import PostfixServer
+from testing.services import free_port
+from testing.smtp_sink import Received, SmtpSink
 from trainer.data import read_split
 from trainer.evaluate import compute_metrics
 
-from .corpus import CORPUS, wire
-from .daemon_redis import pct
-from .http_checkv2 import post_all
-from .milter_protocol import run_sessions
-from .smtp import send_all
+from testing.corpus import CORPUS, wire
+from bench.daemon_redis import pct
+from bench.http_checkv2 import post_all
+from bench.milter_protocol import run_sessions
+from bench.smtp import send_all
 
 PATHS = ("smtp", "postfix+content_filter", "postfix+milter", "milter-protocol", "http", "postfix-only")
 NO_REDIS = "redis://127.0.0.1:1/0"  # [redis] is disabled; the URL is never used

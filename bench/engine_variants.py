@@ -3,7 +3,7 @@
     python -m bench.engine_variants --json bench/results/engine_variants_fp32.json [--dtype bfloat16] [--messages 500]
 
 The same random 124M weights and UCI messages as bench.throughput. The messages are cut into the
-batches the engine would run (filterd.grouping with the engine's measured overhead), and the whole
+batches the engine would run (filterd.model.grouping with the engine's measured overhead), and the whole
 set of batches is scored by each variant (best of `--repeats`), scores compared with `pooled-row`:
     full-last-block  the last block at every position, then the pooled row (filterd before the change)
     pooled-row       the last block computes only the pooled row (filterd now)
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine, spam_scores
-from filterd.grouping import partition
-from filterd.model import LABELS
-from filterd.tokenizer import pad_batch
+from filterd.model.engine import Engine, spam_scores
+from filterd.model.grouping import partition
+from filterd.model.gpt2 import LABELS
+from filterd.model.tokenizer import pad_batch
 from trainer.data import read_sms
 
-from .daemon_redis import SHARED, make_model
-from .throughput import machine_info
+from bench.daemon_redis import SHARED, make_model
+from bench.throughput import machine_info
 
 
 def timed(fn, batches) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]

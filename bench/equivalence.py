@@ -28,15 +28,15 @@ from pathlib import Path
 
 import redis
 
-from filterd.mail import extract_text
-from tests.e2e.daemon import FilterdProcess
-from tests.milter_mta import Mta, split_message
-from tests.services import RedisServer, free_port
-from tests.smtp_sink import SmtpSink
+from filterd.mail.text import extract_text
+from testing.daemon import FilterdProcess
+from testing.milter_mta import Mta, split_message
+from testing.services import RedisServer, free_port
+from testing.smtp_sink import SmtpSink
 from trainer.data import read_split
 
-from .corpus import CORPUS, wire
-from .smtp import send_all
+from testing.corpus import CORPUS, wire
+from bench.smtp import send_all
 
 DOORS = ("smtp", "milter", "http", "redis")
 

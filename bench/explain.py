@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from bench.daemon_redis import run_daemon
-from filterd.engine import Engine
-from filterd.explain import METHODS, _sigmoid, attribute, delete_words, explain, logits_of, words_of
-from filterd.tokenizer import CHARS_PER_TOKEN_BOUND
+from filterd.model.engine import Engine
+from filterd.model.explain import METHODS, _sigmoid, attribute, delete_words, explain, logits_of, words_of
+from filterd.model.tokenizer import CHARS_PER_TOKEN_BOUND
 from trainer.data import read_split
 from trainer.evaluate import bootstrap_ci
 

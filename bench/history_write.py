@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from filterd.decision import Decision, Message
-from filterd.history import History, HistoryWriter
-from filterd.metrics import FilterdMetrics
+from filterd.policy.decision import Decision, Message
+from filterd.store.history import History, HistoryWriter
+from filterd.obs.metrics import FilterdMetrics
 
 HEAD = (b"Received: from mx.example.net by mail.example.com\r\n" * 30 + b"Subject: =?utf-8?q?Re=3A_your_invoice?=\r\n"
         b"From: someone@example.net\r\nTo: user@example.com\r\n\r\n")  # fmt: skip

@@ -24,13 +24,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from filterd.engine import Engine
-from filterd.mail import extract_text
-from tests.e2e.daemon import FilterdProcess
-from tests.services import free_port
+from filterd.model.engine import Engine
+from filterd.mail.text import extract_text
+from testing.daemon import FilterdProcess
+from testing.services import free_port
 
-from .daemon_redis import pct
-from .milter_postfix import CORPUS, test_ids
+from bench.daemon_redis import pct
+from bench.milter_postfix import CORPUS, test_ids
 
 
 async def post_all(port: int, raws: list[bytes], concurrency: int) -> list[tuple[int, dict, float]]:

@@ -4,7 +4,7 @@
         --data work/demo/data-mail --n 50 --json bench/results/milter_postfix.json --md bench/results/milter_postfix.md
 
 N spam and N ham from the model's *test* split (`--data`: a `prepare` directory; ids name the
-corpus files) are submitted over SMTP to a private Postfix (tests/postfix.py) whose
+corpus files) are submitted over SMTP to a private Postfix (testing/postfix.py) whose
 `smtpd_milters` is the shipped `deploy/postfix/milter.main.cf`, with `filterd serve` ([milter]
 enabled, `[policy] reject_score`) behind it and an SMTP sink as the next hop. Every message first
 gets forged `X-Spam-Flag: NO` / `X-Spam-Status: No, forged` headers, as a spammer would add.
@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.daemon import FilterdProcess
-from tests.postfix import PostfixServer
-from tests.services import free_port
-from tests.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
+from testing.postfix import PostfixServer
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
 
-from .corpus import CORPUS, wire
+from testing.corpus import CORPUS, wire
 
 FORGED = b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n"
 

@@ -5,9 +5,9 @@
 
 Two paths, with an `on_message` that answers at once (forged X-Spam-*/X-Filterd-* deleted, two
 X-Spam-* headers added), so what is measured is the door, not the classifier:
-- `protocol`: tests/milter_mta.py plays Postfix's side (same negotiation, one connection per
+- `protocol`: testing/milter_mta.py plays Postfix's side (same negotiation, one connection per
   concurrent session, many messages per connection); latency is MAIL to the final reply.
-- `postfix`: SMTP clients -> a real Postfix (tests/postfix.py, deploy/postfix/milter.main.cf) ->
+- `postfix`: SMTP clients -> a real Postfix (testing/postfix.py, deploy/postfix/milter.main.cf) ->
   filterd's milter -> delivery to an SMTP sink; latency is the client's whole SMTP transaction,
   and `postfix-no-milter` is the same Postfix without smtpd_milters, for the difference.
 Messages: the SpamAssassin corpus (easy_ham, hard_ham, spam, spam_2), every k-th file.
@@ -30,11 +30,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from filterd.config import HostPort, MilterConfig
-from filterd.ingress.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
-from tests.milter_mta import Mta, split_message
-from tests.services import free_port
+from filterd.doors.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
+from testing.milter_mta import Mta, split_message
+from testing.services import free_port
 
-from .corpus import CORPUS, wire
+from testing.corpus import CORPUS, wire
 
 
 def corpus(n: int) -> list[bytes]:
@@ -98,8 +98,8 @@ async def protocol_path(raws: list[bytes], concurrency: int) -> dict:
 
 
 def postfix_path(raws: list[bytes], concurrency: int, milter: bool) -> dict:
-    from tests.postfix import PostfixServer
-    from tests.smtp_sink import SmtpSink, send_concurrently
+    from testing.postfix import PostfixServer
+    from testing.smtp_sink import SmtpSink, send_concurrently
 
     port = free_port()
     server = MilterServer(MilterConfig(enabled=True, listen=HostPort("127.0.0.1", port)), answer)

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine
+from filterd.model.engine import Engine
 from trainer.data import LABELS, prepare, read_split
 from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, roca_pct, spam_recall_at
 from trainer.fit import FitConfig, fit
 
-from .daemon_redis import SHARED
+from bench.daemon_redis import SHARED
 
 SMS = SHARED / "data/sms-spam-collection/SMSSpamCollection"
 MAIL = SHARED / "data/spamassassin-publiccorpus"
@@ -107,7 +107,7 @@ def score(engine: Engine, labels: list[int], texts: list[str]) -> dict:
 
 
 def demo_verdicts(engine: Engine) -> dict:
-    from filterd.mail import extract_text
+    from filterd.mail.text import extract_text
 
     out = {}
     for text, label in DEMO_SMS.items():

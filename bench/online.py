@@ -55,10 +55,10 @@ from pathlib import Path
 import numpy as np
 
 from filterd.config import load_config
-from filterd.engine import Engine
-from filterd.mail import extract_text
-from filterd.model import LABELS
-from filterd.weights import ModelMeta, build_model, resolve_base, write_model_files
+from filterd.model.engine import Engine
+from filterd.mail.text import extract_text
+from filterd.model.gpt2 import LABELS
+from filterd.model.weights import ModelMeta, build_model, resolve_base, write_model_files
 from trainer.data import Example, balance, read_messages, read_sms, split, write_split
 from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, lam_pct, roca_pct
 from trainer.fit import FitConfig, fit
@@ -66,7 +66,7 @@ from trainer.publish import ModelStore
 from trainer.refit import refit_once, split_of
 from trainer.store import MAX_TEXT_CHARS, LabelStore
 
-from .accuracy import train_tfidf_lr
+from bench.accuracy import train_tfidf_lr
 
 SHARED = Path(os.environ.get("FILTERD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SA = SHARED / "data/spamassassin-publiccorpus"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from filterd.engine import Engine
-from filterd.tokenizer import Tokenizer
+from filterd.model.engine import Engine
+from filterd.model.tokenizer import Tokenizer
 from trainer.data import read_sms
 
-from .daemon_redis import SHARED, make_model
+from bench.daemon_redis import SHARED, make_model
 
 
 def run(model: Path, texts: list[str], dtype: str) -> tuple[Engine, list, float]:

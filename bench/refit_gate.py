@@ -29,7 +29,7 @@ from trainer.data import read_sms, read_split
 from trainer.refit import refit_once
 from trainer.store import LabelStore, message_id
 
-from .daemon_redis import SHARED
+from bench.daemon_redis import SHARED
 
 
 def cycle(model: Path, labelled: list[tuple[str, str]], *keys: str) -> dict:

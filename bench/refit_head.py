@@ -36,7 +36,7 @@ from trainer.features import FeatureCache, fit_head
 from trainer.refit import refit_once
 from trainer.store import LabelStore
 
-from .daemon_redis import SHARED
+from bench.daemon_redis import SHARED
 
 SMS = SHARED / "data/sms-spam-collection/SMSSpamCollection"
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "work/demo/model"

@@ -22,7 +22,7 @@ from trainer.data import read_sms
 from trainer.refit import refit_once
 from trainer.store import LabelStore, message_id
 
-from .daemon_redis import SHARED
+from bench.daemon_redis import SHARED
 
 
 def main() -> None:

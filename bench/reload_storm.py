@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench.daemon_redis import SHARED, entry_ms, make_model, pct
-from tests.e2e.daemon import FilterdProcess
-from tests.services import RedisServer
+from testing.daemon import FilterdProcess
+from testing.services import RedisServer
 from trainer.data import read_sms
 
 

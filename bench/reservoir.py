@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from filterd.mail import extract_text
-from filterd.metrics import FilterdMetrics
-from filterd.queued_writes import BATCH_MAX
-from filterd.reservoir import Reservoir, ReservoirWriter
+from filterd.mail.text import extract_text
+from filterd.obs.metrics import FilterdMetrics
+from filterd.store.queued_writes import BATCH_MAX
+from filterd.store.reservoir import Reservoir, ReservoirWriter
 from tests.conftest import SMS_FILE, SPAMASSASSIN
 
 

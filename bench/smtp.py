@@ -28,14 +28,14 @@ from pathlib import Path
 import aiosmtplib
 import torch
 
-from filterd.engine import Engine
-from tests.e2e.daemon import FilterdProcess
-from tests.services import free_port
-from tests.smtp_sink import SmtpSink
+from filterd.model.engine import Engine
+from testing.daemon import FilterdProcess
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
 from trainer.data import read_split
 from trainer.evaluate import compute_metrics
 
-from .daemon_redis import SHARED, pct
+from bench.daemon_redis import SHARED, pct
 
 
 async def send_all(

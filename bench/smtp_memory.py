@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a file (e.g. with an older checkout first on PYTHONPATH)
     sys.path.append(str(REPO))
 
-from tests.e2e.daemon import FilterdProcess  # noqa: E402
-from tests.services import free_port  # noqa: E402
-from tests.smtp_sink import SmtpSink, send_concurrently  # noqa: E402
+from testing.daemon import FilterdProcess  # noqa: E402
+from testing.services import free_port  # noqa: E402
+from testing.smtp_sink import SmtpSink, send_concurrently  # noqa: E402
 
 
 def big_message(i: int, size: int) -> bytes:

@@ -41,7 +41,7 @@ def _drive(files: list[str], concurrency: int, conn) -> None:
     """Child process: the next hop (a sink) and the SMTP client."""
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
-    from tests.smtp_sink import SmtpSink, send_concurrently
+    from testing.smtp_sink import SmtpSink, send_concurrently
 
     with SmtpSink() as sink:
         conn.send(sink.address)
@@ -155,7 +155,7 @@ def main() -> None:
         sys.path.append(str(REPO))
     import filterd
 
-    from tests.services import free_port
+    from testing.services import free_port
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

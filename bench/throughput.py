@@ -70,16 +70,16 @@ from typing import Sequence
 
 import torch
 
-from filterd.batcher import Batcher
-from filterd.engine import BF16_MAX_SCORE_DIFF, Engine, cpu_supports_bf16
-from filterd.model import LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig
-from filterd.tokenizer import Tokenizer
-from filterd.weights import _CONV1D, load_model_dir  # _CONV1D: the weights Hugging Face stores transposed
-from tests.e2e.daemon import FilterdProcess
-from tests.services import RedisServer
+from filterd.model.batcher import Batcher
+from filterd.model.engine import BF16_MAX_SCORE_DIFF, Engine, cpu_supports_bf16
+from filterd.model.gpt2 import LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig
+from filterd.model.tokenizer import Tokenizer
+from filterd.model.weights import _CONV1D, load_model_dir  # _CONV1D: the weights Hugging Face stores transposed
+from testing.daemon import FilterdProcess
+from testing.services import RedisServer
 from trainer.data import read_sms
 
-from .daemon_redis import SHARED, entry_ms, make_model, pct
+from bench.daemon_redis import SHARED, entry_ms, make_model, pct
 
 CONTENDERS = ("chapter", "hf", "engine", "daemon")
 CHAPTER_LENGTH = 120  # the chapter's padded length (its training set's longest message)

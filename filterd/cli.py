@@ -11,9 +11,9 @@ import traceback
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from . import __version__
-from .errors import FilterdError
-from .logs import setup_logging
+from filterd import __version__
+from filterd.errors import FilterdError
+from filterd.obs.logs import setup_logging
 
 CHUNK = 512  # messages scored per engine call when streaming from stdin
 
@@ -50,7 +50,7 @@ def _stdin_lines() -> Iterator[str]:
 
 
 def _email_texts(paths: Sequence[str]) -> Iterator[str]:
-    from .mail import extract_text
+    from filterd.mail.text import extract_text
 
     for p in paths:
         try:
@@ -72,7 +72,7 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from filterd.model.engine import Engine
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise FilterdError(f"--threshold must be within 0..1, got {args.threshold}")
@@ -89,7 +89,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         for text, v in zip(chunk, engine.classify_texts(chunk, threshold=args.threshold)):
             line = {"verdict": v.verdict, "score": round(v.score, 6), "model": engine.version, "tokens": v.tokens}
             if args.explain:
-                from .explain import explain
+                from filterd.model.explain import explain
 
                 line["explanation"] = explain(engine, text, top=args.top, method=args.method).to_json()
             sys.stdout.write(json.dumps(line) + "\n")
@@ -98,8 +98,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import check_config
-    from .daemon import serve
+    from filterd.config import check_config
+    from filterd.daemon import serve
 
     cfg = check_config(args.config, args.set)
     setup_logging(cfg.logging.level, cfg.logging.format)
@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .config import check_config
+    from filterd.config import check_config
 
     cfg = check_config(args.config, args.set)
     for warning in cfg.warnings():
@@ -134,10 +134,10 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    from .config import EXPLAIN_METHODS
+    from filterd.config import EXPLAIN_METHODS
 
     p.add_argument(
-        "--explain", action="store_true", help="add the words that raised and lowered P(spam) most (filterd/explain.py)"
+        "--explain", action="store_true", help="add the words that raised and lowered P(spam) most (filterd/model/explain.py)"
     )
     p.add_argument("--top", type=int, default=5, help="with --explain: words of each sign")
     p.add_argument(

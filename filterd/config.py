@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
-from .decision import LEVELS as SPAM_LEVELS
-from .decision import SOFT_REJECT, door_levels, level_key, normalize_entry, policy_problem
-from .errors import ConfigError
+from filterd.policy.decision import LEVELS as SPAM_LEVELS
+from filterd.policy.decision import SOFT_REJECT, door_levels, level_key, normalize_entry, policy_problem
+from filterd.errors import ConfigError
 
 __all__ = [
     "BatchingConfig",
@@ -704,7 +704,7 @@ def _door(source: str) -> Any:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """[policy]: what happens to spam (levels, lists), for every door; see filterd/decision.py."""
+    """[policy]: what happens to spam (levels, lists), for every door; see filterd/policy/decision.py."""
 
     tag_score: float | str = _level("model", "tag")
     subject_score: float | str = _level("off", "subject")
@@ -724,7 +724,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class MilterConfig:
-    """[milter]: the before-queue milter (Postfix smtpd_milters); see filterd/ingress/milter.py."""
+    """[milter]: the before-queue milter (Postfix smtpd_milters); see filterd/doors/milter.py."""
 
     enabled: bool = _key(False, Bool(), "serve the milter protocol (Postfix smtpd_milters / non_smtpd_milters)")
     listen: HostPort | UnixSocket = _key(
@@ -752,7 +752,7 @@ class MilterConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """[http]: the HTTP scan API (Rspamd's /checkv2 and legacy RSPAMC, /ping, /classify); see filterd/ingress/http.py."""
+    """[http]: the HTTP scan API (Rspamd's /checkv2 and legacy RSPAMC, /ping, /classify); see filterd/doors/http.py."""
 
     enabled: bool = _key(False, Bool(), "serve the HTTP scan API (Exim variant=rspamd, Haraka, Amavis, applications)")
     listen: HostPort = _key(parse_hostport("127.0.0.1:11333"), Address(), "host:port of the scan API; off loopback it needs a password")
@@ -774,7 +774,7 @@ HEADER_STYLES = ("filterd", "spamassassin")
 
 @dataclass(frozen=True)
 class HeadersConfig:
-    """[headers]: the X-Spam-* fields the doors that edit mail write (SMTP content filter, milter); see filterd/actions.py.
+    """[headers]: the X-Spam-* fields the doors that edit mail write (SMTP content filter, milter); see filterd/mail/headers.py.
 
     A section of its own, like [policy]: it is one format for every door that adds headers, not a
     setting of one door (HTTP and Redis report in their own protocols)."""
@@ -798,7 +798,7 @@ class HeadersConfig:
     )  # fmt: skip
 
 
-EXPLAIN_METHODS = ("integrated-gradients", "gradient", "screened-occlusion", "occlusion")  # filterd/explain.py; the first is the default
+EXPLAIN_METHODS = ("integrated-gradients", "gradient", "screened-occlusion", "occlusion")  # filterd/model/explain.py; the first is the default
 
 
 @dataclass(frozen=True)
@@ -885,7 +885,7 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class HistoryConfig:
-    """[history]: the verdict history the web console shows (filterd/history.py)."""
+    """[history]: the verdict history the web console shows (filterd/store/history.py)."""
 
     enabled: bool = _key(False, Bool(), "record every decision (time, door, ids, envelope, Subject, score, action, model)")
     path: Path = _key(Path("/var/lib/filterd/history.sqlite"), PathKind(), "the history file (SQLite, created 0600)")

@@ -12,7 +12,7 @@ Pages (server-rendered HTML, no JavaScript at all)
     `GET /models`          the versions in [trainer] models_dir with their evaluation metrics and refit
                            facts (filterd.json); `POST /models/rollback`: ModelStore.rollback, which the
                            daemon's model watcher then loads like any new model.
-    `GET|POST /classify`   paste a message: its score, and its explanation when filterd.explain exists.
+    `GET|POST /classify`   paste a message: its score, and its explanation when filterd.model.explain exists.
 
 Security
     Password: HTTP Basic (any user name) checked on every request when `[console] password` is set;
@@ -23,7 +23,7 @@ Security
     read; the session cookie is HttpOnly and SameSite=Strict. All text is escaped with html.escape; a
     strict Content-Security-Policy (no script at all, styles only from /console.css) is a second wall.
 
-HTTP: the request reading of filterd/ingress/http.py (HttpServer), routes of our own.
+HTTP: the request reading of filterd/doors/http.py (HttpServer), routes of our own.
 
 This is the one place `filterd` imports `trainer` (lazily, on a learn, models or rollback request): the
 buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from .config import Config, HttpConfig, is_loopback
-from .history import Filter, History, Verdict
-from .ingress.http import HttpError, HttpServer, Request
+from filterd.config import Config, HttpConfig, is_loopback
+from filterd.store.history import Filter, History, Verdict
+from filterd.doors.http import HttpError, HttpServer, Request
 
 log = logging.getLogger("filterd")
 
@@ -528,7 +528,7 @@ class Console(HttpServer):
     async def _rollback(self) -> Page:
         from trainer.publish import ModelStore
 
-        from .errors import FilterdError
+        from filterd.errors import FilterdError
 
         try:
             version = await asyncio.to_thread(ModelStore(self.full.trainer.models_dir).rollback)
@@ -544,7 +544,7 @@ class Console(HttpServer):
         if text is not None and text.strip():
             if self.score_text is None:
                 raise HttpError(503, "no model is loaded yet")
-            from .mail import extract_text
+            from filterd.mail.text import extract_text
 
             if re.match(r"(?:[A-Za-z0-9-]+:[^\n]*\n)+\r?\n", text):  # looks like a whole mail: read it as the doors do
                 text = await asyncio.to_thread(extract_text, text.encode("utf-8", "surrogateescape"))
@@ -564,9 +564,9 @@ class Console(HttpServer):
         return Page(200, self._layout("Score a message", "".join(body)))
 
     async def _explain(self, text: str) -> dict[str, Any] | None:
-        """The explanation from filterd.explain when that module exists (imported on first use), else None."""
+        """The explanation from filterd.model.explain when that module exists (imported on first use), else None."""
         try:
-            from . import explain  # type: ignore[attr-defined]
+            from filterd.model import explain  # type: ignore[attr-defined]
         except ImportError:
             return None
         fn = getattr(explain, "explain", None)
@@ -577,7 +577,7 @@ class Console(HttpServer):
         except Exception:
             log.exception("console: explanation failed")
             return None
-        if hasattr(result, "to_json"):  # filterd.explain's Explanation
+        if hasattr(result, "to_json"):  # filterd.model.explain's Explanation
             result = result.to_json()
         return result if isinstance(result, dict) else None
 

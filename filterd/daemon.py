@@ -22,23 +22,23 @@ import signal
 import time
 from typing import Any, Awaitable, Callable
 
-from .batcher import Batcher, Scored
-from .config import format_duration
-from .decision import Policy
-from .engine import Engine
-from .errors import ConfigError
-from .explainer import DoorExplainer, Explainer
-from .history import HistoryWriter, open_history
-from .ingress.http import HttpDoor, HttpServer
-from .ingress.milter import MilterDoor, MilterServer
-from .ingress.redis_streams import RedisIngress
-from .ingress.smtp import SmtpIngress
-from .metrics import FilterdMetrics, MetricsServer
-from .notify import sd_notify, watchdog
-from .reload import ModelHolder
-from .reservoir import ReservoirWriter, open_reservoir
-from .streams import BACKOFF_MAX_S, BACKOFF_MIN_S, StreamError, error_kind, one_line, sleep_or_stop
-from .supervise import TaskFailed, supervise
+from filterd.model.batcher import Batcher, Scored
+from filterd.config import format_duration
+from filterd.policy.decision import Policy
+from filterd.model.engine import Engine
+from filterd.errors import ConfigError
+from filterd.model.explainer import DoorExplainer, Explainer
+from filterd.store.history import HistoryWriter, open_history
+from filterd.doors.http import HttpDoor, HttpServer
+from filterd.doors.milter import MilterDoor, MilterServer
+from filterd.doors.redis import RedisIngress
+from filterd.doors.smtp import SmtpIngress
+from filterd.obs.metrics import FilterdMetrics, MetricsServer
+from filterd.net.notify import sd_notify, watchdog
+from filterd.model.reload import ModelHolder
+from filterd.store.reservoir import ReservoirWriter, open_reservoir
+from filterd.net.streams import BACKOFF_MAX_S, BACKOFF_MIN_S, StreamError, error_kind, one_line, sleep_or_stop
+from filterd.net.supervise import TaskFailed, supervise
 
 log = logging.getLogger("filterd")
 
@@ -163,7 +163,7 @@ class Daemon:
             log.info("reservoir: keeping up to %d classified texts for %s in %s", t.reservoir_size,
                      format_duration(t.reservoir_max_age), t.reservoir)  # fmt: skip
         if cfg.console.enabled:
-            from .console import Console  # only when enabled: the console imports trainer modules on use
+            from filterd.console import Console  # only when enabled: the console imports trainer modules on use
 
             self.console = Console(cfg, lambda: self.holder.current().version if self.holder.loaded else "",
                                    self.scorer("console", sample=False), lambda: self.holder.current())  # fmt: skip

@@ -26,7 +26,7 @@ else
 fi
 
 echo "== 2. fit"
-if python -c 'from filterd.weights import resolve_base; resolve_base("gpt2")' 2>/dev/null; then
+if python -c 'from filterd.model.weights import resolve_base; resolve_base("gpt2")' 2>/dev/null; then
   BASE=gpt2; TRAINABLE=last-block
   echo "pretrained GPT-2 (124M) found: fine-tuning the last block, final norm and head"
 else

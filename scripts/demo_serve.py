@@ -35,7 +35,7 @@ import redis
 from aiosmtpd.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the private Postfix of the tests (tests/postfix.py) runs the milter door's demo
+sys.path.insert(0, str(ROOT))  # the private Postfix of the tests (testing/postfix.py) runs the milter door's demo
 
 SMS = [
     "WINNER!! As a valued customer you have been selected to receive a £900 prize reward! Call 09061701461",
@@ -108,7 +108,7 @@ def milter_demo(mails: list[bytes], names: list[Path], milter_port: int, sink: S
     if os.geteuid() != 0 or not shutil.which("postfix", path="/usr/sbin:/usr/bin"):
         print("(skipped: a private Postfix needs root and the postfix package)")
         return
-    from tests.postfix import PostfixError, PostfixServer
+    from testing.postfix import PostfixError, PostfixServer
 
     before = len(sink.received)
     with PostfixServer(work / "postfix", relay_port=sink_port, content_filter=False, milter_port=milter_port) as pf:

@@ -57,7 +57,7 @@ def tiny_model(tmp_path_factory, sms_data):
 @pytest.fixture
 def redis_server(tmp_path):
     """A fresh redis-server on a free loopback port for one test."""
-    from .services import RedisServer
+    from testing.services import RedisServer
 
     server = RedisServer(tmp_path / "redis").start()
     try:

@@ -1,4 +1,4 @@
-"""filterd.actions: what is relayed, to whom, with which reply, on real SpamAssassin mail.
+"""filterd.mail.headers: what is relayed, to whom, with which reply, on real SpamAssassin mail.
 
 The invariant everywhere: the relayed bytes are our prepended fields followed by the original
 message minus its X-Spam-* header fields, byte for byte. `expected_rest` states that the simple
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from filterd import __version__
-from filterd.actions import (
+from filterd.mail.headers import (
     Classification,
     Outcome,
     Policy,
@@ -39,9 +39,9 @@ from filterd.actions import (
     upstream_name,
 )
 from filterd.config import HeadersConfig, SmtpConfig, load_config
-from filterd.decision import Decision, scaled_score
+from filterd.policy.decision import Decision, scaled_score
 from filterd.errors import ConfigError
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 
 FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
 SPAM = Classification("spam", 0.98712, 0.5, "gpt2-20240101-abc")
@@ -517,7 +517,7 @@ def test_spamassassin_style_score_rule_matches_exactly_the_spam() -> None:
 
 def test_spamassassin_score_is_the_http_doors_scale() -> None:
     """One mapping: the header score is the Rspamd scale of the HTTP door with required = 5."""
-    from filterd.ingress.http import rspamd_score
+    from filterd.doors.http import rspamd_score
 
     assert rspamd_score is scaled_score
     for p, t in GRID:
@@ -645,7 +645,7 @@ HOSTILE_WORDS = [
 
 
 def _explanation(words: list[str]):
-    from filterd.explain import Contribution, Explanation
+    from filterd.model.explain import Contribution, Explanation
 
     return Explanation(0.99, "screened-occlusion",
                        tuple(Contribution(w, 0, len(w), (1.5 - i / 10) if i % 2 == 0 else -(0.5 + i / 10)) for i, w in enumerate(words)))  # fmt: skip
@@ -654,8 +654,8 @@ def _explanation(words: list[str]):
 @pytest.mark.parametrize("max_bytes", [64, 256, 900])
 def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: int) -> None:
     """No CR, LF or control character can get through; non-ASCII as encoded words that decode back."""
-    from filterd.actions import header_fields, report_value
-    from filterd.decision import Decision
+    from filterd.mail.headers import header_fields, report_value
+    from filterd.policy.decision import Decision
 
     value = report_value(_explanation(HOSTILE_WORDS), max_bytes)
     assert value and len(value.encode()) <= max_bytes
@@ -673,8 +673,8 @@ def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: in
 
 
 def test_spam_report_written_with_the_other_fields_and_forged_one_removed(corpus: Path) -> None:
-    from filterd.actions import apply, report_value
-    from filterd.decision import Decision
+    from filterd.mail.headers import apply, report_value
+    from filterd.policy.decision import Decision
 
     raw = b"X-Spam-Report: forged\r\nSubject: hi\r\n\r\nbody\r\n"
     value = report_value(_explanation(["cheap", "meds"]), 256)

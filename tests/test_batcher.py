@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from filterd.batcher import Batcher, BatcherClosed, QueueFull, Scored, plan_batch
-from filterd.engine import Engine
-from filterd.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from filterd.model.batcher import Batcher, BatcherClosed, QueueFull, Scored, plan_batch
+from filterd.model.engine import Engine
+from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_every_caller_gets_its_own_score_within_limits(engines):
         alone = engine.score_tokens([m])[0]
         assert abs(r.score - alone) <= 1e-5
         assert r.tokens == len(m) and r.model == engine.version
-        assert r.threshold == engine.threshold  # a score and the model's own threshold, no verdict (filterd.decision)
+        assert r.threshold == engine.threshold  # a score and the model's own threshold, no verdict (filterd.policy.decision)
         assert not hasattr(r, "verdict")
         assert r.queued_s >= 0 and r.inference_s > 0
     print(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.corpus import wire
+from testing.corpus import wire
 from bench.doors import agreement, milter_added_headers, PathRun
 from bench.milter_protocol import run_sessions
 from filterd.config import HostPort, MilterConfig
-from filterd.ingress.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
-from tests.milter_mta import Mta
-from tests.services import free_port
+from filterd.doors.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
+from testing.milter_mta import Mta
+from testing.services import free_port
 
 
 def test_wire_drops_only_a_leading_from_line_and_makes_crlf():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .test_fit import run
+from tests.test_fit import run
 
 
 def _lines(r: subprocess.CompletedProcess) -> list[dict]:
@@ -98,7 +98,7 @@ def test_unreadable_model_directory_exits_1_with_one_line(tiny_model, tmp_path, 
     a path the kernel refuses to look up (ENAMETOOLONG, raised where EACCES on a parent would be)."""
     import shutil
 
-    from .services import free_port
+    from testing.services import free_port
 
     d = tmp_path / "model"
     shutil.copytree(tiny_model.model_dir, d)
@@ -128,7 +128,7 @@ def test_serve_without_tokenizer_files_exits_1_without_network(tiny_model, tmp_p
     (the child refuses and reports any connect, as a machine with network would let it happen)."""
     import os
 
-    from .services import free_port
+    from testing.services import free_port
 
     guard = (
         "import socket, sys\n"
@@ -174,7 +174,7 @@ def test_trainer_evaluate_explain_writes_errors_to_report(tiny_model, sms_data, 
 
     data = tmp_path / "data"
     data.mkdir()
-    from filterd.engine import Engine
+    from filterd.model.engine import Engine
 
     rows = [r for r in csv.DictReader((sms_data / "test.csv").open())][:120]
     # text no Markdown reader may interpret, labelled against the model's verdict so that it is an error

@@ -19,10 +19,10 @@ import pytest
 
 from filterd.config import load_config
 from filterd.console import Console, highlight
-from filterd.history import History
+from filterd.store.history import History
 
-from .services import free_port
-from .test_http import parse
+from testing.services import free_port
+from tests.test_http import parse
 
 CHROMIUM = "/usr/bin/chromium"
 XSS = '<script>document.title="pwned";window.pwned=1</script><img src=x onerror="window.pwned=2">&amp; "quoted"'
@@ -214,7 +214,7 @@ def test_classify_box_scores_and_says_when_explanations_are_unavailable(tmp_path
                                                                 "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
         assert status == 200 and b'<b id="p-spam">0.2500</b>' in page and b"hello &lt;i&gt;there&lt;/i&gt;" in page
         try:
-            import filterd.explain  # noqa: F401
+            import filterd.model.explain  # noqa: F401
         except ImportError:
             assert b"explanations not available" in page
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from filterd.errors import DataError
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 from trainer import data
 from trainer.data import Example
 

@@ -1,4 +1,4 @@
-"""filterd.decision: one spam decision from [policy] for every door (levels, soft reject, lists, doors)."""
+"""filterd.policy.decision: one spam decision from [policy] for every door (levels, soft reject, lists, doors)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from filterd.cli import main
 from filterd.config import check_config
-from filterd.decision import ACTIONS, Decision, Message, Policy, decide
+from filterd.policy.decision import ACTIONS, Decision, Message, Policy, decide
 from filterd.errors import ConfigError
 
 

@@ -10,7 +10,7 @@
   MemoryDenyWriteExecute=) is emulated with libseccomp in a child process, which then runs
   `filterd serve` or a refit: what torch needs at run time is found here, not on a server.
 - promtool checks the scrape configuration, checks the rules and runs their unit tests.
-- Every metric (and label value) the rules use exists in filterd.metrics' registries.
+- Every metric (and label value) the rules use exists in filterd.obs.metrics' registries.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED
 
 SYSTEMD = REPO / "systemd"
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -212,8 +212,8 @@ def _exposition() -> dict[str, dict[str, set[str]]]:
     """{sample name: {label: values seen}} from both registries, every labelled metric exercised once."""
     from prometheus_client import generate_latest
 
-    from filterd.decision import SOURCES
-    from filterd.metrics import EVAL_MODELS, FilterdMetrics, TrainerMetrics
+    from filterd.policy.decision import SOURCES
+    from filterd.obs.metrics import EVAL_MODELS, FilterdMetrics, TrainerMetrics
 
     daemon = FilterdMetrics()
     daemon.prime(SOURCES)  # every door: messages, classify_seconds, actions, request_seconds (milter, http), reloads
@@ -289,7 +289,7 @@ def test_rules_use_only_existing_metrics_and_labels():
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
 def test_redis_snippet_loads(tmp_path):
     """redis-server accepts the snippet as a configuration file and ends up with its settings."""
-    from .services import free_port
+    from testing.services import free_port
 
     port = free_port()
     proc = subprocess.Popen(["redis-server", str(REPO / "deploy/redis/redis.conf.snippet"), "--port", str(port),
@@ -510,7 +510,7 @@ def test_refit_runs_under_the_trainer_policy(tmp_path):
 
 
 def _tiny_model_dir(path: Path) -> Path:
-    from filterd.weights import ModelMeta, build_model, resolve_base, write_model_files
+    from filterd.model.weights import ModelMeta, build_model, resolve_base, write_model_files
 
     model = build_model(resolve_base("random:tiny"))
     meta = ModelMeta(version="", base="random:tiny", base_kind="random", config=model.config, max_length=64)
@@ -530,7 +530,7 @@ def _get(url: str) -> int:
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
 def test_daemon_serves_under_its_policy(tmp_path, redis_server):
     """filterd serve (SMTP, Redis, metrics, SIGHUP reload, SIGTERM drain) under filterd.service's filters."""
-    from .services import free_port
+    from testing.services import free_port
 
     model = _tiny_model_dir(tmp_path / "model")
     metrics_port = free_port()
@@ -585,7 +585,7 @@ def acl_redis(tmp_path):
     """redis-server with users.acl (passwords filled in); yields (port, client factory by user)."""
     import redis
 
-    from .services import free_port
+    from testing.services import free_port
 
     acl = tmp_path / "users.acl"
     acl.write_text((REPO / "deploy/redis/users.acl").read_text().replace(">CHANGE-ME-", ">pw-"))
@@ -694,12 +694,12 @@ def test_daemon_and_trainer_run_as_their_acl_users(acl_redis, tmp_path):
     import asyncio
 
     from filterd.config import load_config
-    from filterd.metrics import TrainerMetrics
+    from filterd.obs.metrics import TrainerMetrics
     from trainer.intake import LabelIntake
     from trainer.publish import ModelStore
     from trainer.store import LabelStore
 
-    from .e2e.daemon import FilterdProcess
+    from testing.daemon import FilterdProcess
 
     port, client = acl_redis
     url = lambda user: f"redis://{user}:pw-{user}@127.0.0.1:{port}/0"  # noqa: E731

@@ -31,8 +31,8 @@ import redis
 from trainer.intake import parse_entry
 from trainer.store import LabelStore
 
-from .conftest import REPO, SPAMASSASSIN
-from .services import free_port
+from tests.conftest import REPO, SPAMASSASSIN
+from testing.services import free_port
 
 DOVECOT = REPO / "deploy" / "dovecot"
 LEARN = DOVECOT / "filterd-learn"

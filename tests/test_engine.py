@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from filterd import engine as engine_mod
-from filterd.engine import BF16_MAX_SCORE_DIFF, Engine, check_bf16, probe_sequences
-from filterd.model import GPT2Classifier
+from filterd.model import engine as engine_mod
+from filterd.model.engine import BF16_MAX_SCORE_DIFF, Engine, check_bf16, probe_sequences
+from filterd.model.gpt2 import GPT2Classifier
 from trainer.data import read_split
 
 
@@ -59,7 +59,7 @@ def test_bf16_refused_on_cpu_without_native_support(monkeypatch, tiny_model):
 
 
 def test_check_bf16_returns_model_in_chosen_dtype_and_leaves_fp32_untouched():
-    from filterd.model import CONFIGS
+    from filterd.model.gpt2 import CONFIGS
 
     torch.manual_seed(0)
     m = GPT2Classifier(CONFIGS["tiny"]).eval()

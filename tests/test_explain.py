@@ -1,4 +1,4 @@
-"""Explanations (filterd/explain.py): words and offsets, faithfulness, determinism."""
+"""Explanations (filterd/model/explain.py): words and offsets, faithfulness, determinism."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from filterd.engine import Engine
-from filterd.explain import METHODS, Explanation, attribute, delete_words, explain, explanation_from_json, words_of
-from filterd.tokenizer import Tokenizer
+from filterd.model.engine import Engine
+from filterd.model.explain import METHODS, Explanation, attribute, delete_words, explain, explanation_from_json, words_of
+from filterd.model.tokenizer import Tokenizer
 
 HOSTILE = "Héllo wörld 日本語 😀\r\n\tFREE!!! <script>alert(1)</script> http://x.example/a?b=c  \x00end"
 

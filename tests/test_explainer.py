@@ -1,4 +1,4 @@
-"""filterd.explainer: which verdicts get explained, and a message never waits past the deadline or a full queue."""
+"""filterd.model.explainer: which verdicts get explained, and a message never waits past the deadline or a full queue."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 
 from filterd.config import ExplainConfig
-from filterd.decision import Decision
-from filterd.engine import Engine
-from filterd.explain import Explanation
-from filterd.explainer import Explainer
-from filterd.metrics import FilterdMetrics
+from filterd.policy.decision import Decision
+from filterd.model.engine import Engine
+from filterd.model.explain import Explanation
+from filterd.model.explainer import Explainer
+from filterd.obs.metrics import FilterdMetrics
 
 SPAM = Decision("spam", "tag", 0.97, (), 0.5)
 HAM = Decision("ham", "pass", 0.02, (), 0.5)

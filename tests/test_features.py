@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from filterd.engine import Engine
-from filterd.model import CONFIGS, GPT2Classifier
-from filterd.tokenizer import Tokenizer, pad_batch
-from filterd.weights import ModelMeta, write_model_files
+from filterd.model.engine import Engine
+from filterd.model.gpt2 import CONFIGS, GPT2Classifier
+from filterd.model.tokenizer import Tokenizer, pad_batch
+from filterd.model.weights import ModelMeta, write_model_files
 from trainer.features import (
     FeatureCache,
     backbone_hash,

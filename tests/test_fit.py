@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from filterd.engine import Engine
+from filterd.model.engine import Engine
 from filterd.errors import ConfigError, DataError
-from filterd.weights import build_model, load_model_dir, resolve_base
+from filterd.model.weights import build_model, load_model_dir, resolve_base
 from trainer.data import read_split
 from trainer.fit import FitConfig, fit
 

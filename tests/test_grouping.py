@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from filterd.grouping import group_of, partition
+from filterd.model.grouping import group_of, partition
 
 
 def _cost(groups: list[list[int]], lengths: list[int], overhead: float) -> float:

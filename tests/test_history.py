@@ -1,4 +1,4 @@
-"""The verdict history (filterd/history.py) on real SQLite files, and the doors that record into it."""
+"""The verdict history (filterd/store/history.py) on real SQLite files, and the doors that record into it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from filterd.decision import Decision, Message
-from filterd.history import Filter, History, HistoryWriter, subject_of
-from filterd.ingress.milter import MilterDoor, MilterMessage
-from filterd.metrics import FilterdMetrics
+from filterd.policy.decision import Decision, Message
+from filterd.store.history import Filter, History, HistoryWriter, subject_of
+from filterd.doors.milter import MilterDoor, MilterMessage
+from filterd.obs.metrics import FilterdMetrics
 
-from .test_http import Served, mail
+from tests.test_http import Served, mail
 
 EXPLANATION = {"score": 0.97, "method": "occlusion", "words": [{"word": "FREE", "start": 0, "end": 4, "weight": 0.41}]}
 
@@ -141,7 +141,7 @@ def test_http_door_records_each_decision_with_the_envelope(tmp_path):
 
 def test_milter_door_records_the_queue_id_and_the_action_it_took(tmp_path):
     from filterd.config import load_config
-    from filterd.decision import Policy
+    from filterd.policy.decision import Policy
 
     cfg = load_config(None, ["milter.enabled=true", "policy.reject_score=0.9"])
 
@@ -183,7 +183,7 @@ def test_an_unusable_history_file_or_console_port_is_a_one_line_start_failure(tm
     import subprocess
     import sys
 
-    from .services import free_port
+    from testing.services import free_port
 
     base = [sys.executable, "-m", "filterd", "serve", "--set", "smtp.enabled=false", "--set", "redis.enabled=false",
             "--set", "http.enabled=true", "--set", f"http.listen=127.0.0.1:{free_port()}",
@@ -203,7 +203,7 @@ def test_an_unusable_history_file_or_console_port_is_a_one_line_start_failure(tm
 
 
 def test_an_explanation_object_is_stored_as_its_json_and_a_broken_one_as_none(tmp_path):
-    class Explained:  # the shape of filterd.explain.Explanation
+    class Explained:  # the shape of filterd.model.explain.Explanation
         def to_json(self) -> dict:
             return EXPLANATION
 
@@ -223,8 +223,8 @@ def test_an_explanation_object_is_stored_as_its_json_and_a_broken_one_as_none(tm
 
 
 def test_smtp_door_records_the_relayed_decision_with_the_text_the_model_read(tmp_path):
-    from .smtp_sink import SmtpSink
-    from .test_smtp_ingress import message, send, serve, smtp_cfg
+    from testing.smtp_sink import SmtpSink
+    from tests.test_smtp_ingress import message, send, serve, smtp_cfg
 
     with SmtpSink() as sink:
 

@@ -1,4 +1,4 @@
-"""The HTTP scan door (filterd/ingress/http.py) over real sockets: Rspamd's /checkv2 and the legacy
+"""The HTTP scan door (filterd/doors/http.py) over real sockets: Rspamd's /checkv2 and the legacy
 RSPAMC line protocol Exim speaks, /ping, /classify, the bounds, the password. The scorer is a stub
 that reads the P(spam) to return from the message ("SCORE=0.93"), so each level is reached on
 purpose; the real model and batcher are in tests/e2e/test_serve_http.py."""
@@ -17,14 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from filterd.batcher import QueueFull
+from filterd.model.batcher import QueueFull
 from filterd.config import check_config, load_config
-from filterd.decision import Policy
+from filterd.policy.decision import Policy
 from filterd.errors import ConfigError
-from filterd.ingress.http import HttpDoor, HttpServer, rspamd_score
-from filterd.metrics import FilterdMetrics
+from filterd.doors.http import HttpDoor, HttpServer, rspamd_score
+from filterd.obs.metrics import FilterdMetrics
 
-from .services import free_port
+from testing.services import free_port
 
 LEVELS = ["policy.tag_score=0.5", "policy.subject_score=0.6", "policy.quarantine_score=0.7", "policy.discard_score=0.8",
           "policy.reject_score=0.9", "policy.soft_reject_score=0.4", "policy.allow_senders=[\"friend@example.org\"]",
@@ -289,7 +289,7 @@ def test_stop_drains_the_request_being_decided():
 def test_exim_snippet_matches_the_default_port_and_handles_every_action_we_send():
     from pathlib import Path
 
-    from filterd.ingress.http import RSPAMD_ACTION
+    from filterd.doors.http import RSPAMD_ACTION
 
     snippet = (Path(__file__).parent.parent / "deploy/exim/filterd.conf").read_text()
     assert f"spamd_address = 127.0.0.1 {load_config(None).http.listen.port} variant=rspamd" in snippet

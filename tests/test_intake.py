@@ -11,7 +11,7 @@ import redis.asyncio.client
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from filterd.config import RedisConfig, TrainerConfig
-from filterd.metrics import TrainerMetrics
+from filterd.obs.metrics import TrainerMetrics
 from trainer.intake import IntakeUnavailable, LabelIntake, parse_entry
 from trainer.store import LabelStore, message_id
 
@@ -189,7 +189,7 @@ def test_redis_restart_loses_nothing(redis_server, store, monkeypatch):
 
 def test_a_label_stream_of_the_wrong_type_is_fatal(redis_server, store):
     """The service raises a one-line StreamError (the supervisor exits 1); drain_once reports it and stores nothing."""
-    from filterd.streams import StreamError
+    from filterd.net.streams import StreamError
 
     r = redis_server.client()
     r.set(STREAM, "not a stream")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from filterd.errors import DataError
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 from tests.conftest import REPO, SPAMASSASSIN
 from trainer.learn import iter_messages, learn
 from trainer.store import LabelStore, message_id

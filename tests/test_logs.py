@@ -14,11 +14,11 @@ import sys
 
 import pytest
 
-from filterd.ingress.smtp import SmtpIngress
-from filterd.logs import LineFormatter, escape_controls, setup_logging
+from filterd.doors.smtp import SmtpIngress
+from filterd.obs.logs import LineFormatter, escape_controls, setup_logging
 
-from .smtp_sink import SmtpSink
-from .test_smtp_ingress import smtp_cfg, word_score
+from testing.smtp_sink import SmtpSink
+from tests.test_smtp_ingress import smtp_cfg, word_score
 
 HOSTILE = "a\rFAKE 2026-01-01 ERROR forged\nline\x0b\x00\t\x1b[31m\x7f\x85\u2028end"
 
@@ -61,7 +61,7 @@ def test_json_format_one_object_per_line_with_level_logger_message():
 def test_journald_prefix_only_when_journal_stream_is_our_stderr():
     """A child logs to a pipe; $JOURNAL_STREAM names that pipe (as systemd would) or something else."""
     code = (
-        "import logging; from filterd.logs import setup_logging; setup_logging('debug');"
+        "import logging; from filterd.obs.logs import setup_logging; setup_logging('debug');"
         "log = logging.getLogger('filterd.x');"
         "log.error('e'); log.warning('w'); log.info('i'); log.debug('d')"
     )

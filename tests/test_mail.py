@@ -1,4 +1,4 @@
-"""filterd.mail: real SpamAssassin messages, synthetic malformed mail, a whole-corpus sweep.
+"""filterd.mail.text: real SpamAssassin messages, synthetic malformed mail, a whole-corpus sweep.
 
 The corpus examples are fixed file numbers whose structure was checked by hand; each test
 first asserts that premise on the raw bytes, so a changed corpus fails loudly rather than
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from filterd.mail import MailText, extract_text, html_to_text, parse_mail
+from filterd.mail.text import MailText, extract_text, html_to_text, parse_mail
 
 FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
 CORPUS_SIZE = 6046

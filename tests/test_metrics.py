@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from filterd.metrics import FilterdMetrics, MetricsServer, TrainerMetrics
+from filterd.obs.metrics import FilterdMetrics, MetricsServer, TrainerMetrics
 
 PROMTOOL = "/usr/bin/promtool"
 
@@ -324,7 +324,7 @@ def test_stream_metrics_and_process_collector():
 
 
 def test_request_latency_per_door_reaches_postfixs_milter_timeouts():
-    from filterd.metrics import REQUEST_BUCKETS, UNLISTED_METRICS
+    from filterd.obs.metrics import REQUEST_BUCKETS, UNLISTED_METRICS
 
     m = FilterdMetrics()
     m.prime(["smtp", "milter", "http"])

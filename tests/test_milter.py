@@ -1,5 +1,5 @@
-"""The milter door (filterd/ingress/milter.py): the protocol against our own MTA side on a raw
-socket, then a real Postfix (tests/postfix.py, with deploy/postfix/milter.main.cf as shipped)."""
+"""The milter door (filterd/doors/milter.py): the protocol against our own MTA side on a raw
+socket, then a real Postfix (testing/postfix.py, with deploy/postfix/milter.main.cf as shipped)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from filterd.config import ConfigError, HostPort, MilterConfig, UnixSocket, check_config, load_config, parse_listen
-from filterd.ingress import milter as m
-from filterd.ingress.milter import (
+from filterd.doors import milter as m
+from filterd.doors.milter import (
     Accept,
     AddHeader,
     ChangeSubject,
@@ -32,12 +32,12 @@ from filterd.ingress.milter import (
     Tempfail,
     forged_header_deletions,
 )
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 
-from .milter_mta import ALL_ACTIONS, ALL_STEPS, Mta, split_message
-from .postfix import PostfixServer, corpus_messages, postfix_available
-from .services import free_port
-from .smtp_sink import SmtpSink
+from testing.milter_mta import ALL_ACTIONS, ALL_STEPS, Mta, split_message
+from testing.postfix import PostfixServer, corpus_messages, postfix_available
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
 
 
 def cfg(**kw) -> MilterConfig:
@@ -806,9 +806,9 @@ def test_door_writes_spamassassin_fields_renames_upstream_ones_and_times_the_req
 
     from filterd import __version__
     from filterd.config import HeadersConfig
-    from filterd.decision import Policy
-    from filterd.ingress.milter import MilterDoor
-    from filterd.metrics import FilterdMetrics
+    from filterd.policy.decision import Policy
+    from filterd.doors.milter import MilterDoor
+    from filterd.obs.metrics import FilterdMetrics
 
     async def score(text: str) -> SimpleNamespace:
         return SimpleNamespace(score=0.73, model="stub-1", threshold=0.5)

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from filterd.model import CONFIGS, GPT2Classifier, state_shapes
-from filterd.tokenizer import pad_batch
-from filterd.weights import build_model, load_hf_checkpoint, resolve_base
+from filterd.model.gpt2 import CONFIGS, GPT2Classifier, state_shapes
+from filterd.model.tokenizer import pad_batch
+from filterd.model.weights import build_model, load_hf_checkpoint, resolve_base
 
-from .helpers import write_hf_checkpoint
+from testing.checkpoints import write_hf_checkpoint
 
 SIZES = {"tiny": dict(n_layer=2, n_head=2, n_embd=64), "gpt2": dict(n_layer=12, n_head=12, n_embd=768)}
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from filterd.notify import sd_notify, watchdog, watchdog_interval
+from filterd.net.notify import sd_notify, watchdog, watchdog_interval
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from filterd.errors import DataError
-from filterd.weights import build_model, resolve_base
+from filterd.model.weights import build_model, resolve_base
 from trainer.cli import main
 from trainer.pretrain import MAX_DOC_CHARS, PretrainConfig, PretrainInterrupted, pretrain, read_corpus, state_dir_for
 
-from .conftest import REPO, SMS_FILE
+from tests.conftest import REPO, SMS_FILE
 
 # Small and fast: the tiny model's cost is its 50,257-way LM head, so blocks and batches stay small.
 FAST = dict(base="random:tiny", block_size=32, batch_size=4, lr=1e-3, eval_every=1000, checkpoint_every=1000, progress=False)
@@ -235,7 +235,7 @@ def test_csv_directory_leaves_test_out_and_store_is_read(tmp_path, sms_data):
 
 def test_reservoirs_are_read(tmp_path, capsys):
     """`--reservoir` (repeatable): the texts the daemon sampled are documents, labels never needed."""
-    from filterd.reservoir import Reservoir
+    from filterd.store.reservoir import Reservoir
 
     for name, n in (("a", 12), ("b", 5)):
         with Reservoir(tmp_path / f"{name}.sqlite", size=10, max_age=86400) as r:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from filterd.errors import FilterdError
-from filterd.model import GPT2Classifier, GPTConfig
-from filterd.reload import fingerprint
-from filterd.weights import ModelMeta, load_model_dir, write_model_files
+from filterd.model.gpt2 import GPT2Classifier, GPTConfig
+from filterd.model.reload import fingerprint
+from filterd.model.weights import ModelMeta, load_model_dir, write_model_files
 from trainer.evaluate import SplitReport, compute_metrics
 from trainer.publish import ModelStore
 

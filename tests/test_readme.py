@@ -2,7 +2,7 @@
 
 from filterd.config import config_reference
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def test_readme_lists_every_config_key_with_its_default():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from filterd.config import RedisConfig, RoutesConfig
-from filterd.ingress.redis_streams import RedisIngress, validate_entry
+from filterd.doors.redis import RedisIngress, validate_entry
 
 
 @dataclass(frozen=True)

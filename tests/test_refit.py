@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from filterd.config import load_config
-from filterd.metrics import TrainerMetrics
-from filterd.tokenizer import Tokenizer, pad_batch
-from filterd.weights import load_model_dir
+from filterd.obs.metrics import TrainerMetrics
+from filterd.model.tokenizer import Tokenizer, pad_batch
+from filterd.model.weights import load_model_dir
 from trainer.data import Example, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from filterd.engine import Engine, sanity_check
+from filterd.model.engine import Engine, sanity_check
 from filterd.errors import ModelError
-from filterd.metrics import FilterdMetrics
-from filterd.model import GPT2Classifier, GPTConfig
-from filterd.reload import ModelHolder
-from filterd.weights import ModelMeta, write_model_files
+from filterd.obs.metrics import FilterdMetrics
+from filterd.model.gpt2 import GPT2Classifier, GPTConfig
+from filterd.model.reload import ModelHolder
+from filterd.model.weights import ModelMeta, write_model_files
 
 CFG = GPTConfig(vocab_size=50257, n_positions=32, n_embd=8, n_layer=1, n_head=2)
 

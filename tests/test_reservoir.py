@@ -10,8 +10,8 @@ import stat
 import pytest
 
 from filterd.errors import DataError
-from filterd.metrics import FilterdMetrics
-from filterd.reservoir import MAX_TEXT_CHARS, Reservoir, ReservoirWriter, read_reservoir
+from filterd.obs.metrics import FilterdMetrics
+from filterd.store.reservoir import MAX_TEXT_CHARS, Reservoir, ReservoirWriter, read_reservoir
 
 DAY = 86400.0
 

@@ -1,6 +1,6 @@
 """The SMTP ingress against hostile or unlucky conditions (issue 12): envelope addresses passed on
 byte for byte, the next hop's permanent refusals passed on per recipient, a slow next hop, limits
-on sessions, time and memory, XFORWARD. Real sockets; the next hop is tests/smtp_sink.py."""
+on sessions, time and memory, XFORWARD. Real sockets; the next hop is testing/smtp_sink.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import time
 import aiosmtplib
 import pytest
 
-from filterd.ingress.smtp import parse_path
+from filterd.doors.smtp import parse_path
 
-from .smtp_sink import SmtpSink
-from .test_smtp_ingress import message, send, serve, smtp_cfg
+from testing.smtp_sink import SmtpSink
+from tests.test_smtp_ingress import message, send, serve, smtp_cfg
 
 
 @pytest.fixture
@@ -373,7 +373,7 @@ def test_inflight_budget_below_message_size_is_a_config_error(tmp_path):
 
 
 def test_unit_gives_room_for_connections():
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     unit = (REPO / "systemd" / "filterd.service").read_text()
     assert "\nLimitNOFILE=65536\n" in unit

@@ -12,15 +12,15 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from filterd.actions import strip_spam_headers
-from filterd.batcher import QueueFull, Scored
+from filterd.mail.headers import strip_spam_headers
+from filterd.model.batcher import QueueFull, Scored
 from filterd.config import SmtpConfig, check_config, parse_hostport
-from filterd.decision import Policy
-from filterd.ingress.smtp import SmtpIngress
-from filterd.metrics import FilterdMetrics
+from filterd.policy.decision import Policy
+from filterd.doors.smtp import SmtpIngress
+from filterd.obs.metrics import FilterdMetrics
 
-from .services import free_port
-from .smtp_sink import SmtpSink
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
 
 SPAM_WORDS = ("prize", "winner", "free", "click", "offer")
 
@@ -299,7 +299,7 @@ def test_lines_longer_than_rfc_limit_are_relayed_unchanged(sink):
 
 
 def test_a_listed_sender_is_not_scored_and_a_nan_score_follows_on_error(sink):
-    """The door asks filterd.decision: an allow-listed sender skips the model; a NaN score is a failed
+    """The door asks filterd.policy.decision: an allow-listed sender skips the model; a NaN score is a failed
     classification (on_error = tempfail: 451), not ham."""
     scored: list[str] = []
 

@@ -1,4 +1,4 @@
-"""filterd.streams.StreamConsumer and filterd.supervise against a real redis-server (issue 12, points 7-12)."""
+"""filterd.net.streams.StreamConsumer and filterd.net.supervise against a real redis-server (issue 12, points 7-12)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 from filterd.config import RedisConfig
-from filterd.ingress.redis_streams import RedisIngress
-from filterd.metrics import FilterdMetrics
-from filterd.streams import StreamConsumer, StreamError, StreamSettings, error_code, without_large_fields
-from filterd.supervise import TaskFailed, supervise
+from filterd.doors.redis import RedisIngress
+from filterd.obs.metrics import FilterdMetrics
+from filterd.net.streams import StreamConsumer, StreamError, StreamSettings, error_code, without_large_fields
+from filterd.net.supervise import TaskFailed, supervise
 
 IN, OUT, DEAD, GROUP = "filterd:in", "filterd:out", "filterd:dead", "filterd"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from filterd.tokenizer import Tokenizer, max_length_from, pad_batch
+from filterd.model.tokenizer import Tokenizer, max_length_from, pad_batch
 
 
 def test_gpt2_ids_offline():
@@ -68,7 +68,7 @@ def _no_network(monkeypatch) -> list[str]:
 
 
 def test_missing_tokenizer_files_fail_in_one_line_without_network(tmp_path, monkeypatch):
-    from filterd import tokenizer
+    from filterd.model import tokenizer
     from filterd.errors import ModelError
 
     attempts = _no_network(monkeypatch)
@@ -88,7 +88,7 @@ def test_missing_tokenizer_files_fail_in_one_line_without_network(tmp_path, monk
 def test_corrupt_tokenizer_file_is_refused_not_refetched(tmp_path, monkeypatch):
     import shutil
 
-    from filterd import tokenizer
+    from filterd.model import tokenizer
     from filterd.errors import ModelError
 
     attempts = _no_network(monkeypatch)

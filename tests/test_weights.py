@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from filterd.errors import ModelError
-from filterd.weights import (
+from filterd.model.weights import (
     ModelMeta,
     build_model,
     load_hf_checkpoint,
@@ -24,7 +24,7 @@ from filterd.weights import (
     write_model_files,
 )
 
-from .helpers import write_hf_checkpoint
+from testing.checkpoints import write_hf_checkpoint
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64)
 
@@ -154,7 +154,7 @@ def test_model_dir_round_trip(tmp_path):
 
 def test_random_small_resolves_builds_and_classifies(tmp_path):
     """The larger random base: 4 layers, 128 wide; small enough that refit's "auto" still fine-tunes all of it."""
-    from filterd.engine import Engine
+    from filterd.model.engine import Engine
     from trainer.refit import resolve_mode
 
     base = resolve_base("random:small")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
+    from trainer.data import prepare
 
     manifest = prepare(
         Path(args.out), sms=args.sms, download_sms=args.download_sms, email_dir=args.email_dir,
@@ -33,7 +33,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .fit import FitConfig, fit
+    from trainer.fit import FitConfig, fit
 
     cfg = FitConfig(
         data=Path(args.data), base=args.base, out=Path(args.out), trainable=args.trainable, epochs=args.epochs,
@@ -49,7 +49,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from filterd.config import parse_duration
 
-    from .pretrain import PretrainConfig, pretrain
+    from trainer.pretrain import PretrainConfig, pretrain
 
     if args.steps is not None and args.time is not None:
         raise FilterdError("give --steps or --time, not both")
@@ -71,10 +71,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from filterd.engine import Engine
+    from filterd.model.engine import Engine
 
-    from .evaluate import format_metrics_line
-    from .fit import SPLITS, evaluate_model
+    from trainer.evaluate import format_metrics_line
+    from trainer.fit import SPLITS, evaluate_model
 
     data = Path(args.data)
     splits = [s for s in SPLITS if (data / f"{s}.csv").is_file()] if args.split == "all" else [args.split]
@@ -95,10 +95,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _explained_report(args: argparse.Namespace, engine: Any, data: Path, reports: list[Any]) -> None:
     """report.md with the metrics and the explanation of every false positive and false negative (at most --max-errors per split)."""
-    from filterd.explain import explain
+    from filterd.model.explain import explain
 
-    from .data import read_split
-    from .evaluate import errors_section, write_report
+    from trainer.data import read_split
+    from trainer.evaluate import errors_section, write_report
 
     if args.top < 1 or args.max_errors < 0:
         raise FilterdError("--top must be at least 1 and --max-errors at least 0")
@@ -123,8 +123,8 @@ def _explained_report(args: argparse.Namespace, engine: Any, data: Path, reports
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from filterd.tokenizer import Tokenizer
-    from filterd.weights import build_model, load_model_dir, resolve_base
+    from filterd.model.tokenizer import Tokenizer
+    from filterd.model.weights import build_model, load_model_dir, resolve_base
 
     if args.max_new_tokens < 0:
         raise FilterdError("--max-new-tokens must be at least 0")
@@ -144,8 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
     from filterd.config import load_config
 
-    from .learn import LearnReport, learn
-    from .store import LabelStore
+    from trainer.learn import LearnReport, learn
+    from trainer.store import LabelStore
 
     if not args.sources:
         raise FilterdError("learn needs --spam PATH... and/or --ham PATH...")
@@ -171,7 +171,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_refit(args: argparse.Namespace) -> int:
     from filterd.config import load_config
 
-    from .service import refit_command
+    from trainer.service import refit_command
 
     if not args.once:
         raise FilterdError("refit runs one cycle and needs --once; `filterd-trainer serve` runs them periodically")
@@ -185,7 +185,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from filterd.config import load_config
 
-    from .service import serve
+    from trainer.service import serve
 
     cfg = load_config(args.config, args.set)
     _setup_logging(cfg.logging)
@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from filterd.config import load_config
 
-    from .publish import ModelStore
+    from trainer.publish import ModelStore
 
     cfg = load_config(args.config, args.set)
     models = ModelStore(cfg.trainer.models_dir)
@@ -210,7 +210,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(cfg: LoggingConfig) -> None:
-    from filterd.logs import setup_logging
+    from filterd.obs.logs import setup_logging
 
     setup_logging(cfg.level, cfg.format)
 

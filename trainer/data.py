@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from filterd.errors import DataError
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 
 log = logging.getLogger(__name__)
 

@@ -422,7 +422,7 @@ def md_escape(text: str) -> str:
 
 
 def errors_section(split: str, errors: Sequence[tuple[str, str, float, Any]]) -> list[str]:
-    """False positives and false negatives of a split with their explanations (filterd.explain.Explanation).
+    """False positives and false negatives of a split with their explanations (filterd.model.explain.Explanation).
 
     `errors`: (kind "fp"|"fn", message id, P(spam), explanation). Words are escaped: a message's text
     never becomes Markdown (links, HTML, tables) in the report."""

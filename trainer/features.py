@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from filterd.engine import length_batches
-from filterd.model import GPT2Classifier
-from filterd.tokenizer import Tokenizer, pad_batch
+from filterd.model.engine import length_batches
+from filterd.model.gpt2 import GPT2Classifier
+from filterd.model.tokenizer import Tokenizer, pad_batch
 
 log = logging.getLogger("filterd.trainer")
 
@@ -182,7 +182,7 @@ def _unpack(
         model = engine_or_model
         length = max_length or model.config.n_positions
         dev = torch.device(device) if device is not None else next(model.parameters()).device
-    else:  # a filterd.engine.Engine
+    else:  # a filterd.model.engine.Engine
         model = engine_or_model.model
         length = max_length or engine_or_model.meta.max_length
         dev = torch.device(device) if device is not None else engine_or_model.device
@@ -250,7 +250,7 @@ def head_logits(X: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> torc
 
 
 def spam_probabilities(X: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> list[float]:
-    """P(spam) per row, as filterd.engine.spam_scores computes it from logits."""
+    """P(spam) per row, as filterd.model.engine.spam_scores computes it from logits."""
     return torch.softmax(head_logits(X, weight, bias), dim=-1)[:, 1].tolist()
 
 

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from filterd.engine import Engine, pick_device, score_in_length_batches
+from filterd.model.engine import Engine, pick_device, score_in_length_batches
 from filterd.errors import ConfigError, DataError
-from filterd.model import LABELS, GPT2Classifier
-from filterd.tokenizer import Tokenizer, max_length_from, pad_batch
-from filterd.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from filterd.model.gpt2 import LABELS, GPT2Classifier
+from filterd.model.tokenizer import Tokenizer, max_length_from, pad_batch
+from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
 
-from .data import Example, manifest_sha256, read_split, write_split
-from .evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
-from .plots import plot_history, plot_roc, plot_score_histogram
+from trainer.data import Example, manifest_sha256, read_split, write_split
+from trainer.evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
+from trainer.plots import plot_history, plot_roc, plot_score_histogram
 
 TRAINABLE = ("head", "last-block", "last-2-blocks", "all")
 SPLITS = ("train", "val", "test", "holdout")

@@ -11,7 +11,7 @@ changes nothing. Bad entries (unknown label, no text, invalid UTF-8, empty text)
 `[redis] dead_stream` with `error` and `stream` fields, in the same MULTI/EXEC as the XACK.
 
 Reading, claiming, reconnecting and Redis errors are those of the daemon's ingress: both are handlers
-on `filterd.streams.StreamConsumer` (the group is created from "0" if missing, a restarted consumer
+on `filterd.net.streams.StreamConsumer` (the group is created from "0" if missing, a restarted consumer
 finishes its own pending entries first, idle ones are claimed, Redis away means a reconnect with
 backoff, an error retrying cannot fix ends the service with a one-line reason).
 """
@@ -26,11 +26,11 @@ from typing import Any
 
 from filterd.config import RedisConfig, TrainerConfig, redact_url
 from filterd.errors import FilterdError
-from filterd.mail import extract_text
-from filterd.streams import Entry, StreamConsumer, StreamSettings, error_kind, one_line, without_large_fields
+from filterd.mail.text import extract_text
+from filterd.net.streams import Entry, StreamConsumer, StreamSettings, error_kind, one_line, without_large_fields
 
-from .data import LABELS
-from .store import AddResult, LabelStore, NewLabel, StoreError
+from trainer.data import LABELS
+from trainer.store import AddResult, LabelStore, NewLabel, StoreError
 
 log = logging.getLogger("filterd.trainer")
 

@@ -2,7 +2,7 @@
 
 Users point it at whatever their mail client or server keeps: a single message file, an mbox, a
 Maildir, or a directory tree of message files (the SpamAssassin corpus layout). The text stored
-is what the classifier sees (`filterd.mail.extract_text`), so a message learnt here and the same
+is what the classifier sees (`filterd.mail.text.extract_text`), so a message learnt here and the same
 message later scored by the daemon are read the same way. Directories are streamed and written
 in chunks of `CHUNK` messages, so a corpus of any size needs little memory and an interrupted run
 keeps what it committed (re-running is harmless: the store is keyed by the text).
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from filterd.cli import chunks
 from filterd.errors import DataError
-from filterd.mail import extract_text
+from filterd.mail.text import extract_text
 
-from .store import AddResult, LabelStore, NewLabel, check_label
+from trainer.store import AddResult, LabelStore, NewLabel, check_label
 
 log = logging.getLogger("filterd.trainer")
 

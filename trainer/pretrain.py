@@ -34,16 +34,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from filterd.engine import pick_device
+from filterd.model.engine import pick_device
 from filterd.errors import ConfigError, DataError, FilterdError
-from filterd.mail import extract_text
-from filterd.model import PAD_TOKEN_ID, GPT2Classifier, GPTConfig
-from filterd.tokenizer import _encoding
-from filterd.weights import build_model, publish_directory, resolve_base, staging_dir
+from filterd.mail.text import extract_text
+from filterd.model.gpt2 import PAD_TOKEN_ID, GPT2Classifier, GPTConfig
+from filterd.model.tokenizer import _encoding
+from filterd.model.weights import build_model, publish_directory, resolve_base, staging_dir
 
-from .data import read_split
-from .fit import _autocast
-from .learn import iter_messages
+from trainer.data import read_split
+from trainer.fit import _autocast
+from trainer.learn import iter_messages
 
 log = logging.getLogger("filterd.trainer")
 
@@ -194,7 +194,7 @@ def _csv_documents(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _store_documents(path: Path) -> Iterator[tuple[str, bool]]:
-    from .store import LabelStore
+    from trainer.store import LabelStore
 
     with LabelStore(path) as store:
         for row in store.rows():
@@ -202,7 +202,7 @@ def _store_documents(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _reservoir_documents(path: Path) -> Iterator[tuple[str, bool]]:
-    from filterd.reservoir import read_reservoir
+    from filterd.store.reservoir import read_reservoir
 
     for sampled in read_reservoir(path):  # already clipped by the daemon
         yield sampled.text[:MAX_DOC_CHARS], len(sampled.text) > MAX_DOC_CHARS

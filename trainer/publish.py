@@ -29,11 +29,11 @@ from typing import Any
 
 from filterd.config import redact_url
 from filterd.errors import FilterdError, ModelError
-from filterd.model import GPT2Classifier
-from filterd.weights import META_FILE, ModelMeta, _exchange, publish_directory, staging_dir, write_model_files
+from filterd.model.gpt2 import GPT2Classifier
+from filterd.model.weights import META_FILE, ModelMeta, _exchange, publish_directory, staging_dir, write_model_files
 
-from .data import Example, write_split
-from .evaluate import SplitReport
+from trainer.data import Example, write_split
+from trainer.evaluate import SplitReport
 
 log = logging.getLogger("filterd.trainer")
 
@@ -97,7 +97,7 @@ class ModelStore:
 
         `meta.version` empty: one is made from the weights' hash. `meta.created` is stamped now.
         """
-        from .fit import write_artifacts  # fit imports matplotlib via plots; only publishing needs it
+        from trainer.fit import write_artifacts  # fit imports matplotlib via plots; only publishing needs it
 
         meta.created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         staged = staging_dir(self.versions_dir / "new")

@@ -63,19 +63,19 @@ import numpy as np
 import torch
 
 from filterd.config import Config
-from filterd.engine import pick_device
+from filterd.model.engine import pick_device
 from filterd.errors import FilterdError
-from filterd.metrics import TrainerMetrics
-from filterd.model import LABELS, GPT2Classifier
-from filterd.tokenizer import Tokenizer
-from filterd.weights import ModelMeta, load_model_dir
+from filterd.obs.metrics import TrainerMetrics
+from filterd.model.gpt2 import LABELS, GPT2Classifier
+from filterd.model.tokenizer import Tokenizer
+from filterd.model.weights import ModelMeta, load_model_dir
 
-from .data import Example, balance, read_split
-from .evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
-from .features import FeatureCache, features_for, fit_head, spam_probabilities
-from .fit import GOLDEN_FILE, REPLAY_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
-from .publish import ModelStore
-from .store import LabelStore, message_id
+from trainer.data import Example, balance, read_split
+from trainer.evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
+from trainer.features import FeatureCache, features_for, fit_head, spam_probabilities
+from trainer.fit import GOLDEN_FILE, REPLAY_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
+from trainer.publish import ModelStore
+from trainer.store import LabelStore, message_id
 
 log = logging.getLogger("filterd.trainer")
 
@@ -661,7 +661,7 @@ class RefitService:
     """Runs `refit_once` every `interval`, or sooner once `min_new_labels` labels arrived since the last attempt.
 
     No cycle runs while nothing changed since the last attempt, whatever the clock says. Cycles run in a
-    worker thread; the label intake runs beside the service under `filterd.supervise` (trainer/service.py).
+    worker thread; the label intake runs beside the service under `filterd.net.supervise` (trainer/service.py).
     `min_new_labels = 0` means the interval alone decides.
     """
 

@@ -2,7 +2,7 @@
 
 `serve` runs the intake of `[redis] label_stream` beside the periodic refit (RefitService) and
 serves the trainer metrics on `[trainer] metrics_listen`; SIGTERM/SIGINT stop it after the cycle
-in progress. Both run under `filterd.supervise`: if one dies, the other finishes what it holds and
+in progress. Both run under `filterd.net.supervise`: if one dies, the other finishes what it holds and
 the process exits 1 with `<task> failed: <reason>`. `refit --once` drains the waiting labels, runs
 one cycle and can leave the same metrics in a node_exporter textfile (for a systemd timer instead
 of the service).
@@ -18,14 +18,14 @@ from pathlib import Path
 
 from filterd.config import Config
 from filterd.errors import ConfigError
-from filterd.metrics import MetricsServer, TrainerMetrics
-from filterd.notify import watchdog
-from filterd.supervise import supervise
+from filterd.obs.metrics import MetricsServer, TrainerMetrics
+from filterd.net.notify import watchdog
+from filterd.net.supervise import supervise
 
-from .intake import IntakeUnavailable, LabelIntake
-from .publish import ModelStore
-from .refit import RefitOutcome, refit_once
-from .store import LabelStore
+from trainer.intake import IntakeUnavailable, LabelIntake
+from trainer.publish import ModelStore
+from trainer.refit import RefitOutcome, refit_once
+from trainer.store import LabelStore
 
 log = logging.getLogger("filterd.trainer")
 
@@ -65,7 +65,7 @@ def refit_command(cfg: Config, *, textfile: Path | None, base_model: Path | None
 
 
 async def _serve(cfg: Config, base_model: Path | None) -> int:
-    from .refit import RefitService
+    from trainer.refit import RefitService
 
     metrics = TrainerMetrics()
     stop = asyncio.Event()

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from filterd.errors import DataError
 
-from .data import LABELS, MAX_TEXT_CHARS
+from trainer.data import LABELS, MAX_TEXT_CHARS
 
 log = logging.getLogger("filterd.trainer")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from filterd.history import History
+from filterd.store.history import History
 
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "console-test-pw"

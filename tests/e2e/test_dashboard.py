@@ -3,7 +3,7 @@
 data, so a renamed metric or label, or a typo in PromQL, fails here rather than as an empty panel in
 production. Only the trainer panels may be empty (no trainer runs here): see NO_DATA_YET.
 
-A panel may use a metric of INTERFACES.md's table or one of `filterd.metrics.UNLISTED_METRICS` (what
+A panel may use a metric of INTERFACES.md's table or one of `filterd.obs.metrics.UNLISTED_METRICS` (what
 the daemon exports beyond the contract, which this repository cannot edit), and only metrics the
 daemon or the trainer really export."""
 
@@ -25,12 +25,12 @@ import pytest
 
 from trainer.data import read_sms
 
-from ..conftest import REPO, SHARED
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
-from .test_serve_redis import add_all, complete, wait_for
-from .test_serve_smtp import corpus_files, send_all
+from tests.conftest import REPO, SHARED
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_redis import add_all, complete, wait_for
+from tests.e2e.test_serve_smtp import corpus_files, send_all
 
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "filterd.json"
@@ -95,8 +95,8 @@ def contract_metrics() -> dict[str, str]:
 
 
 def repo_metrics() -> dict[str, str]:
-    """{metric name: type} the repository documents beyond the contract (filterd/metrics.py, the README's table)."""
-    from filterd.metrics import UNLISTED_METRICS
+    """{metric name: type} the repository documents beyond the contract (filterd/obs/metrics.py, the README's table)."""
+    from filterd.obs.metrics import UNLISTED_METRICS
 
     return dict(UNLISTED_METRICS)
 
@@ -105,8 +105,8 @@ def exported_metrics() -> dict[str, str]:
     """{metric name: type} the daemon's and the trainer's registries really export (every door primed)."""
     from prometheus_client import generate_latest
 
-    from filterd.decision import SOURCES
-    from filterd.metrics import FilterdMetrics, TrainerMetrics
+    from filterd.policy.decision import SOURCES
+    from filterd.obs.metrics import FilterdMetrics, TrainerMetrics
 
     daemon = FilterdMetrics()
     daemon.prime(SOURCES)

@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from ..postfix import PostfixServer, corpus_messages, message_id, postfix_available
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
+from testing.postfix import PostfixServer, corpus_messages, message_id, postfix_available
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
 
 pytestmark = pytest.mark.skipif(not postfix_available(), reason="needs root and /usr/sbin/postfix (make services installs it)")
 

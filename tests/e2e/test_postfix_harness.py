@@ -12,9 +12,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..postfix import PostfixServer, corpus_messages, message_id, postfix_available
-from ..services import free_port
-from ..smtp_sink import SmtpSink
+from testing.postfix import PostfixServer, corpus_messages, message_id, postfix_available
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
 
 pytestmark = pytest.mark.skipif(not postfix_available(), reason="needs root and /usr/sbin/postfix (make services installs it)")
 

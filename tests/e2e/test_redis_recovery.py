@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 
-from .daemon import FilterdProcess
-from .test_serve_redis import add_all, results, wait_for
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_redis import add_all, results, wait_for
 
 
 def spawn(d: FilterdProcess) -> subprocess.Popen:

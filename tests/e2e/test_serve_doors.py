@@ -2,7 +2,7 @@
 through the SMTP content filter, the milter, the HTTP API and Redis.
 
 Redis carries text, not mail (an SMS gateway's door): it gets the text the other doors extract
-from the message (`filterd.mail.extract_text`), which is what they score. Levels: tag at the
+from the message (`filterd.mail.text.extract_text`), which is what they score. Levels: tag at the
 model's threshold and subject at 0 (so every spam verdict is a "subject", every ham a "pass"): two
 levels all four doors can carry out."""
 
@@ -16,17 +16,17 @@ import smtplib
 from types import SimpleNamespace
 
 from filterd.config import HostPort
-from filterd.ingress import milter as m
-from filterd.mail import extract_text
+from filterd.doors import milter as m
+from filterd.mail.text import extract_text
 
-from ..milter_mta import Mta, split_message
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
-from .test_serve_http import post
-from .test_serve_milter import without_mbox_line
-from .test_serve_redis import complete, results, wait_for
-from .test_serve_smtp import corpus_files
+from testing.milter_mta import Mta, split_message
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_http import post
+from tests.e2e.test_serve_milter import without_mbox_line
+from tests.e2e.test_serve_redis import complete, results, wait_for
+from tests.e2e.test_serve_smtp import corpus_files
 
 
 async def through_milter(port: int, raw: bytes, i: int) -> tuple[float, str]:

@@ -11,19 +11,19 @@ import email.policy
 import json
 import smtplib
 
-from filterd.engine import Engine
-from filterd.explain import explain
-from filterd.ingress import milter as m
-from filterd.mail import extract_text
+from filterd.model.engine import Engine
+from filterd.model.explain import explain
+from filterd.doors import milter as m
+from filterd.mail.text import extract_text
 
-from ..milter_mta import split_message
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
-from .test_serve_http import post
-from .test_serve_milter import without_mbox_line
-from .test_serve_redis import complete, results, wait_for
-from .test_serve_smtp import corpus_files
+from testing.milter_mta import split_message
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_http import post
+from tests.e2e.test_serve_milter import without_mbox_line
+from tests.e2e.test_serve_redis import complete, results, wait_for
+from tests.e2e.test_serve_smtp import corpus_files
 
 
 async def milter_headers(port: int, raw: bytes) -> dict[bytes, bytes]:
@@ -31,7 +31,7 @@ async def milter_headers(port: int, raw: bytes) -> dict[bytes, bytes]:
 
     from filterd.config import HostPort
 
-    from ..milter_mta import Mta
+    from testing.milter_mta import Mta
 
     mta = await Mta.open(SimpleNamespace(cfg=SimpleNamespace(listen=HostPort("127.0.0.1", port))))  # type: ignore[arg-type]
     try:

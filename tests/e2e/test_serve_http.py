@@ -11,10 +11,10 @@ import re
 import subprocess
 import sys
 
-from ..services import free_port
-from .daemon import FilterdProcess
-from .test_serve_milter import without_mbox_line
-from .test_serve_smtp import corpus_files
+from testing.services import free_port
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_milter import without_mbox_line
+from tests.e2e.test_serve_smtp import corpus_files
 
 
 def http_daemon(model, tmp_path, port: int, name: str, **kw: object) -> FilterdProcess:

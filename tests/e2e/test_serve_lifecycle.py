@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 
-from .daemon import FilterdProcess
-from .test_serve_redis import add_all, results, wait_for
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_redis import add_all, results, wait_for
 
 
 def test_notify_socket_gets_ready_and_stopping(redis_server, tiny_model, tmp_path, monkeypatch):

@@ -14,15 +14,15 @@ from types import SimpleNamespace
 import pytest
 
 from filterd.config import HostPort
-from filterd.ingress import milter as m
+from filterd.doors import milter as m
 
-from ..milter_mta import Mta, split_message
-from ..postfix import PostfixServer, postfix_available
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from ..test_milter import FORGED_MAIL, by_message_id, smtp_send, wait_log
-from .daemon import FilterdProcess
-from .test_serve_smtp import corpus_files
+from testing.milter_mta import Mta, split_message
+from testing.postfix import PostfixServer, postfix_available
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from tests.test_milter import FORGED_MAIL, by_message_id, smtp_send, wait_log
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_smtp import corpus_files
 
 def without_mbox_line(raw: bytes) -> bytes:
     return raw.split(b"\n", 1)[1] if raw.startswith(b"From ") else raw

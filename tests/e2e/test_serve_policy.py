@@ -6,10 +6,10 @@ import email
 import email.policy
 import smtplib
 
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
-from .test_serve_redis import results, wait_for
-from .test_serve_smtp import corpus_files, smtp_daemon
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_redis import results, wait_for
+from tests.e2e.test_serve_smtp import corpus_files, smtp_daemon
 
 
 def test_smtp_allow_listed_spam_is_delivered_untagged_deny_listed_is_discarded(tiny_model, spamassassin_dir, tmp_path):

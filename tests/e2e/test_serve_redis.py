@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from filterd.weights import publish_directory, staging_dir
+from filterd.model.weights import publish_directory, staging_dir
 from trainer.data import read_sms
 
-from .daemon import FilterdProcess
+from testing.daemon import FilterdProcess
 
 N = 2000
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 from filterd.config import load_config
-from filterd.reservoir import read_reservoir
+from filterd.store.reservoir import read_reservoir
 
-from ..services import free_port
-from ..smtp_sink import SmtpSink, send_concurrently
-from .daemon import FilterdProcess
-from .test_serve_redis import wait_for
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink, send_concurrently
+from testing.daemon import FilterdProcess
+from tests.e2e.test_serve_redis import wait_for
 
 MAIL = (
     "From: Alice Sender <alice.sender@example.org>\r\nTo: bob.rcpt@example.net\r\nSubject: quarterly figures\r\n"

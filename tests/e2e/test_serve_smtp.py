@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ..services import free_port
-from ..smtp_sink import SmtpSink, send_concurrently
-from .daemon import FilterdProcess
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink, send_concurrently
+from testing.daemon import FilterdProcess
 
 
 def corpus_files(root: Path, n_spam: int, n_ham: int) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from .daemon import FilterdProcess
+from testing.daemon import FilterdProcess
 
 
 def test_daemon_pings_the_watchdog_while_serving(redis_server, tiny_model, tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_trainer_serve_pings_the_watchdog(redis_server, tmp_path):
     import subprocess
     import sys
 
-    from .test_trainer import write_config
+    from tests.e2e.test_trainer import write_config
 
     config = write_config(tmp_path, redis_server.url, min_per_class=100000)  # refits skip: only the loop matters
     path = tmp_path / "notify.sock"

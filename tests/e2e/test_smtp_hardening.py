@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from ..postfix import PostfixServer, postfix_available
-from ..services import free_port
-from ..smtp_sink import SmtpSink
-from .daemon import FilterdProcess
+from testing.postfix import PostfixServer, postfix_available
+from testing.services import free_port
+from testing.smtp_sink import SmtpSink
+from testing.daemon import FilterdProcess
 
 needs_postfix = pytest.mark.skipif(not postfix_available(), reason="needs root and /usr/sbin/postfix (make services installs it)")
 

@@ -20,8 +20,8 @@ import pytest
 from trainer.data import read_sms
 from trainer.store import LabelStore, message_id
 
-from ..services import free_port
-from .daemon import FilterdProcess
+from testing.services import free_port
+from testing.daemon import FilterdProcess
 
 
 def wait_for(cond, timeout: float = 60, what: str = "condition") -> None:

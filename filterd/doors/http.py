@@ -54,15 +54,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from ..actions import subject_prefix
-from ..config import HttpConfig
-from ..decision import Decision, Message, Policy
-from ..decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)
-from ..mail import extract_text
+from filterd.mail.headers import subject_prefix
+from filterd.config import HttpConfig
+from filterd.policy.decision import Decision, Message, Policy
+from filterd.policy.decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)
+from filterd.mail.text import extract_text
 
 if TYPE_CHECKING:
-    from ..batcher import Scored
-    from ..metrics import FilterdMetrics
+    from filterd.model.batcher import Scored
+    from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Request:
 class Outcome:
     decision: Decision
     model: str
-    explanation: Any = None  # filterd.explain.Explanation, when [explain] gave one
+    explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
 
 
 class Busy(Exception):

@@ -37,10 +37,10 @@ from typing import Any, Awaitable, Callable, Protocol
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
-from .config import redact_url
-from .errors import FilterdError
+from filterd.config import redact_url
+from filterd.errors import FilterdError
 
-log = logging.getLogger("filterd.streams")
+log = logging.getLogger("filterd.net.streams")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 Handler = Callable[[list[Entry]], Awaitable[None]]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
-from .services import free_port
+from testing.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "postfix"
@@ -136,7 +136,7 @@ class PostfixServer:
         entry = re.compile(r"\{ inet:127\.0\.0\.1:11332, default_action=accept,")
         if len(entry.findall(text)) != 2:  # smtpd_milters and non_smtpd_milters
             raise PostfixError("deploy/postfix/milter.main.cf no longer has two '{ inet:127.0.0.1:11332, "
-                               "default_action=accept,' entries: update tests/postfix.py")  # fmt: skip
+                               "default_action=accept,' entries: update testing/postfix.py")  # fmt: skip
         action = self.milter_default_action or "accept"
         return entry.sub(f"{{ inet:127.0.0.1:{self.milter_port}, default_action={action},", text)
 
@@ -144,7 +144,7 @@ class PostfixServer:
         text = (DEPLOY / name).read_text()
         must = {"main.cf": "10025", "master.cf": "10026"}[name]  # content_filter; re-injection listener
         if not re.search(rf"127\.0\.0\.1\]?:{must}\b", text):
-            raise PostfixError(f"deploy/postfix/{name} no longer mentions 127.0.0.1:{must}: update tests/postfix.py")
+            raise PostfixError(f"deploy/postfix/{name} no longer mentions 127.0.0.1:{must}: update testing/postfix.py")
         for shipped, port in (("10025", self.filter_port), ("10026", self.reinject_port)):
             text = re.sub(rf"(127\.0\.0\.1\]?):{shipped}\b", rf"\g<1>:{port}", text)
         return text

@@ -4,8 +4,8 @@ Postfix hands each queued message to `[smtp] listen`. filterd proxies the envelo
 next_hop` as it arrives, like Postfix's smtpd_proxy_filter: the next-hop transaction is opened at
 MAIL FROM, each RCPT TO is passed on and answered with the next hop's verdict on that recipient
 (a 5xx there is a 5xx here, so Postfix bounces only that recipient and delivers the others).
-At the end of DATA filterd classifies through the shared batcher, asks `filterd/decision.py` what
-to do ([policy]), carries it out (`filterd/actions.py`: headers, Subject, recipients), sends the message, and answers with the next
+At the end of DATA filterd classifies through the shared batcher, asks `filterd/policy/decision.py` what
+to do ([policy]), carries it out (`filterd/mail/headers.py`: headers, Subject, recipients), sends the message, and answers with the next
 hop's final reply: 250 only once the next hop took the message, 5xx when it refused it for good,
 451 for anything that may work later (timeouts, lost connections, 4xx), so the message stays in
 Postfix's queue and nothing is lost or half-delivered. The destination is always the configured
@@ -36,13 +36,13 @@ from typing import Any, Awaitable, Callable, Iterator
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .. import decision
-from ..actions import Outcome, Policy, apply
-from ..batcher import QueueFull, Scored
-from ..config import Config, HeadersConfig, HostPort, SmtpConfig
-from ..decision import Decision, Message
-from ..mail import extract_text
-from ..metrics import FilterdMetrics
+from filterd.policy import decision
+from filterd.mail.headers import Outcome, Policy, apply
+from filterd.model.batcher import QueueFull, Scored
+from filterd.config import Config, HeadersConfig, HostPort, SmtpConfig
+from filterd.policy.decision import Decision, Message
+from filterd.mail.text import extract_text
+from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger("filterd")
 

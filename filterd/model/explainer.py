@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .explain import Explanation, explain
+from filterd.model.explain import Explanation, explain
 
 log = logging.getLogger("filterd")
 
@@ -74,7 +74,7 @@ class Explainer:
         """The X-Spam-Report value for `e` when [explain] header is on, else ""."""
         if e is None or not self.cfg.header:
             return ""
-        from .actions import report_value
+        from filterd.mail.headers import report_value
 
         return report_value(e, self.cfg.max_header_bytes)
 

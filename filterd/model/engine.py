@@ -18,11 +18,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, ModelError
-from .grouping import DEFAULT_OVERHEAD_TOKENS, partition
-from .model import LABELS, GPT2Classifier
-from .tokenizer import Tokenizer, pad_batch
-from .weights import ModelMeta, load_model_dir
+from filterd.errors import ConfigError, ModelError
+from filterd.model.grouping import DEFAULT_OVERHEAD_TOKENS, partition
+from filterd.model.gpt2 import LABELS, GPT2Classifier
+from filterd.model.tokenizer import Tokenizer, pad_batch
+from filterd.model.weights import ModelMeta, load_model_dir
 
 log = logging.getLogger("filterd")
 
@@ -114,7 +114,7 @@ def length_batches(
     max_batch_tokens: int = 8192,
     overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
 ) -> Iterator[list[int]]:
-    """Indices grouped by similar length (filterd.grouping); each batch padded to its longest stays within the token budget."""
+    """Indices grouped by similar length (filterd.model.grouping); each batch padded to its longest stays within the token budget."""
     yield from partition(lengths, overhead_tokens, max_batch_size, max_batch_tokens)
 
 

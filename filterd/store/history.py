@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
-from .queued_writes import QueuedWriter
+from filterd.errors import ConfigError, DataError
+from filterd.store.queued_writes import QueuedWriter
 
 log = logging.getLogger("filterd")
 
@@ -121,7 +121,7 @@ def subject_of(head: bytes) -> str:
 def _explanation_json(explanation: Any) -> str | None:
     if explanation is None:
         return None
-    if hasattr(explanation, "to_json"):  # filterd.explain's Explanation
+    if hasattr(explanation, "to_json"):  # filterd.model.explain's Explanation
         explanation = explanation.to_json()
     try:
         return json.dumps(explanation, ensure_ascii=False, allow_nan=False)[: 4 * MAX_TEXT_CHARS]

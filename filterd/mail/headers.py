@@ -1,6 +1,6 @@
 """What happens to one classified mail: the headers it gets, who receives it, the bytes relayed, the SMTP reply.
 
-Pure functions on bytes, so every rule is testable without sockets; `ingress/smtp.py` only carries
+Pure functions on bytes, so every rule is testable without sockets; `doors/smtp.py` only carries
 the `Outcome` out. The message is never parsed and re-serialised with the email package (that
 changes bytes): our fields are prepended, incoming fields in our namespaces (`X-Spam-*`,
 `X-Filterd-*`) are cut out of the header block so a sender cannot forge them, and every other byte
@@ -29,12 +29,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import __version__
-from .config import HeadersConfig
-from .decision import LEVELS, Decision, scaled_score
+from filterd import __version__
+from filterd.config import HeadersConfig
+from filterd.policy.decision import LEVELS, Decision, scaled_score
 
 if TYPE_CHECKING:
-    from .config import SmtpConfig
+    from filterd.config import SmtpConfig
 
 ACTIONS = LEVELS  # what `decide`'s single-level shortcut may do with spam
 ON_ERROR = ("accept", "tempfail")
@@ -373,7 +373,7 @@ def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, poli
 
 def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str, policy: Policy, error: str = "",
           report: str = "") -> Outcome:  # fmt: skip
-    """The outcome for one message: `d.action` carried out (filterd.decision decided it; `model` names
+    """The outcome for one message: `d.action` carried out (filterd.policy.decision decided it; `model` names
     the model for the headers). Every relayed message gets our headers; a failed classification (d is
     None, `error` says why) is relayed with an Unknown status or deferred, as `policy.on_error` says.
     `report`: an X-Spam-Report value (`report_value`), written with the other X-Spam-* fields when not empty."""

@@ -18,7 +18,7 @@ from typing import Sequence
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .services import free_port
+from testing.services import free_port
 
 REFUSE_REPLY = "451 4.3.0 sink refusing"
 

@@ -5,7 +5,7 @@ the session's events; at end of message filterd answers with header edits and on
 Postfix tells the SMTP client *during* the session (a `550 5.7.1` at end of DATA is a refusal, not
 a bounce to a forged sender). This module collects one message per transaction into a
 `MilterMessage`, calls the injected `on_message(msg) -> MilterReply`, and encodes the reply.
-Deciding what to answer is not done here (`filterd/decision.py` and the daemon do that).
+Deciding what to answer is not done here (`filterd/policy/decision.py` and the daemon do that).
 
 Why our own protocol code and not a library (checked 2026-12): `kilter.service` (MPL-2.0, one
 maintainer, 0.3.1) is built on anyio with its own session/coroutine model, and `purepythonmilter`
@@ -56,14 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence, Union
 
-from ..actions import DEFAULT_HEADERS, header_fields, subject_prefix, upstream_name
-from ..config import HeadersConfig, MilterConfig, UnixSocket
-from ..decision import Decision, Message, Policy
-from ..mail import extract_text
+from filterd.mail.headers import DEFAULT_HEADERS, header_fields, subject_prefix, upstream_name
+from filterd.config import HeadersConfig, MilterConfig, UnixSocket
+from filterd.policy.decision import Decision, Message, Policy
+from filterd.mail.text import extract_text
 
 if TYPE_CHECKING:
-    from ..batcher import Scored
-    from ..metrics import FilterdMetrics
+    from filterd.model.batcher import Scored
+    from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger(__name__)
 
@@ -774,7 +774,7 @@ class _Session:
 
 
 # --------------------------------------------------------------------------------------------
-# The door: a Decision (filterd/decision.py) turned into a milter reply
+# The door: a Decision (filterd/policy/decision.py) turned into a milter reply
 
 
 ScoreText = Callable[[str], Awaitable["Scored"]]

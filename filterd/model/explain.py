@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .config import EXPLAIN_METHODS
-from .model import LABELS, PAD_TOKEN_ID, GPT2Classifier
-from .tokenizer import CHARS_PER_TOKEN_BOUND, _encoding, pad_batch
+from filterd.config import EXPLAIN_METHODS
+from filterd.model.gpt2 import LABELS, PAD_TOKEN_ID, GPT2Classifier
+from filterd.model.tokenizer import CHARS_PER_TOKEN_BOUND, _encoding, pad_batch
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from filterd.model.engine import Engine
 
 METHODS = EXPLAIN_METHODS  # (in config.py, which must not import torch)
 DEFAULT_METHOD = "integrated-gradients"  # the most faithful on the SpamAssassin split (bench/explain.py)

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..services import free_port
+from testing.services import free_port
 
 
 class FilterdProcess:

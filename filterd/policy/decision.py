@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 if TYPE_CHECKING:
-    from .config import Config
+    from filterd.config import Config
 
 SOURCES = ("smtp", "milter", "http", "redis")
 LEVELS = ("tag", "subject", "quarantine", "discard", "reject")  # ordered: each at or above the one before

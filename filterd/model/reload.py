@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .engine import Engine, sanity_check
-from .errors import FilterdError
+from filterd.model.engine import Engine, sanity_check
+from filterd.errors import FilterdError
 
-log = logging.getLogger("filterd.reload")
+log = logging.getLogger("filterd.model.reload")
 
 Fingerprint = tuple[str, int, int]
 MIN_RELOAD_INTERVAL_S = 5.0

@@ -1,10 +1,10 @@
-"""Redis Streams ingress: the daemon's handler on a `filterd.streams.StreamConsumer`.
+"""Redis Streams ingress: the daemon's handler on a `filterd.net.streams.StreamConsumer`.
 
 Each chunk the consumer reads is scored (every entry waits for its batch), then its results, route
 copies and dead letters are written and the chunk acknowledged in one MULTI/EXEC (`commit`): a
 crash between the two cannot lose an entry, at worst one that was in flight is scored twice. How
 entries are read, claimed, kept from other consumers and bounded, and what a Redis error does, is
-the consumer's business (see filterd/streams.py).
+the consumer's business (see filterd/net/streams.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
-from ..decision import Decision, Message, Policy
-from ..streams import (  # noqa: F401  (re-exported: the trainer's intake used to import them from here)
+from filterd.policy.decision import Decision, Message, Policy
+from filterd.net.streams import (  # noqa: F401  (re-exported: the trainer's intake used to import them from here)
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     Entry,
@@ -45,7 +45,7 @@ class Outcome:
     error: str | None = None  # dead-letter reason, when the entry itself is bad
     failed: bool = False  # classification failed: leave pending, it is retried after claim_idle_ms
     seconds: float = 0.0
-    explanation: Any = None  # filterd.explain.Explanation, when [explain] gave one
+    explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
 
 
 def validate_entry(fields: dict[bytes, bytes], max_text_bytes: int) -> tuple[str | None, str | None]:
@@ -149,7 +149,7 @@ class RedisIngress:
                     b"id": o.fields.get(b"id", b""), b"entry": o.entry_id, b"verdict": d.verdict,
                     b"score": score, b"model": model, b"latency_ms": f"{o.seconds * 1000:.1f}", b"action": d.action,
                 }  # fmt: skip
-                if o.explanation is not None:  # [explain]: the words as JSON (filterd.explain.Explanation.to_json)
+                if o.explanation is not None:  # [explain]: the words as JSON (filterd.model.explain.Explanation.to_json)
                     result[b"explanation"] = json.dumps(o.explanation.to_json(), ensure_ascii=False)
                 tx.xadd(cfg.out_stream, result, **maxlen)
                 route = (cfg.routes or {}).get(d.verdict)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Awaitable
 
-from .errors import FilterdError
+from filterd.errors import FilterdError
 
 log = logging.getLogger("filterd")
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
-from .model import CONFIGS, LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig, state_shapes
+from filterd.errors import ModelError
+from filterd.model.gpt2 import CONFIGS, LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig, state_shapes
 
 FORMAT = "filterd-model/1"
 META_FILE = "filterd.json"

@@ -1,6 +1,6 @@
 """The MTA side of the milter protocol, as Postfix's milter8.c speaks it: for tests and bench/.
 
-Independent of filterd/ingress/milter.py except for the protocol constants; the real Postfix tests
+Independent of filterd/doors/milter.py except for the protocol constants; the real Postfix tests
 in tests/test_milter.py check that both sides agree with Postfix itself."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 import struct
 
 from filterd.config import UnixSocket
-from filterd.ingress import milter as m
-from filterd.ingress.milter import MilterServer
+from filterd.doors import milter as m
+from filterd.doors.milter import MilterServer
 
 ALL_ACTIONS = 0x1FF  # what Postfix 3.x offers (SMFIF_ADDHDRS .. SMFIF_SETSYMLIST)
 ALL_STEPS = 0x1FFFFF  # every SMFIP_* bit of version 6

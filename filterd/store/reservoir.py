@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
-from .queued_writes import QueuedWriter
+from filterd.errors import ConfigError, DataError
+from filterd.store.queued_writes import QueuedWriter
 
 log = logging.getLogger("filterd")
 
@@ -317,7 +317,7 @@ def open_reservoir(path: Path, size: int, max_age: float) -> Reservoir:
 
 class ReservoirWriter(QueuedWriter[tuple[str, str, float]]):
     """The daemon's side: `offer` never blocks (a full queue drops the text and counts it); `run` writes batches
-    from a worker thread until `stop`, then writes what is queued (filterd.queued_writes)."""
+    from a worker thread until `stop`, then writes what is queued (filterd.store.queued_writes)."""
 
     def __init__(self, reservoir: Reservoir, metrics: Any, max_queue: int = QUEUE_MAX) -> None:
         super().__init__(reservoir.add_many, reservoir.close, dropped=metrics.reservoir_dropped,

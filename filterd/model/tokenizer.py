@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import ModelError
-from .model import PAD_TOKEN_ID
+from filterd.errors import ModelError
+from filterd.model.gpt2 import PAD_TOKEN_ID
 
 MAX_POSITIONS = 1024
 # BPE cost grows badly with very long runs of characters that form one pre-token, and a message

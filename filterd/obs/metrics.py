@@ -57,7 +57,7 @@ UNLISTED_METRICS = {
 
 SOURCES = ("smtp", "redis")
 VERDICTS = ("spam", "ham", "error")
-# filterd_actions_total's `action`: filterd.decision.ACTIONS, plus what a door does with mail it could not classify.
+# filterd_actions_total's `action`: filterd.policy.decision.ACTIONS, plus what a door does with mail it could not classify.
 ACTIONS = ("pass", "soft-reject", "tag", "subject", "quarantine", "discard", "reject", "accept-unknown", "tempfail")
 RELOAD_OUTCOMES = ("ok", "failed")
 REFIT_OUTCOMES = ("promoted", "rejected", "failed")
@@ -90,7 +90,7 @@ REFIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0
 
 
 class StreamMetrics:
-    """The Redis consumer's hooks (filterd.streams.StreamObserver): backlog, pending, up, errors.
+    """The Redis consumer's hooks (filterd.net.streams.StreamObserver): backlog, pending, up, errors.
 
     `filterd_stream_backlog` is the group's lag (entries not yet delivered to any consumer: what the
     queue-depth gauge, bounded by what one process holds, cannot show); `filterd_stream_pending` the
@@ -110,7 +110,7 @@ class StreamMetrics:
             "filterd_ingress_up", "1 while an ingress is connected/listening and can deliver results, else 0.",
             ["ingress"], registry=r,
         )  # fmt: skip
-        # `error` is a short code from filterd.streams.error_code (oom, noperm, connection, ...), never a message.
+        # `error` is a short code from filterd.net.streams.error_code (oom, noperm, connection, ...), never a message.
         self.redis_errors = Counter(
             "filterd_redis_errors_total", "Redis errors, by operation (read|write) and error code.", ["op", "error"], registry=r
         )
