@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from filterd.config import Config, HttpConfig, is_loopback
+from filterd.sources import SOURCES
 from filterd.store.history import Filter, History, Verdict
 from filterd.doors.http import HttpError, HttpServer, Request
 
@@ -63,7 +64,6 @@ _REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized"
 _SESSION = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _VERDICT_PATH = re.compile(r"/verdict/([0-9]{1,18})(/learn)?")
 ACTIONS = ("pass", "tag", "subject", "quarantine", "discard", "soft-reject", "reject")
-SOURCES = ("smtp", "milter", "http", "redis")
 
 CSS = b"""
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}

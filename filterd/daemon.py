@@ -20,14 +20,16 @@ import os
 import random
 import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from filterd.model.batcher import Batcher, Scored
 from filterd.config import format_duration
-from filterd.policy.decision import Policy
-from filterd.model.engine import Engine
+from filterd.doors.extraction import Extractor
+from filterd.doors.path import MessagePath
 from filterd.errors import ConfigError
-from filterd.model.explainer import DoorExplainer, Explainer
+from filterd.model.batcher import Batcher, Scored
+from filterd.model.engine import Engine
+from filterd.model.explainer import Explainer
+from filterd.policy.decision import Policy
 from filterd.store.history import HistoryWriter, open_history
 from filterd.doors.http import HttpDoor, HttpServer
 from filterd.doors.milter import MilterDoor, MilterServer
@@ -74,37 +76,27 @@ class Daemon:
         self._jobs: dict[str, Any] = {}  # name -> coroutine, run under supervise()
         self.explanations = Explainer(cfg.explain, self.holder.current, self.metrics, backlog=self._backlog,
                                       max_backlog=cfg.batching.max_batch_size)  # [explain]: off unless enabled
+        # The one message path every door uses (lists, scan budget, extraction, score, decision, explanation, records).
+        self.path = MessagePath(self.policy, self._score, metrics=self.metrics, explainer=self.explanations, extractor=Extractor(),
+                                scan_bytes={"smtp": cfg.smtp.max_scan_bytes, "http": cfg.smtp.max_scan_bytes,
+                                            "milter": cfg.milter.max_message_bytes})  # fmt: skip
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
         warm_up(engine)  # [model] threshold (deprecated) is [policy] tag_score now: engines keep their own
         return engine
 
-    def scorer(self, source: str, *, wait_when_full: bool = False, sample: bool = True) -> Callable[[str], Awaitable[Scored]]:
-        """What a door calls: tokenize with the live model's tokenizer, then wait for a batch. Until the
-        batcher runs (milter and HTTP bind before the model loads) a call waits for it. A full queue
-        raises QueueFull at once (SMTP answers 451, the milter and HTTP follow on_error or 503) unless
+    async def _score(self, text: str, wait_when_full: bool = False) -> Scored:
+        """Tokenize with the live model's tokenizer, then wait for a batch. Until the batcher runs (milter and HTTP
+        bind before the model loads) a call waits for it. A full queue raises QueueFull at once unless
         `wait_when_full` (Redis, which simply stops reading)."""
-
-        async def score(text: str) -> Scored:
-            await self._serving.wait()
-            assert self.batcher is not None
-            tokens = self.holder.current().tokenizer.encode(text)
-            scored = await (self.batcher.submit(tokens) if wait_when_full else self.batcher.submit_nowait(tokens))
-            if self.reservoir is not None and sample:
-                self.reservoir.offer(text, source)
-            return scored
-
-        return score
+        await self._serving.wait()
+        assert self.batcher is not None
+        tokens = self.holder.current().tokenizer.encode(text)
+        return await (self.batcher.submit(tokens) if wait_when_full else self.batcher.submit_nowait(tokens))
 
     def _backlog(self) -> int:
         return self.batcher.depth if self.batcher is not None else 0
-
-    def explainer(self, source: str) -> DoorExplainer:
-        """What a door calls after deciding: `await explain(text, decision, scored)` -> Explanation | None (None:
-        [explain] is off or does not cover this verdict, or it was skipped: queue full or past the deadline,
-        counted); `explain.header(e)`: the X-Spam-Report value, "" unless [explain] header is on."""
-        return self.explanations.for_door(source)
 
     def health(self) -> tuple[bool, str]:
         if not self.holder.loaded:
@@ -128,23 +120,20 @@ class Daemon:
         gc.freeze()
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
-            self.smtp = SmtpIngress(cfg.smtp, self.scorer("smtp"), self.metrics, policy=self.policy, headers=cfg.headers,
-                                    explain=self.explainer("smtp"))  # fmt: skip
+            self.smtp = SmtpIngress(cfg.smtp, self.path, self.metrics, headers=cfg.headers)
             try:
                 await self.smtp.start(serving=False)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.smtp.listen} for SMTP: {_why(e)}") from None
         if cfg.milter.enabled:
-            self.milter_door = MilterDoor(cfg.milter, self.scorer("milter"), self.policy, cfg.smtp.subject_prefix, self.metrics,
-                                          headers=cfg.headers, explain=self.explainer("milter"))  # fmt: skip
+            self.milter_door = MilterDoor(cfg.milter, self.path, cfg.smtp.subject_prefix, self.metrics, headers=cfg.headers)
             self.milter = MilterServer(cfg.milter, self.milter_door.on_message)
             try:
                 await self.milter.start()
             except OSError as e:
                 raise ConfigError(str(e.strerror or e)) from None
         if cfg.http.enabled:
-            door = HttpDoor(cfg.http, self.scorer("http"), self.policy, cfg.smtp.subject_prefix, self.metrics,
-                            explain=self.explainer("http"))  # fmt: skip
+            door = HttpDoor(cfg.http, self.path, self.policy, cfg.smtp.subject_prefix, self.metrics)
             self.http = HttpServer(cfg.http, door)
             try:
                 await self.http.start()  # requests wait for the model (scorer)
@@ -159,24 +148,21 @@ class Daemon:
         t = cfg.trainer
         if t.reservoir is not None:  # before the model load, as the ports: an unusable file fails in a second
             reservoir = await asyncio.to_thread(open_reservoir, t.reservoir, t.reservoir_size, t.reservoir_max_age)
-            self.reservoir = ReservoirWriter(reservoir, self.metrics)
+            self.reservoir = self.path.reservoir = ReservoirWriter(reservoir, self.metrics)
             log.info("reservoir: keeping up to %d classified texts for %s in %s", t.reservoir_size,
                      format_duration(t.reservoir_max_age), t.reservoir)  # fmt: skip
         if cfg.console.enabled:
             from filterd.console import Console  # only when enabled: the console imports trainer modules on use
 
             self.console = Console(cfg, lambda: self.holder.current().version if self.holder.loaded else "",
-                                   self.scorer("console", sample=False), lambda: self.holder.current())  # fmt: skip
+                                   self._score, lambda: self.holder.current())  # fmt: skip
             try:
                 await self.console.start()
             except OSError as e:
                 raise ConfigError(f"cannot listen on {cfg.console.listen} for the console: {_why(e)}") from None
         if cfg.history.enabled:  # before the model load, as the ports: an unusable file fails in a second
             history = await asyncio.to_thread(open_history, cfg.history)
-            self.history = HistoryWriter(history, self.metrics, store_text=cfg.history.store_text)
-            for door in (self.smtp.handler if self.smtp else None, self.milter_door, self.http.door if self.http else None):
-                if door is not None:
-                    door.record = self.history.record
+            self.history = self.path.history = HistoryWriter(history, self.metrics, store_text=cfg.history.store_text)
             log.info("history: recording decisions in %s (%d rows, %g days%s)", cfg.history.path, cfg.history.max_rows,
                      cfg.history.max_age_days, ", with texts" if cfg.history.store_text else "")  # fmt: skip
         t0 = time.perf_counter()
@@ -199,10 +185,7 @@ class Daemon:
             self.metrics.ingress_up.labels("smtp").set_function(lambda: 1.0 if smtp.up else 0.0)
             sources.append("smtp")
         if cfg.redis.enabled:
-            score = self.scorer("redis", wait_when_full=True)
-            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), score, self.metrics, policy=self.policy,
-                                      explain=self.explainer("redis"))  # fmt: skip
-            self.redis.record = self.history.record if self.history is not None else None
+            self.redis = RedisIngress(cfg.redis, cfg.redis.consumer_name(), self.path, self.metrics)
             self._jobs["redis-ingress"] = self.redis.run(self.stop)
             self._jobs["model-channel"] = self._model_channel()
             sources.append("redis")
@@ -246,6 +229,7 @@ class Daemon:
             failed = e
         await self.batcher.stop(drain=True)
         self.explanations.close()
+        self.path.extractor.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # the texts of the last verdicts too
         if self.history is not None:

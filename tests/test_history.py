@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from filterd.doors.path import MessagePath
 from filterd.policy.decision import Decision, Message
 from filterd.store.history import Filter, History, HistoryWriter, subject_of
 from filterd.doors.milter import MilterDoor, MilterMessage
@@ -123,7 +124,7 @@ def test_http_door_records_each_decision_with_the_envelope(tmp_path):
     metrics = FilterdMetrics()
     with Served() as s:
         writer = HistoryWriter(History(tmp_path / "h.sqlite"), metrics, store_text=True)
-        s.server.door.record = writer.record
+        s.server.door.path.history = writer
         status, _, _ = s.request("POST", "/checkv2", mail(0.95, subject="cheap pills"),
                                  {"From": "spammer@example.net", "Rcpt": "a@example.com", "Queue-Id": "4XyZ"})  # fmt: skip
         assert status == 200
@@ -150,8 +151,8 @@ def test_milter_door_records_the_queue_id_and_the_action_it_took(tmp_path):
 
     async def go() -> None:
         writer = HistoryWriter(History(tmp_path / "h.sqlite"), FilterdMetrics())
-        door = MilterDoor(cfg.milter, score, Policy.from_config(cfg), "[SPAM] ")
-        door.record = writer.record
+        door = MilterDoor(cfg.milter, MessagePath.of(score, Policy.from_config(cfg)), "[SPAM] ")
+        door.path.history = writer
         msg = MilterMessage(sender="bad@example.net", recipients=["u@example.com"], queue_id="3F2A1",
                             header_lines=[b"Subject: buy now", b"From: bad@example.net"], body=b"buy now\r\n")  # fmt: skip
         await door.on_message(msg)
@@ -230,7 +231,7 @@ def test_smtp_door_records_the_relayed_decision_with_the_text_the_model_read(tmp
 
         async def body(ingress) -> None:
             writer = HistoryWriter(History(tmp_path / "h.sqlite"), FilterdMetrics(), store_text=True)
-            ingress.handler.record = writer.record
+            ingress.handler.path.history = writer
             assert (await send(ingress.port, message("You are a winner", "claim your prize")))[0] == 250
             assert (await send(ingress.port, message("minutes", "see attached"), rcpts=("c@example.net", "d@example.net")))[0] == 250
             await _drain(writer)

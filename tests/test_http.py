@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from filterd.doors.path import MessagePath
 from filterd.model.batcher import QueueFull
 from filterd.config import check_config, load_config
 from filterd.policy.decision import Policy
@@ -60,7 +61,9 @@ class Served:
 
     def __enter__(self) -> Served:
         self.thread.start()
-        door = HttpDoor(self.cfg.http, self.score, Policy.from_config(self.cfg), self.cfg.smtp.subject_prefix, self.metrics)
+        policy = Policy.from_config(self.cfg)
+        door = HttpDoor(self.cfg.http, MessagePath.of(self.score, policy, metrics=self.metrics), policy, self.cfg.smtp.subject_prefix,
+                        self.metrics)  # fmt: skip
         self.server = HttpServer(self.cfg.http, door)
         self.run(self.server.start())
         self.port = self.server.port

@@ -18,7 +18,7 @@ from filterd.doors.smtp import SmtpIngress
 from filterd.obs.logs import LineFormatter, escape_controls, setup_logging
 
 from testing.smtp_sink import SmtpSink
-from tests.test_smtp_ingress import smtp_cfg, word_score
+from tests.test_smtp_ingress import door_path, smtp_cfg, word_score
 
 HOSTILE = "a\rFAKE 2026-01-01 ERROR forged\nline\x0b\x00\t\x1b[31m\x7f\x85\u2028end"
 
@@ -116,7 +116,7 @@ def test_bare_cr_in_mail_from_cannot_forge_a_log_line():
             cfg = smtp_cfg(sink)
 
             async def main() -> list[bytes]:
-                ingress = SmtpIngress(cfg, word_score)
+                ingress = SmtpIngress(cfg, door_path(cfg, word_score))
                 await ingress.start()
                 try:
                     return await asyncio.to_thread(_smtp_dialogue, cfg.listen.port, [

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 import pytest
 
+from filterd.doors.path import MessagePath
 from filterd.config import RedisConfig, RoutesConfig
 from filterd.doors.redis import RedisIngress, validate_entry
 
@@ -16,6 +17,7 @@ class FakeScored:
     score: float
     verdict: str
     model: str
+    threshold: float = 0.5
 
 
 async def length_score(text: str) -> FakeScored:
@@ -62,7 +64,7 @@ def test_results_acks_routes_and_dead_letters(redis_server, sms_data):
     texts = [e.text for e in read_split(sms_data / "test.csv")]
     ids = [r.xadd("filterd:in", {"text": t.encode(), "id": f"m{i}", "carrier": "x"}) for i, t in enumerate(texts)]
     bad = [r.xadd("filterd:in", f) for f in ({"id": "b1"}, {"text": b"\xff bad"}, {"text": "x" * 70000})]
-    ingress = RedisIngress(cfg(redis_server.url, routes={"spam": "sms:spam"}), "c1", length_score)
+    ingress = RedisIngress(cfg(redis_server.url, routes={"spam": "sms:spam"}), "c1", MessagePath.of(length_score))
     run_until(ingress, lambda: r.xlen("filterd:out") + r.xlen("filterd:dead") >= len(texts) + 3)
 
     out = r.xrange("filterd:out")
@@ -90,7 +92,7 @@ def test_pending_entries_of_a_dead_consumer_are_claimed(redis_server):
         r.xadd("filterd:in", {"text": f"message {i}"})
     # a consumer that read 20 entries and died before acknowledging them
     r.xreadgroup("filterd", "dead-consumer", {"filterd:in": ">"}, count=20)
-    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=200), "live", length_score)
+    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=200), "live", MessagePath.of(length_score))
     run_until(ingress, lambda: r.xlen("filterd:out") >= 50)
     entries = [f[b"entry"] for _, f in r.xrange("filterd:out")]
     assert len(entries) == len(set(entries)) == 50
@@ -103,7 +105,7 @@ def test_own_pending_entries_are_finished_after_a_restart(redis_server):
     for i in range(30):
         r.xadd("filterd:in", {"text": f"m{i}"})
     r.xreadgroup("filterd", "same-name", {"filterd:in": ">"}, count=10)  # read before a crash
-    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=60_000), "same-name", length_score)
+    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=60_000), "same-name", MessagePath.of(length_score))
     run_until(ingress, lambda: r.xlen("filterd:out") >= 30)
     assert len({f[b"entry"] for _, f in r.xrange("filterd:out")}) == 30
 
@@ -123,7 +125,7 @@ def test_redis_restart_mid_run_loses_nothing(redis_server):
             time.sleep(0.01)
         redis_server.restart(downtime_s=1.0)
 
-    ingress = RedisIngress(cfg(redis_server.url), "c1", length_score)
+    ingress = RedisIngress(cfg(redis_server.url), "c1", MessagePath.of(length_score))
 
     def finished():
         try:
@@ -147,7 +149,7 @@ def test_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(redis_se
             raise RuntimeError("model failed")
         return await length_score(text)
 
-    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=50, max_deliveries=3), "c1", flaky)
+    ingress = RedisIngress(cfg(redis_server.url, claim_idle_ms=50, max_deliveries=3), "c1", MessagePath.of(flaky))
     run_until(ingress, lambda: r.xlen("filterd:dead") >= 1 and r.xlen("filterd:out") >= 2)
     dead = r.xrange("filterd:dead")
     assert len(dead) == 1 and dead[0][1][b"text"] == b"poison" and dead[0][1][b"error"] == b"classify-failed"

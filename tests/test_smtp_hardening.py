@@ -380,18 +380,20 @@ def test_unit_gives_room_for_connections():
 
 
 def test_a_dead_parser_process_costs_one_message_its_verdict_not_the_ingress(sink):
-    """The text is extracted in worker processes; if they die (OOM killer), that message follows
-    on_error and the next one gets new workers."""
+    """A large message's text is extracted in worker processes; if they die (OOM killer), that message
+    follows on_error and the next one gets new workers."""
     import os
     import signal
 
+    pad = "\r\n" + "filler text for a large mail\r\n" * 4000  # over the extractor's INLINE_BYTES: parsed in a process
+
     async def body(ingress):
-        first = await send(ingress.port, message("winner", "prize"))
-        for pid in list(ingress.handler.parser()._processes):  # type: ignore[attr-defined]
+        first = await send(ingress.port, message("winner", "prize" + pad))
+        for pid in list(ingress.handler.path.extractor.pool()._processes):  # type: ignore[attr-defined]
             os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(0.3)
-        second = await send(ingress.port, message("winner", "prize again"))
-        third = await send(ingress.port, message("winner", "prize once more"))
+        second = await send(ingress.port, message("winner", "prize again" + pad))
+        third = await send(ingress.port, message("winner", "prize once more" + pad))
         return first, second, third
 
     replies = serve(smtp_cfg(sink))(body)

@@ -14,7 +14,8 @@ import pytest
 
 from filterd.mail.headers import strip_spam_headers
 from filterd.model.batcher import QueueFull, Scored
-from filterd.config import SmtpConfig, check_config, parse_hostport
+from filterd.config import Config, SmtpConfig, check_config, parse_hostport
+from filterd.doors.path import MessagePath
 from filterd.policy.decision import Policy
 from filterd.doors.smtp import SmtpIngress
 from filterd.obs.metrics import FilterdMetrics
@@ -58,12 +59,17 @@ async def send(port: int, raw: bytes, rcpts=("b@example.net",), mail_from="a@exa
             client.close()
 
 
+def door_path(cfg: SmtpConfig, score=word_score, metrics: FilterdMetrics | None = None, policy: Policy | None = None) -> MessagePath:
+    """The message path a content filter with this [smtp] alone has (its legacy `action` mapped as the daemon maps it)."""
+    return MessagePath.of(score, policy or Policy.from_config(Config(smtp=cfg)), metrics=metrics, scan_bytes={"smtp": cfg.max_scan_bytes})
+
+
 def serve(cfg: SmtpConfig, score=word_score, metrics: FilterdMetrics | None = None):
     """Decorator-free harness: run `body(ingress)` with the ingress listening, then close it."""
 
     def runner(body):
         async def main():
-            ingress = SmtpIngress(cfg, score, metrics)
+            ingress = SmtpIngress(cfg, door_path(cfg, score, metrics), metrics)
             await ingress.start()
             try:
                 return await body(ingress)
@@ -261,7 +267,7 @@ def test_shutdown_finishes_messages_in_flight(sink):
         return await word_score(text)
 
     async def main():
-        ingress = SmtpIngress(smtp_cfg(sink), slow_score)
+        ingress = SmtpIngress(smtp_cfg(sink), door_path(smtp_cfg(sink), slow_score))
         await ingress.start()
         sending = asyncio.create_task(send(ingress.port, message("a", "b")))
         await asyncio.sleep(0.2)  # the message is being classified
@@ -311,7 +317,8 @@ def test_a_listed_sender_is_not_scored_and_a_nan_score_follows_on_error(sink):
     policy = Policy.from_config(check_config(None, ['policy.allow_senders=["friend.example"]', "redis.enabled=false"]))
 
     async def main():
-        ingress = SmtpIngress(smtp_cfg(sink, on_error="tempfail"), nan_score, metrics, policy=policy)
+        cfg = smtp_cfg(sink, on_error="tempfail")
+        ingress = SmtpIngress(cfg, door_path(cfg, nan_score, metrics, policy), metrics)
         await ingress.start()
         try:
             listed = await send(ingress.port, message("you are a winner", "prize"), mail_from="a@Friend.Example")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from filterd.doors.path import MessagePath
 from filterd.config import RedisConfig
 from filterd.doors.redis import RedisIngress
 from filterd.obs.metrics import FilterdMetrics
@@ -22,6 +23,7 @@ class FakeScored:
     score: float
     verdict: str
     model: str
+    threshold: float = 0.5
 
 
 def scorer(delay: float = 0.001):
@@ -75,7 +77,7 @@ def test_error_codes():
 def test_stream_deleted_under_a_running_ingress_is_recreated(redis_server):
     """Old code: NOGROUP escaped run() and the ingress task died, leaving the process up and deaf."""
     r = redis_server.client()
-    ingress = RedisIngress(rcfg(redis_server.url), "c1", scorer())
+    ingress = RedisIngress(rcfg(redis_server.url), "c1", MessagePath.of(scorer()))
 
     async def main():
         stop = asyncio.Event()
@@ -101,7 +103,7 @@ def test_stream_deleted_under_a_running_ingress_is_recreated(redis_server):
 def test_wrong_type_raises_one_line_stream_error(redis_server):
     r = redis_server.client()
     r.set(IN, "x")
-    ingress = RedisIngress(rcfg(redis_server.url), "c1", scorer())
+    ingress = RedisIngress(rcfg(redis_server.url), "c1", MessagePath.of(scorer()))
     with pytest.raises(StreamError, match="WRONGTYPE") as e:
         asyncio.run(asyncio.wait_for(ingress.run(asyncio.Event()), 10))
     assert "\n" not in str(e.value) and IN in str(e.value)
@@ -138,7 +140,7 @@ def test_dead_consumers_entries_are_claimed_in_one_pass_and_empty_consumers_dele
     r.xreadgroup(GROUP, "crashed-1", {IN: ">"}, count=200)  # read, never acknowledged
     r.xreadgroup(GROUP, "gone-empty", {IN: ">"}, count=1)  # nothing left to read: a consumer with no pending entries
     time.sleep(0.6)
-    ingress = RedisIngress(rcfg(redis_server.url, claim_idle_ms=500, count=4, dead_consumer_idle=0.5), "live", scorer())
+    ingress = RedisIngress(rcfg(redis_server.url, claim_idle_ms=500, count=4, dead_consumer_idle=0.5), "live", MessagePath.of(scorer()))
 
     def done() -> bool:
         names = {c["name"] for c in r.xinfo_consumers(IN, GROUP)}
@@ -156,7 +158,7 @@ def test_restart_with_the_same_name_finishes_own_pending_at_once(redis_server):
     for i in range(100):
         r.xadd(IN, {"text": f"m{i}"})
     r.xreadgroup(GROUP, "host-a", {IN: ">"}, count=100)  # then kill -9
-    ingress = RedisIngress(rcfg(redis_server.url, claim_idle_ms=600_000), "host-a", scorer())
+    ingress = RedisIngress(rcfg(redis_server.url, claim_idle_ms=600_000), "host-a", MessagePath.of(scorer()))
     asyncio.run(run_while([ingress.run], lambda: r.xpending(IN, GROUP)["pending"] == 0 and r.xlen(OUT) >= 100, timeout=10))
     assert len(set(out_entries(r))) == 100
 
@@ -170,8 +172,8 @@ def test_live_consumers_never_claim_each_others_queued_entries(redis_server):
     for i in range(120):
         r.xadd(IN, {"text": f"m{i}", "id": str(i)})
     cfg = rcfg(redis_server.url, claim_idle_ms=1000, count=8)  # refreshed every 0.33 s: slack for a busy machine
-    a = RedisIngress(cfg, "a", scorer(2.5))
-    b = RedisIngress(cfg, "b", scorer(2.5))
+    a = RedisIngress(cfg, "a", MessagePath.of(scorer(2.5)))
+    b = RedisIngress(cfg, "b", MessagePath.of(scorer(2.5)))
     asyncio.run(run_while([a.run, b.run], lambda: len(set(out_entries(r))) >= 120 and r.xpending(IN, GROUP)["pending"] == 0))
     entries = out_entries(r)
     assert len(entries) - len(set(entries)) == 0, f"{len(entries) - len(set(entries))} duplicates"
@@ -184,7 +186,7 @@ def test_oom_on_result_writes_stops_reading_and_recovers(redis_server):
     for i in range(100):
         r.xadd(IN, {"text": f"m{i}", "id": str(i)})
     m = FilterdMetrics()
-    ingress = RedisIngress(rcfg(redis_server.url, count=16), "c1", scorer(), m)
+    ingress = RedisIngress(rcfg(redis_server.url, count=16), "c1", MessagePath.of(scorer(), metrics=m), m)
     lags: list[int] = []
 
     async def main():
@@ -224,7 +226,7 @@ def test_reads_are_bounded_by_bytes_and_big_dead_letters_keep_only_the_size(redi
     big = 2 << 20
     for i in range(8):
         r.xadd(IN, {"text": b"y" * big, "id": f"b{i}"})
-    ingress = RedisIngress(rcfg(redis_server.url, max_inflight_bytes=1 << 20, max_text_bytes=65536), "c1", scorer())
+    ingress = RedisIngress(rcfg(redis_server.url, max_inflight_bytes=1 << 20, max_text_bytes=65536), "c1", MessagePath.of(scorer()))
 
     def then_while_running() -> bool:
         if r.xlen(DEAD) < 8:

@@ -43,6 +43,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import hmac
@@ -52,16 +53,15 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-from filterd.mail.headers import subject_prefix
 from filterd.config import HttpConfig
+from filterd.doors.path import Inbound, MessagePath, Scan, verdict_line
+from filterd.mail.headers import subject_prefix
 from filterd.policy.decision import Decision, Message, Policy
 from filterd.policy.decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)
-from filterd.mail.text import extract_text
 
 if TYPE_CHECKING:
-    from filterd.model.batcher import Scored
     from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,6 @@ _REASONS = {
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
 }  # fmt: skip
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-ScoreText = Callable[[str], Awaitable["Scored"]]
 
 
 class HttpError(Exception):
@@ -132,10 +130,15 @@ class Outcome:
     decision: Decision
     model: str
     explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
+    scan: Scan | None = None  # the message path's result (for the log line)
 
 
 class Busy(Exception):
     """No verdict in time, or the batcher's queue is full: the client should retry (503)."""
+
+
+class ClassificationFailed(Exception):
+    """The model gave no verdict (500); the message is what failed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,49 +146,29 @@ class Busy(Exception):
 
 
 class HttpDoor:
-    """One decision per request through the shared batcher and [policy]'s "http" table."""
+    """One decision per request through the message path and [policy]'s "http" table."""
 
-    def __init__(self, cfg: HttpConfig, score: ScoreText, policy: Policy, subject_prefix: str,
-                 metrics: FilterdMetrics | None = None, explain: Any = None) -> None:  # fmt: skip
+    def __init__(self, cfg: HttpConfig, path: MessagePath, policy: Policy, subject_prefix: str,
+                 metrics: FilterdMetrics | None = None) -> None:  # fmt: skip
         self.cfg = cfg
-        self.score = score
+        self.path = path
         self.policy = policy
         self.prefix = subject_prefix
         self.metrics = metrics
-        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
-        self.explain = explain  # Daemon.explainer("http"): async (text, decision, scored) -> Explanation | None
 
-    async def decide(self, message: Message, *, raw: bytes | None = None, text: str | None = None, ref: str = "") -> Outcome:
+    async def decide(self, message: Message, *, raw: bytes | None = None, text: str | None = None, ref: str = "",
+                     client_address: str = "", authenticated: str = "") -> Outcome:  # fmt: skip
         """Busy (503) or another exception (500) when the model gives no verdict; metrics counted either way."""
-        t0 = time.perf_counter()
-        d, model, explanation = self.policy.listed(message), "", None
-        try:
-            if d is None:
-                if text is None:
-                    text = await asyncio.to_thread(extract_text, raw or b"")  # parsing off the event loop
-                try:
-                    async with asyncio.timeout(self.cfg.reply_timeout):
-                        scored = await self.score(text)
-                except TimeoutError:
-                    raise Busy(f"no verdict within reply_timeout ({self.cfg.reply_timeout:g}s)") from None
-                except Exception as e:
-                    if type(e).__name__ == "QueueFull":
-                        raise Busy("the classifier's queue is full") from None
-                    raise
-                if math.isnan(scored.score):
-                    raise ValueError("the model scored NaN")
-                d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
-                explanation = await self.explain(text, d, scored) if self.explain is not None else None
-        except Exception:
-            if self.metrics is not None:
-                self.metrics.observe_result(source="http", verdict="error", score=None, seconds=time.perf_counter() - t0)
-            raise
-        if self.metrics is not None:
-            self.metrics.observe_result(source="http", verdict=d.verdict, score=d.score, seconds=time.perf_counter() - t0)
-            self.metrics.count_action("http", d.action)
-        if self.record is not None:
-            self.record("http", message, d, model, ref=ref, text=text, head=(raw or b"")[:65536], explanation=explanation)
-        return Outcome(d, model, explanation)
+        inbound = Inbound("http", raw=raw if text is None else None, text=text, sender=message.sender,
+                          recipients=message.recipients, client_address=client_address, authenticated=authenticated,
+                          ref=ref)  # fmt: skip
+        scan = await self.path.scan(inbound, timeout=self.cfg.reply_timeout)
+        if scan.busy:
+            raise Busy("no verdict in time, or the classifier is full")
+        if scan.decision is None:
+            raise ClassificationFailed(scan.error)
+        self.path.done(scan, scan.decision.action, log_line=False)  # the route writes the line: it knows the endpoint
+        return Outcome(scan.decision, scan.model, scan.explanation, scan)
 
     # --- replies ---------------------------------------------------------------------
 
@@ -244,6 +227,11 @@ class HttpDoor:
         if d.action == "subject":
             lines.append(f"Subject: {subject_prefix(self.prefix)}{head.get('subject', '')}")
         return ("\r\n".join(_one_line(x) for x in lines) + "\r\n\r\n").encode("utf-8", "replace")
+
+
+def _client(req: Request) -> dict[str, str]:
+    """Client facts from Rspamd's request headers: `IP` (the SMTP client's address), `User` (its SASL login)."""
+    return {"client_address": (req.header("ip") or "").strip(), "authenticated": (req.header("user") or "").strip()}
 
 
 def _one_line(s: str) -> str:
@@ -510,6 +498,8 @@ class HttpServer:
             return await self.door.decide(message, **what)
         except Busy as e:
             raise HttpError(503, f"busy: {e}; retry later", retry_after=1) from None
+        except ClassificationFailed as e:  # the message path logged why
+            raise HttpError(500, f"classification failed ({e})") from None
         except Exception as e:
             log.warning("http: classification failed: %s: %s", type(e).__name__, _one_line(str(e))[:200])
             raise HttpError(500, f"classification failed ({type(e).__name__})") from None
@@ -517,7 +507,7 @@ class HttpServer:
     async def _checkv2(self, req: Request) -> bytes:
         t0 = time.perf_counter()
         message = self._envelope(req)
-        o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "")
+        o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "", **_client(req))
         reply = self.door.checkv2(o, req.body, time.perf_counter() - t0)
         self._log(req, message, o, len(req.body))
         return _json(200, reply, req)
@@ -529,7 +519,7 @@ class HttpServer:
             return f"RSPAMD/1.3 1 unsupported command {req.method[:20]}\r\n\r\n".encode()
         message = self._envelope(req)
         try:
-            o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "")
+            o = await self._scan(message, raw=req.body, ref=req.header("queue-id") or "", **_client(req))
         except HttpError as e:  # Exim cannot parse this line, and defers the message (or not, with defer_ok)
             return f"RSPAMD/1.3 {e.status} {_one_line(str(e))}\r\n\r\n".encode()
         self._log(req, message, o, len(req.body))
@@ -573,11 +563,10 @@ class HttpServer:
 
     @staticmethod
     def _log(req: Request, m: Message, o: Outcome, size: int) -> None:
-        d = o.decision
-        verdict = f"{d.verdict} score={d.score:.4f}" if d.score is not None else f"{d.verdict} listed={d.listed}"
-        log.info("http: %s queue_id=%s from=<%s> rcpts=%d size=%d verdict=%s action=%s", req.path.lstrip("/") or "-",
-                 _one_line(req.header("queue-id") or "-")[:64], _one_line(m.sender)[:256], len(m.recipients), size,
-                 verdict, d.action)  # fmt: skip
+        assert o.scan is not None
+        scan = dataclasses.replace(o.scan, inbound=dataclasses.replace(o.scan.inbound, size=size))
+        log.info("%s", verdict_line(scan, o.decision.action, lead=[("", req.path.lstrip("/") or "-"),
+                                                                   ("queue_id", (req.header("queue-id") or "-")[:64])]))  # fmt: skip
 
 
 async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:

@@ -54,15 +54,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence, Union
 
-from filterd.mail.headers import DEFAULT_HEADERS, header_fields, subject_prefix, upstream_name
 from filterd.config import HeadersConfig, MilterConfig, UnixSocket
-from filterd.policy.decision import Decision, Message, Policy
-from filterd.mail.text import extract_text
+from filterd.doors.path import Inbound, MessagePath
+from filterd.mail.budget import FIELD_BYTES, HEADER_BYTES, NEEDED_FIELD
+from filterd.mail.headers import DEFAULT_HEADERS, plan_edits, upstream_name
+from filterd.policy.decision import Decision
+from filterd.policy.replies import reply_parts
 
 if TYPE_CHECKING:
-    from filterd.model.batcher import Scored
     from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ _NO_REPLY_BIT = {
 }
 
 MAX_FRAME = 1 << 20  # Postfix sends body chunks of <= 64 KiB and headers of <= header_size_limit (100 KiB)
-MAX_HEADERS = 10_000  # header names kept per message (for deletion indexes); more is pathological
+MAX_HEADERS = 10_000  # header names kept per message (for logs and tests); our namespaces' are kept apart, uncapped
 MAX_RECIPIENTS = 10_000
 MAX_MACROS = 64
 FORGED_PREFIXES = ("x-spam-", "x-filterd-")
@@ -328,22 +329,22 @@ class MilterMessage:
     helo: str = ""
     header_lines: list[bytes] = field(default_factory=list)
     header_names: list[str] = field(default_factory=list)
+    ours: list[str] = field(default_factory=list)  # names in our namespaces, every one (each must be deleted): no cap
+    subject: bytes | None = None  # the first Subject's value as received, kept wherever it lies
     body: bytes = b""
     truncated: bool = False
+    headers_cut: bool = False  # the header block passed the scan budget: only the fields text extraction reads were kept
     size: int = 0  # header and body bytes the MTA sent, also past the limit
+    kept: int = 0  # header and body bytes kept (at most max_message_bytes)
     macros: dict[str, str] = field(default_factory=dict)
 
     def raw(self) -> bytes:
         """The collected message as RFC 5322 bytes (headers, blank line, body) for the classifier."""
         return b"".join(line + b"\r\n" for line in self.header_lines) + b"\r\n" + self.body
 
-    def header_count(self, name: str) -> int:
-        """How many headers are called `name` (case-insensitively)."""
-        key = name.lower()
-        return sum(1 for n in self.header_names if n.lower() == key)
-
     def forged_header_deletions(self, prefixes: Sequence[str] = FORGED_PREFIXES) -> list[DeleteHeader]:
-        return forged_header_deletions(self.header_names, prefixes)
+        """Deletions of every field in our namespaces, however many headers came before them (`ours` has no cap)."""
+        return forged_header_deletions(self.ours, prefixes)
 
 
 def forged_header_deletions(header_names: Iterable[str], prefixes: Sequence[str] = FORGED_PREFIXES) -> list[DeleteHeader]:
@@ -686,24 +687,37 @@ class _Session:
         name = args[0]
         value = args[1] if len(args) > 1 else b""
         msg = self.msg
+        text_name = _text(name)
+        key = text_name.lower()
         if len(msg.header_names) < MAX_HEADERS:
-            msg.header_names.append(_text(name))
-        else:
-            msg.truncated = True
+            msg.header_names.append(text_name)
+        if key.startswith(FORGED_PREFIXES):
+            msg.ours.append(text_name)
         if not self.steps & SMFIP_HDR_LEADSPC and value:
             value = b" " + value  # the MTA ate the one space after the colon: put it back
-        line = name + b":" + re.sub(rb"\r?\n", b"\r\n", value)
+        value = re.sub(rb"\r?\n", b"\r\n", value)
+        if key == "subject" and msg.subject is None:
+            msg.subject = value
+        line = name + b":" + value
         msg.size += len(line) + 2
-        if msg.size <= self.cfg.max_message_bytes:
+        if msg.size > HEADER_BYTES and not msg.headers_cut:
+            msg.headers_cut = True  # padding: from here on only what text extraction reads is kept
+        if msg.headers_cut and not NEEDED_FIELD.fullmatch(key):
+            msg.truncated = True
+            return
+        line = line[:FIELD_BYTES] if msg.headers_cut else line
+        if msg.kept + len(line) + 2 <= self.cfg.max_message_bytes:
             msg.header_lines.append(line)
+            msg.kept += len(line) + 2
         else:
             msg.truncated = True
 
     def _body(self, data: bytes) -> bool:
         """Keep what fits; True when the limit is reached (more body is not wanted)."""
         msg = self.msg
-        room = self.cfg.max_message_bytes - msg.size
+        room = self.cfg.max_message_bytes - msg.kept
         msg.size += len(data)
+        msg.kept += max(min(room, len(data)), 0)
         if room > 0:
             msg.body += data[:room]
         if len(data) > max(room, 0):
@@ -737,7 +751,7 @@ class _Session:
 
     def _error_reply(self, msg: MilterMessage) -> MilterReply:
         if self.cfg.on_error == "tempfail":
-            return MilterReply(Tempfail(451, "4.7.1", "filterd: temporary failure, try again later"))
+            return MilterReply(Tempfail(*reply_parts("tempfail")))
         return MilterReply(Accept(), tuple(msg.forged_header_deletions()))
 
     def _encode(self, reply: MilterReply, msg: MilterMessage) -> bytes:
@@ -757,7 +771,7 @@ class _Session:
 
     def _modification(self, m: Modification, msg: MilterMessage) -> bytes:
         need = SMFIF_QUARANTINE if isinstance(m, Quarantine) else SMFIF_ADDHDRS if isinstance(m, AddHeader) else SMFIF_CHGHDRS
-        if isinstance(m, ChangeSubject) and not msg.header_count("Subject"):
+        if isinstance(m, ChangeSubject) and msg.subject is None:
             need = SMFIF_ADDHDRS
         if not self.actions & need:
             log.warning("milter: %s: the MTA did not allow %s; skipped", msg.queue_id or "-", type(m).__name__)
@@ -777,28 +791,21 @@ class _Session:
 # The door: a Decision (filterd/policy/decision.py) turned into a milter reply
 
 
-ScoreText = Callable[[str], Awaitable["Scored"]]
-
-
 class MilterDoor:
-    """`on_message` for the daemon: the allow/deny lists, else extract the text, score it through the
-    shared batcher and `decide`; then answer with milter actions. Every accepted message loses its
-    forged X-Spam-*/X-Filterd-* headers and gets ours. A failed or busy classification follows
-    `[milter] on_error` (accept with an Unknown status, or 451), like the SMTP door's."""
+    """`on_message` for the daemon: the message path's decision answered with milter actions. Every
+    accepted message loses its forged X-Spam-*/X-Filterd-* headers and gets ours. A failed or busy
+    classification follows `[milter] on_error` (accept with an Unknown status, or 451), like the SMTP door's."""
 
-    def __init__(self, cfg: MilterConfig, score: ScoreText, policy: Policy, subject_prefix: str, metrics: "FilterdMetrics | None" = None,
-                 headers: HeadersConfig = DEFAULT_HEADERS, explain: Any = None) -> None:  # fmt: skip
+    def __init__(self, cfg: MilterConfig, path: MessagePath, subject_prefix: str, metrics: FilterdMetrics | None = None,
+                 headers: HeadersConfig = DEFAULT_HEADERS) -> None:  # fmt: skip
         self.cfg = cfg
+        self.path = path
         self.headers = headers
-        self.score = score
-        self.explain = explain  # Daemon.explainer("milter"): async (text, decision, scored) -> Explanation | None; .header(e)
-        self.policy = policy
         self.prefix = subject_prefix
         self.metrics = metrics
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
     async def on_message(self, msg: MilterMessage) -> MilterReply:
         self.in_flight += 1
@@ -817,54 +824,33 @@ class MilterDoor:
         await self._idle.wait()
 
     async def _decide(self, msg: MilterMessage) -> MilterReply:
-        t0 = time.perf_counter()
-        message = Message("milter", msg.sender, tuple(msg.recipients))
-        d, model, error, text = self.policy.listed(message), "", "", None
-        report, explanation = "", None
-        if d is None:
-            try:
-                text = await asyncio.to_thread(extract_text, msg.raw())  # parsing off the event loop
-                scored = await self.score(text)
-                if math.isnan(scored.score):
-                    raise ValueError("the model scored NaN")
-                d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
-                if self.explain is not None:
-                    explanation = await self.explain(text, d, scored)
-                    report = self.explain.header(explanation)
-            except Exception as e:  # busy (QueueFull) or failed: on_error, as for the SMTP door
-                error = "busy" if type(e).__name__ == "QueueFull" else type(e).__name__
-                log.warning("milter: %s: classification failed (%s); on_error = %s", msg.queue_id or "-", error, self.cfg.on_error)
-        if self.metrics is not None:
-            self.metrics.observe_result(source="milter", verdict=d.verdict if d else "error", score=d.score if d else None,
-                                        seconds=time.perf_counter() - t0)  # fmt: skip
-        reply, action = self._reply(msg, d, model, error, report)
-        if self.metrics is not None:
-            self.metrics.count_action("milter", action)
-        if self.record is not None and d is not None:
-            self.record("milter", message, d, model, action, ref=msg.queue_id, text=text,
-                        head=b"".join(line + b"\r\n" for line in msg.header_lines), explanation=explanation)  # fmt: skip
-        verdict = "unknown" if d is None else f"{d.verdict} score={d.score:.4f}" if d.score is not None else f"{d.verdict} listed={d.listed}"
-        log.info("milter: queue_id=%s from=<%s> rcpts=%d size=%d verdict=%s action=%s", msg.queue_id or "-", msg.sender,
-                 len(msg.recipients), msg.size, verdict, action)  # fmt: skip
+        inbound = Inbound("milter", raw=msg.raw(), sender=msg.sender, recipients=tuple(msg.recipients), client_address=msg.client,
+                          authenticated=msg.macros.get("auth_authen", ""), ref=msg.queue_id, size=msg.size,
+                          headers_cut=msg.headers_cut)  # fmt: skip
+        scan = await self.path.scan(inbound)
+        if scan.error:
+            log.warning("milter: %s: classification failed (%s); on_error = %s", msg.queue_id or "-", scan.error, self.cfg.on_error)
+        reply, action = self._reply(msg, scan.decision, scan.model, scan.error, scan.report)
+        self.path.done(scan, action, lead=[("queue_id", msg.queue_id or "-")])
         return reply
 
     def _reply(self, msg: MilterMessage, d: Decision | None, model: str, error: str, report: str = "") -> tuple[MilterReply, str]:
         if d is None and self.cfg.on_error == "tempfail":
-            return MilterReply(Tempfail(451, "4.7.1", "filterd: temporary failure, try again later")), "tempfail"
+            return MilterReply(Tempfail(*reply_parts("tempfail"))), "tempfail"
         action = "accept-unknown" if d is None else d.action
         if action == "reject":
-            return MilterReply(Reject(550, "5.7.1", "Message refused as spam")), action
+            return MilterReply(Reject(*reply_parts("reject"))), action
         if action == "soft-reject":
-            return MilterReply(Tempfail(451, "4.7.1", "Message deferred as possible spam, try again later")), action
+            return MilterReply(Tempfail(*reply_parts("soft-reject"))), action
         if action == "discard":
             return MilterReply(Discard()), action
+        edits = plan_edits(d, model, error, self.headers, report, self.prefix)
         mods: list[Modification] = list(msg.forged_header_deletions())
         mods += _upstream_renamed(msg, self.headers)
-        mods += [AddHeader(name, value) for name, value in header_fields(d, model, error, self.headers, report)]
-        prefix = subject_prefix(self.prefix)
-        if action == "subject" and prefix.strip():
-            mods.append(ChangeSubject(prefix + _subject_of(msg)))
-        elif action == "quarantine":
+        mods += [AddHeader(name, value) for name, value in edits.fields]
+        if edits.subject_prefix:
+            mods.append(ChangeSubject(edits.subject_prefix + _subject_of(msg)))
+        elif edits.quarantine:
             mods.append(Quarantine(f"filterd: spam score {d.score:.4f}" if d is not None and d.score is not None else "filterd: spam"))
         return MilterReply(Accept(), tuple(mods)), action
 
@@ -884,9 +870,5 @@ def _upstream_renamed(msg: MilterMessage, headers: HeadersConfig) -> list[AddHea
 
 
 def _subject_of(msg: MilterMessage) -> str:
-    """The first Subject's value as received, unfolded (a folded value cannot go back in one field)."""
-    for line in msg.header_lines:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"subject":
-            return re.sub(r"[\r\n\x00]", "", _text(value)).strip()
-    return ""
+    """The first Subject's value as received, wherever it lay, unfolded (a folded value cannot go back in one field)."""
+    return "" if msg.subject is None else re.sub(r"[\r\n\x00]", "", _text(msg.subject)).strip()

@@ -14,9 +14,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any
 
-from filterd.policy.decision import Decision, Message, Policy
+from filterd.doors.path import Inbound, MessagePath, Scan
+from filterd.policy.decision import Decision
 from filterd.net.streams import (  # noqa: F401  (re-exported: the trainer's intake used to import them from here)
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
@@ -30,22 +31,16 @@ from filterd.net.streams import (  # noqa: F401  (re-exported: the trainer's int
 log = logging.getLogger("filterd.redis")
 
 
-class Scorer(Protocol):
-    """What the ingress needs from the batcher: a score for one message's text."""
-
-    def __call__(self, text: str) -> Awaitable[Any]: ...  # -> Scored (score, model, threshold: 0.5 when absent)
-
-
 @dataclass(frozen=True)
 class Outcome:
     entry_id: bytes
     fields: dict[bytes, bytes]
-    result: Any = None  # Scored, when the model scored it
-    decision: Decision | None = None  # when classified (a listed entry has a decision and no result)
+    decision: Decision | None = None  # when classified (by the model or a list)
     error: str | None = None  # dead-letter reason, when the entry itself is bad
     failed: bool = False  # classification failed: leave pending, it is retried after claim_idle_ms
     seconds: float = 0.0
     explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
+    scan: Scan | None = None  # the message path's result, when the entry was valid
 
 
 def validate_entry(fields: dict[bytes, bytes], max_text_bytes: int) -> tuple[str | None, str | None]:
@@ -64,17 +59,13 @@ def validate_entry(fields: dict[bytes, bytes], max_text_bytes: int) -> tuple[str
 class RedisIngress:
     """Scores `in_stream` as consumer `consumer` of `group` and writes results; see the module docstring."""
 
-    def __init__(self, cfg: Any, consumer: str, score: Callable[[str], Awaitable[Any]], metrics: Any | None = None,
-                 policy: Policy | None = None, explain: Any = None, **settings: Any) -> None:  # fmt: skip
+    def __init__(self, cfg: Any, consumer: str, path: MessagePath, metrics: Any | None = None, **settings: Any) -> None:
         self.cfg = cfg
         self.consumer = consumer
-        self.score = score
-        self.explain = explain  # Daemon.explainer("redis"): async (text, decision, scored) -> Explanation | None
+        self.path = path
         self.metrics = metrics
-        self.policy = policy or Policy.default()
         s = StreamSettings.from_config(cfg, stream=cfg.in_stream, group=cfg.group, name="redis", consumer=consumer, **settings)
         self.stream = StreamConsumer(s, self._handle, metrics)
-        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
 
     @property
     def up(self) -> bool:
@@ -97,22 +88,13 @@ class RedisIngress:
         text, reason = validate_entry(fields, self.cfg.max_text_bytes)
         if reason:
             return Outcome(entry_id, fields, error=reason)
-        message = Message("redis")  # an entry carries no envelope: only [policy.redis] levels apply
-        listed = self.policy.listed(message)
-        if listed is not None:
-            return Outcome(entry_id, fields, decision=listed, seconds=time.perf_counter() - t0)
-        try:
-            result = await self.score(text or "")
-            decision = self.policy.decide(message, result.score, getattr(result, "threshold", 0.5))  # NaN: ValueError
-        except Exception as e:  # the model failed: count it, keep the entry pending for a retry
-            log.error("redis: classification of %s failed: %r", entry_id.decode(), e)
-            return Outcome(entry_id, fields, failed=True, seconds=time.perf_counter() - t0)
-        explanation = await self.explain(text or "", decision, result) if self.explain is not None else None
-        if self.record is not None:
-            self.record("redis", message, decision, result.model, ref=entry_id.decode(), text=text, explanation=explanation)
-        return Outcome(
-            entry_id, fields, result=result, decision=decision, seconds=time.perf_counter() - t0, explanation=explanation
-        )
+        # An entry carries no envelope: only [policy.redis] levels apply. A full batcher queue is waited for
+        # (the consumer simply reads more slowly); a failure leaves the entry pending for a retry.
+        scan = await self.path.scan(Inbound("redis", text=text or "", ref=entry_id.decode()), wait_when_full=True)
+        seconds = time.perf_counter() - t0
+        if scan.decision is None:
+            return Outcome(entry_id, fields, failed=True, seconds=seconds, scan=scan)
+        return Outcome(entry_id, fields, decision=scan.decision, seconds=seconds, explanation=scan.explanation, scan=scan)
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:
         """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""
@@ -123,7 +105,7 @@ class RedisIngress:
             if o.failed:
                 info = await client.xpending_range(self.cfg.in_stream, self.cfg.group, o.entry_id, o.entry_id, 1)
                 if info and info[0]["times_delivered"] >= self.cfg.max_deliveries:
-                    o = Outcome(o.entry_id, o.fields, error="classify-failed", seconds=o.seconds)
+                    o = Outcome(o.entry_id, o.fields, error="classify-failed", seconds=o.seconds, scan=o.scan)
             out.append(o)
         return out
 
@@ -144,7 +126,7 @@ class RedisIngress:
                 d = o.decision
                 assert d is not None
                 score = "" if d.score is None else f"{d.score:.6f}"  # "": a list decided, the model was not asked
-                model = o.result.model if o.result is not None else ""
+                model = o.scan.model if o.scan is not None else ""
                 result = {
                     b"id": o.fields.get(b"id", b""), b"entry": o.entry_id, b"verdict": d.verdict,
                     b"score": score, b"model": model, b"latency_ms": f"{o.seconds * 1000:.1f}", b"action": d.action,
@@ -161,15 +143,12 @@ class RedisIngress:
         self._count(outcomes)
 
     def _count(self, outcomes: list[Outcome]) -> None:
-        if self.metrics is None:
-            return
+        """After the commit: the message path's action count and history for each decided entry, and the
+        dead letters' metrics (the path counted every verdict and failure already; a bad entry never reached it)."""
         for o in outcomes:
-            if o.error:  # a message that got no verdict: an error for the message count too
+            if o.error and self.metrics is not None:
                 self.metrics.dead_letters.labels(reason=o.error).inc()
-                self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
-            elif o.failed:
-                self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
-            elif o.decision is not None:
-                d = o.decision
-                self.metrics.observe_result(source="redis", verdict=d.verdict, score=d.score, seconds=o.seconds)
-                self.metrics.count_action("redis", d.action)
+                if o.scan is None:  # a message that got no verdict: an error for the message count too
+                    self.metrics.observe_result(source="redis", verdict="error", score=None, seconds=o.seconds)
+            elif not o.failed and o.scan is not None and o.decision is not None:
+                self.path.done(o.scan, o.decision.action, log_line=False)

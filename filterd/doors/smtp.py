@@ -21,32 +21,24 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
-import multiprocessing
 import re
 import resource
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from email._header_value_parser import get_addr_spec
 from email.errors import HeaderParseError
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Iterator
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from filterd.policy import decision
+from filterd.config import HeadersConfig, HostPort, SmtpConfig
+from filterd.doors.path import Inbound, MessagePath
 from filterd.mail.headers import Outcome, Policy, apply
-from filterd.model.batcher import QueueFull, Scored
-from filterd.config import Config, HeadersConfig, HostPort, SmtpConfig
-from filterd.policy.decision import Decision, Message
-from filterd.mail.text import extract_text
+from filterd.policy.decision import Decision
 from filterd.obs.metrics import FilterdMetrics
 
 log = logging.getLogger("filterd")
-
-ScoreFn = Callable[[str], Awaitable[Scored]]
 
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -72,11 +64,8 @@ _UNPRINTABLE = re.compile(r"[^ -~]")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
-# Parsing mail is pure Python. In a thread it shares the GIL with the event loop, and CPython
-# hands the GIL back unfairly: one busy parser thread alone delays a 1 ms timer on the loop by up
-# to ~100 ms (p99 12 ms). So the text is extracted in worker processes; `decide` (a few C-level
-# regex passes, ~1 ms for real mail) runs on the loop for small mail and in a thread for large.
-PARSE_WORKERS = 2
+# The header edits (`apply`: a few C-level regex passes, ~1 ms for real mail) run on the loop for
+# small mail and in a thread for large: a few ms of regex on the loop stall every other session.
 THREAD_DECIDE_BYTES = 256 * 1024
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]{0,250})")
 
@@ -596,10 +585,12 @@ class _Server(SMTP):
         if self._expire:
             self._hang_up(SESSION_EXPIRED)
 
-    def xforward_for_log(self, txn: Transaction) -> str:
+    def xforward_for_log(self, txn: Transaction) -> list[tuple[str, str]]:
         x = txn.xforward
-        client = f" client={x.get('NAME', '?')}[{x.get('ADDR', '?')}]" if "ADDR" in x or "NAME" in x else ""
-        return _UNPRINTABLE.sub("?", f"queue_id={_xtext_decoded(x.get('IDENT', '-'))}{client}")
+        fields = [("queue_id", _xtext_decoded(x.get("IDENT", "-")))]
+        if "ADDR" in x or "NAME" in x:
+            fields.append(("client", f"{x.get('NAME', '?')}[{x.get('ADDR', '?')}]"))
+        return fields
 
     async def _read_message(self) -> tuple[bytes, str]:
         """The message (dot-unstuffed, CRLF as sent) and "" , or b"" and the reply for a refusal.
@@ -651,40 +642,23 @@ class _Server(SMTP):
 
 
 class FilterHandler:
-    """The filter's side of the conversation: next-hop steps, classification, the reply; the
-    decision itself is `decision.Policy.decide`, carried out by `actions.apply`."""
+    """The filter's side of the conversation: next-hop steps, the message path's decision carried out
+    (`filterd.mail.headers.apply`: headers, Subject, recipients), the reply."""
 
     def __init__(
-        self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        budget: ByteBudget | None = None, policy: decision.Policy | None = None, headers: HeadersConfig | None = None,
-        explain: Any = None,
+        self, cfg: SmtpConfig, path: MessagePath, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
+        budget: ByteBudget | None = None, headers: HeadersConfig | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
-        self.score = score
-        self.explain = explain  # Daemon.explainer("smtp"): async (text, decision, scored) -> Explanation | None; .header(e)
+        self.path = path
         self.budget = budget or ByteBudget(cfg.max_inflight_bytes)
         self.metrics = metrics
-        self.decider = policy or decision.Policy.from_config(Config(smtp=cfg))  # alone: [smtp] action, mapped
         self.policy = Policy.from_config(cfg, headers or HeadersConfig())  # how actions are carried out here ([headers] too)
         self.relay = relay or Relay(cfg.next_hop, cfg.timeout)
         self.in_flight = 0
         self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._parser: ProcessPoolExecutor | None = None
-        self.record: Callable[..., None] | None = None  # the verdict history ([history]), set by the daemon
-
-    def parser(self) -> ProcessPoolExecutor:
-        """The worker processes that extract text (started on first use; forkserver: never fork a process with threads)."""
-        if self._parser is None:
-            ctx = multiprocessing.get_context("forkserver")
-            self._parser = ProcessPoolExecutor(max_workers=PARSE_WORKERS, mp_context=ctx)
-        return self._parser
-
-    def close_parser(self) -> None:
-        parser, self._parser = self._parser, None
-        if parser is not None:
-            parser.shutdown(wait=False, cancel_futures=True)
 
     def count_reply(self, reply: str) -> None:
         if self.metrics is not None:
@@ -739,7 +713,7 @@ class FilterHandler:
         txn.rcpts.append(address)
         return "250 2.1.5 Ok"
 
-    async def data(self, txn: Transaction, raw: bytes, origin: str) -> str:
+    async def data(self, txn: Transaction, raw: bytes, origin: list[tuple[str, str]]) -> str:
         """End of DATA: classify, decide, relay, answer; all within `data_done_timeout`."""
         if self.closing:
             txn.abort()
@@ -752,11 +726,11 @@ class FilterHandler:
         except TimeoutError:
             txn.abort()
             log.warning("smtp: %s from=<%s> rcpts=%d: no verdict and next-hop reply within data_done_timeout; answered 451",
-                        origin, txn.mail_from, len(txn.rcpts))  # fmt: skip
+                        _origin(origin), txn.mail_from, len(txn.rcpts))  # fmt: skip
             reply = TIMED_OUT
         except Exception:  # a bug must not become aiosmtpd's 500: Postfix would bounce the mail
             txn.abort()
-            log.exception("smtp: %s from=<%s>: failed, answered 451", origin, txn.mail_from)
+            log.exception("smtp: %s from=<%s>: failed, answered 451", _origin(origin), txn.mail_from)
             reply = NEXT_HOP_DOWN
         finally:
             await txn.finish()
@@ -770,46 +744,31 @@ class FilterHandler:
     async def drained(self) -> None:
         await self._idle.wait()
 
-    async def _filter(self, txn: Transaction, raw: bytes, origin: str) -> str:
-        t0 = time.perf_counter()
-        message = Message("smtp", txn.mail_from, tuple(txn.rcpts))
-        d, model, error, text = self.decider.listed(message), "", "", None  # a listed message is neither parsed nor scored
-        report, explanation = "", None
-        if d is None:
-            scored, error, text = await self._classify(raw)
-            if error == "busy":
-                self._observe("error", None, t0)
-                log.warning("smtp: batcher queue full, message from <%s> deferred", txn.mail_from)
-                return BUSY
-            if scored is not None:
-                d, model = self.decider.decide(message, scored.score, scored.threshold), scored.model
-                if self.explain is not None:  # bounded by [explain] deadline; None when skipped
-                    explanation = await self.explain(text, d, scored)
-                    report = self.explain.header(explanation)
-        self._observe(d.verdict if d else "error", d.score if d else None, t0)
-        # Parsing and rewriting stay off the event loop whatever the size: a few ms of regex on
-        # the loop is a few ms of stall for every other session.
-        args = (raw, tuple(txn.rcpts), d, model, self.policy, error, report)
+    async def _filter(self, txn: Transaction, raw: bytes, origin: list[tuple[str, str]]) -> str:
+        x = txn.xforward
+        inbound = Inbound("smtp", raw=raw, sender=txn.mail_from, recipients=tuple(txn.rcpts),
+                          client_address=_xtext_decoded(x.get("ADDR", "")), ref=_xtext_decoded(x.get("IDENT", "")))  # fmt: skip
+        scan = await self.path.scan(inbound)
+        if scan.busy:
+            return BUSY
+        # Rewriting stays off the event loop for large mail: a few ms of regex on the loop is a few ms of
+        # stall for every other session.
+        args = (raw, tuple(txn.rcpts), scan.decision, scan.model, self.policy, scan.error, scan.report)
         outcome, message_id = await asyncio.to_thread(_decide, *args) if len(raw) > THREAD_DECIDE_BYTES else _decide(*args)
         queued_as, reply = "", outcome.reply
         if outcome.relay:
             r = await self._relay(txn, outcome)
             if not r.ok:
-                log.warning("smtp: %s message_id=%s from=<%s> rcpts=%d not relayed, answered %s: %d %s", origin, message_id,
-                            txn.mail_from, len(txn.rcpts), passed_on(r)[:3], r.code, r.text)  # fmt: skip
+                log.warning("smtp: %s message_id=%s from=<%s> rcpts=%d not relayed, answered %s: %d %s",
+                            _origin(origin), message_id, txn.mail_from, len(txn.rcpts),
+                            passed_on(r)[:3], r.code, r.text)  # fmt: skip
                 return passed_on(r)
             m = _QUEUED_AS.search(r.text)
             queued_as = m[1] if m else ""
             if queued_as:
                 reply += f" (next hop queued as {queued_as})"
-        if self.metrics is not None:
-            self.metrics.count_action("smtp", outcome.action)
-        if self.record is not None and d is not None:
-            self.record("smtp", message, d, model, outcome.action, ref=_xtext_decoded(txn.xforward.get("IDENT", "")) or queued_as,
-                        text=text, head=raw[:65536], explanation=explanation)  # fmt: skip
-        verdict = _verdict_text(d)
-        log.info("smtp: %s message_id=%s from=<%s> rcpts=%d size=%d %s action=%s reply=%s queued_as=%s", origin, message_id,
-                 txn.mail_from, len(txn.rcpts), len(raw), verdict, outcome.action, reply[:3], queued_as or "-")  # fmt: skip
+        self.path.done(scan, outcome.action, ref=inbound.ref or queued_as, lead=[*origin, ("message_id", message_id)],
+                       tail=[("reply", reply[:3]), ("queued_as", queued_as)])  # fmt: skip
         return reply
 
     async def _relay(self, txn: Transaction, outcome: Outcome) -> Reply:
@@ -840,41 +799,6 @@ class FilterHandler:
             txn.abort()
             return Reply(451, f"4.3.0 {e}")
 
-    async def _classify(self, raw: bytes) -> tuple[Scored | None, str, str | None]:
-        """The score, or None with a short reason ("busy" when the batcher's queue is full); and the text read."""
-        try:
-            # The model reads a few thousand characters at most; parsing a 64 MiB attachment to find
-            # them would cost ~9 bytes of memory per byte of mail and seconds of GIL.
-            head = raw[: self.cfg.max_scan_bytes] if len(raw) > self.cfg.max_scan_bytes else raw
-            text = await asyncio.get_running_loop().run_in_executor(self.parser(), extract_text, head)
-            scored = await self.score(text)
-        except QueueFull:
-            return None, "busy", None
-        except BrokenProcessPool:  # a parser process died (killed, out of memory): a new pool for the next message
-            log.error("smtp: a parser process died; starting new ones")
-            self.close_parser()
-            return None, "parser-died", None
-        except Exception as e:  # the model failed: on_error decides between relaying untagged and 451
-            log.error("smtp: classification failed: %r", e)
-            return None, type(e).__name__, None
-        if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
-            log.error("smtp: the model scored NaN")
-            return None, "nan-score", None
-        return scored, "", text
-
-    def _observe(self, verdict: str, score: float | None, t0: float) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_result(source="smtp", verdict=verdict, score=score, seconds=time.perf_counter() - t0)
-
-
-def _verdict_text(d: Decision | None) -> str:
-    if d is None:
-        return "verdict=unknown"
-    if d.score is None:
-        return f"verdict={d.verdict} listed={d.listed}"
-    return f"verdict={d.verdict} score={d.score:.4f}"
-
-
 def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, policy: Policy, error: str,
             report: str = "") -> tuple[Outcome, str]:  # fmt: skip
     """`actions.apply` plus the Message-ID for the log line (in the worker thread, with the parse)."""
@@ -884,9 +808,13 @@ def _decide(raw: bytes, rcpts: tuple[str, ...], d: Decision | None, model: str, 
     return apply(raw, rcpts, d, model, policy, error, report), message_id or "-"
 
 
+def _origin(fields: list[tuple[str, str]]) -> str:
+    return _UNPRINTABLE.sub("?", " ".join(f"{k}={v}" for k, v in fields))
+
+
 def _log_warm_failure(f: asyncio.Future[str]) -> None:
     if not f.cancelled() and f.exception() is not None:
-        log.error("smtp: the parser processes failed to start: %r (messages will follow on_error)", f.exception())
+        log.error("smtp: the parser processes failed to start: %r (large messages will follow on_error)", f.exception())
 
 
 def raise_fd_limit() -> int:
@@ -905,12 +833,12 @@ class SmtpIngress:
     """The listening socket and its sessions; `run(stop)` serves until `stop` is set, then drains."""
 
     def __init__(
-        self, cfg: SmtpConfig, score: ScoreFn, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
-        policy: decision.Policy | None = None, headers: HeadersConfig | None = None, explain: Any = None,
+        self, cfg: SmtpConfig, path: MessagePath, metrics: FilterdMetrics | None = None, relay: Relay | None = None,
+        headers: HeadersConfig | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.budget = ByteBudget(cfg.max_inflight_bytes)
-        self.handler = FilterHandler(cfg, score, metrics, relay, self.budget, policy, headers, explain)
+        self.handler = FilterHandler(cfg, path, metrics, relay, self.budget, headers)
         self.max_connections = cfg.max_connections
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[_Server] = set()
@@ -983,8 +911,8 @@ class SmtpIngress:
                         self.cfg.max_connections, fits, nofile)  # fmt: skip
             self.max_connections = fits
         loop = asyncio.get_running_loop()
-        # Start the parser processes now (a fraction of a second), not at the first message.
-        self._warm = loop.run_in_executor(self.handler.parser(), extract_text, b"Subject: warm up\r\n\r\nparser\r\n")
+        # Start the parser processes now (a fraction of a second), not at the first large message.
+        self._warm = self.handler.path.extractor.warm()
         self._warm.add_done_callback(_log_warm_failure)
         self._server = await loop.create_server(
             self._session, host=self.cfg.listen.host, port=self.cfg.listen.port, start_serving=serving
@@ -1013,4 +941,3 @@ class SmtpIngress:
             if s.transport is not None:
                 s.transport.close()
         await self._server.wait_closed()
-        self.handler.close_parser()

@@ -32,25 +32,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 from filterd import __version__
 from filterd.config import HeadersConfig
 from filterd.policy.decision import LEVELS, Decision, scaled_score
+from filterd.policy.replies import REPLIES, TEMPFAIL_REPLY  # noqa: F401  (TEMPFAIL_REPLY: the reply callers compare with)
 
 if TYPE_CHECKING:
     from filterd.config import SmtpConfig
 
 ACTIONS = LEVELS  # what `decide`'s single-level shortcut may do with spam
 ON_ERROR = ("accept", "tempfail")
-
-TEMPFAIL_REPLY = "451 4.3.0 Temporary failure classifying message, try again later"
-REPLIES = {  # RFC 3463 enhanced codes; relayed outcomes are answered only once the next hop took the message
-    "pass": "250 2.0.0 Ok: queued as ham",
-    "tag": "250 2.0.0 Ok: tagged spam",
-    "subject": "250 2.0.0 Ok: tagged spam, subject marked",
-    "quarantine": "250 2.0.0 Ok: spam quarantined",
-    "discard": "250 2.0.0 Ok: discarded as spam",  # the client must believe it was delivered
-    "reject": "550 5.7.1 Message rejected as spam",
-    "soft-reject": "451 4.7.1 Message deferred as possible spam, try again later",  # no [policy] gives smtp this
-    "accept-unknown": "250 2.0.0 Ok: queued unclassified",
-    "tempfail": TEMPFAIL_REPLY,
-}
 
 # Header lines, as regular expressions: the block can be megabytes, and `decide` runs on the event loop,
 # so it is cut with a few C-level passes rather than a Python loop over lines.
@@ -126,7 +114,7 @@ class Outcome:
 # --- the header block ----------------------------------------------------------------
 
 
-def _header_block(raw: bytes) -> int:
+def header_block_end(raw: bytes) -> int:
     """Where the header block ends: its blank line, or a body's first line, belongs to the rest."""
     return _BLOCK.match(raw).end()
 
@@ -166,7 +154,7 @@ def strip_spam_headers(raw: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> 
     """The message without incoming X-Spam-* (and X-Filterd-*) fields (X-Spam-* renamed with
     keep_upstream); every other byte unchanged."""
     raw = bytes(raw)
-    end = _header_block(raw)
+    end = header_block_end(raw)
     return _without_ours(raw[:end], headers) + raw[end:]
 
 
@@ -194,6 +182,25 @@ def header_fields(d: Decision | None, model: str, error: str = "", headers: Head
     the doors that add headers themselves (the milter); values are one line each. `report`: an
     X-Spam-Report value (`report_value`)."""
     return _decision_fields(d, model, error, headers, report)
+
+
+@dataclass(frozen=True)
+class HeaderEdits:
+    """What a relayed mail gets, whichever door carries it out: the content filter on the bytes (`apply`),
+    the milter as protocol actions. Incoming fields in our namespaces go too (`upstream_name` says which
+    are renamed instead)."""
+
+    fields: tuple[tuple[str, str], ...]  # our X-Spam-* fields, in order, one line each
+    subject_prefix: str = ""  # header-safe text put in front of the Subject ("" leaves it alone)
+    quarantine: bool = False
+
+
+def plan_edits(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS, report: str = "",
+               prefix: str = "") -> HeaderEdits:  # fmt: skip
+    """The header edits for a decision (None: not classified, `error` says why); `prefix`: [smtp] subject_prefix."""
+    action = "accept-unknown" if d is None else d.action
+    marked = subject_prefix(prefix) if action == "subject" and subject_prefix(prefix).strip() else ""
+    return HeaderEdits(tuple(_decision_fields(d, model, error, headers, report)), marked, action == "quarantine")
 
 
 def subject_prefix(prefix: str) -> str:
@@ -384,19 +391,20 @@ def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str,
 
     raw = bytes(raw)
     eol = _eol(raw)
-    end = _header_block(raw)
+    end = header_block_end(raw)
     block = _without_ours(raw[:end], policy.headers)
-    added = _field_bytes(_decision_fields(d, model, error, policy.headers, report), eol, policy.headers)
+    edits = plan_edits(d, model, error, policy.headers, report, policy.subject_prefix)
+    added = _field_bytes(list(edits.fields), eol, policy.headers)
     rcpts = tuple(recipients)
     action = "accept-unknown" if d is None else d.action
 
-    prefix = _prefix_bytes(policy.subject_prefix)
-    if action == "subject" and prefix.strip():
+    if edits.subject_prefix:
+        prefix = edits.subject_prefix.encode("ascii")
         if _SUBJECT.search(block):
             block = _mark_subjects(block, prefix, eol)
         else:
             added += b"Subject: " + prefix.rstrip() + eol
-    elif action == "quarantine":
+    elif edits.quarantine:
         added += _recipients_field(rcpts, eol)
         rcpts = (policy.quarantine_rcpt,)
 

@@ -55,7 +55,6 @@ UNLISTED_METRICS = {
     "filterd_explain_seconds": "histogram",
 }
 
-SOURCES = ("smtp", "redis")
 VERDICTS = ("spam", "ham", "error")
 # filterd_actions_total's `action`: filterd.policy.decision.ACTIONS, plus what a door does with mail it could not classify.
 ACTIONS = ("pass", "soft-reject", "tag", "subject", "quarantine", "discard", "reject", "accept-unknown", "tempfail")

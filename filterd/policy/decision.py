@@ -33,10 +33,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from filterd.sources import SOURCES
+
 if TYPE_CHECKING:
     from filterd.config import Config
 
-SOURCES = ("smtp", "milter", "http", "redis")
 LEVELS = ("tag", "subject", "quarantine", "discard", "reject")  # ordered: each at or above the one before
 SOFT_REJECT = "soft-reject"
 ACTIONS = ("pass", SOFT_REJECT, *LEVELS)  # every action a Decision can carry

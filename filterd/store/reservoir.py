@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from filterd.errors import ConfigError, DataError
+from filterd.sources import SOURCES  # every door's texts are the site's mail
 from filterd.store.queued_writes import QueuedWriter
 
 log = logging.getLogger("filterd")
 
 MAX_TEXT_CHARS = 16_000  # as trainer.data.MAX_TEXT_CHARS (filterd does not import trainer)
-SOURCES = ("smtp", "redis")
 PURGE_EVERY_S = 60.0  # purge on add, at most this often
 BUCKETS = 1000  # arrival counts are kept per max_age/BUCKETS (at least a minute): the window is that precise
 BUSY_TIMEOUT_S = 30.0
@@ -69,7 +69,7 @@ class Sampled:
     """One text kept in the reservoir."""
 
     text: str
-    source: str  # "smtp" | "redis"
+    source: str  # the door it came through (filterd.sources.SOURCES)
     at: float  # Unix time it arrived
 
 

@@ -1,0 +1,3 @@
+"""The doors' names: the `source` of every message, metric label, history row and reservoir text."""
+
+SOURCES = ("smtp", "milter", "http", "redis")
