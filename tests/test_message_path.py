@@ -27,7 +27,7 @@ from testing.postfix import PostfixServer, postfix_available
 from testing.services import free_port
 from testing.smtp_sink import SmtpSink
 from tests.test_milter import ThreadedMilter, _transaction, by_message_id, cfg, run, smtp_send
-from tests.test_smtp_ingress import door_path, message, send, serve, smtp_cfg
+from tests.test_smtp_ingress import door_path, send, serve, smtp_cfg
 
 
 async def spam_word_score(text: str) -> SimpleNamespace:
