@@ -1,11 +1,12 @@
 """Configuration: one typed, validated settings object read from TOML plus `--set` overrides.
 
-Split by job, each module importing only those above it: `values` (durations, host:port, unix:/path,
-Redis URLs: parsed alike in files, CLIs and doors), `kinds` (how one key is read, checked and
-written back), `doors` and `sections` (the dataclass of each [section]: the doors' and [headers],
-then the rest and the whole `Config`), `checks` (across keys, warnings, deprecations), `loader`
-(file + overrides -> Config, errors naming the key) and `reference` (docs/configuration.md). Every
-name other code uses is importable from `filterd.config` itself, as before the split.
+The modules are named by job, listed in import order (when loaded, each imports only ones before it):
+`values` (durations, host:port, unix:/path, Redis URLs: parsed alike in files, CLIs and doors),
+`kinds` (how one key is read, checked and written back), `doors` (the sections the doors read,
+which change with them), `checks` (across keys, warnings, deprecations), `sections` (the other
+sections and the whole `Config`), `loader` (file + overrides -> Config, errors naming the key) and
+`reference` (docs/configuration.md: `python -m filterd.config --write`). Every name other code
+imports is importable from `filterd.config` itself, as before the split.
 """
 
 from filterd.config.doors import HeadersConfig, HttpConfig, MilterConfig, RedisConfig, RoutesConfig, SmtpConfig

@@ -39,7 +39,7 @@ class Kind:
 
     @property
     def what_type(self) -> str:
-        """`expect`, shortened where the reference explains the forms once (durations)."""
+        """How docs/configuration.md names the type: `expect`, less the examples an error message needs."""
         return self.expect
 
     def parse(self, value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Configuration (split by job; this module holds the sections that are not a door's, and `Config`).
+"""The sections that are not a door's ([model], [batching], [policy] with its door tables, [explain],
+[metrics], [trainer], [history], [console], [logging]; the doors' are in doors.py) and `Config`.
 
 Each TOML section is a frozen dataclass and every key has a default, so `filterd serve` runs with
 no file at all. A key's dataclass field carries its `Kind` (how the value is read, checked and
@@ -13,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from filterd.config.checks import deprecations, warnings
+from filterd.config import checks
 from filterd.config.doors import HeadersConfig, HttpConfig, MilterConfig, RedisConfig, SmtpConfig
 from filterd.config.kinds import (
     Address,
@@ -282,11 +283,11 @@ class Config:
 
     def warnings(self) -> list[str]:
         """Risky but valid settings (non-loopback listeners, plaintext remote Redis...), one line each."""
-        return warnings(self)
+        return checks.warnings(self)
 
     def deprecations(self) -> list[str]:
         """One line per deprecated key set in the file or a --set (it still works, mapped onto [policy])."""
-        return deprecations(self)
+        return checks.deprecations(self)
 
     def to_toml(self, *, redact: bool = True) -> str:
         """The effective configuration as TOML (loads back to an equal Config unless a password was redacted)."""
