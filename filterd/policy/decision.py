@@ -33,30 +33,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from filterd.sources import SOURCES
+# the shared vocabulary lives in levels.py (filterd.config imports it without this module); importable from here as before
+from filterd.policy.levels import ACTIONS, CAN, LEVELS, OWN_ONLY, SOFT_REJECT, SOURCES, Level, level_key, normalize_entry  # noqa: F401
 
 if TYPE_CHECKING:
     from filterd.config import Config
-
-LEVELS = ("tag", "subject", "quarantine", "discard", "reject")  # ordered: each at or above the one before
-SOFT_REJECT = "soft-reject"
-ACTIONS = ("pass", SOFT_REJECT, *LEVELS)  # every action a Decision can carry
-
-# What each door can carry out. milter and http are the doors before the queue (being added).
-CAN: Mapping[str, frozenset[str]] = {
-    "smtp": frozenset(LEVELS),  # no soft reject: a 451 after the queue only makes Postfix retry the same mail
-    "milter": frozenset((SOFT_REJECT, *LEVELS)),
-    "http": frozenset((SOFT_REJECT, *LEVELS)),
-    "redis": frozenset(("tag", "subject", "quarantine", "discard")),  # advice for the producer; nobody to refuse
-}
-OWN_ONLY: Mapping[str, frozenset[str]] = {"smtp": frozenset(("reject",))}  # taken only from the door's own section
-
-Level = float | str  # a P(spam), "model" (the model's own threshold) or "off"
-
-
-def level_key(action: str) -> str:
-    """The config key of a level: "soft-reject" -> "soft_reject_score"."""
-    return action.replace("-", "_") + "_score"
 
 
 @dataclass(frozen=True)
@@ -96,17 +77,6 @@ def scaled_score(p: float, threshold: float, required: float) -> float:
 
 
 # --- lists ---------------------------------------------------------------------------
-
-
-def normalize_entry(entry: str) -> str:
-    """A list entry as matched: lower case, "@example.com" as "example.com"; ValueError if not an address or domain."""
-    e = entry.strip().lower().rstrip(".")
-    if e.startswith("@"):
-        e = e[1:]
-    local, at, domain = e.rpartition("@")
-    if not domain or (at and not local) or any(c.isspace() or c in '<>,;"' for c in e) or "@" in local:
-        raise ValueError(f"not an address or domain: {entry!r}")
-    return e
 
 
 def _address(addr: str) -> str:
