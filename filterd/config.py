@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from filterd.policy.decision import LEVELS as SPAM_LEVELS
 from filterd.policy.decision import SOFT_REJECT, door_levels, level_key, normalize_entry, policy_problem
+from filterd.policy.decision import REQUIRE, lists_warning, parse_network
 from filterd.errors import ConfigError
 
 __all__ = [
@@ -522,6 +523,23 @@ class AddressList(Kind):
 
 
 @dataclass(frozen=True)
+class NetworkList(Kind):
+    """An array of IP networks in CIDR ("192.0.2.0/24", "2001:db8::/32"; a bare address is one host), kept as written."""
+
+    expect = 'an array of networks, e.g. ["127.0.0.0/8", "::1/128"]'
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail()
+        for v in value:
+            parse_network(v)  # its ValueError names the entry
+        return tuple(value)
+
+    def dump(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+
+@dataclass(frozen=True)
 class Section(Kind):
     """A sub-table; its keys are the fields of `cls`."""
 
@@ -716,6 +734,13 @@ class PolicyConfig:
     allow_recipients: tuple[str, ...] = _key((), AddressList(), "mail whose every recipient is listed is never scored: ham")
     deny_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders never scored: spam, at the door's top level")
     deny_recipients: tuple[str, ...] = _key((), AddressList(), "mail to any listed recipient (spam traps) is spam, not scored")
+    allow_senders_require: str = _key(
+        "none",
+        Choice(options=REQUIRE),
+        'who may claim an allow_senders entry: "authenticated" (SASL login), "trusted_networks" (client address in '
+        'trusted_networks), "authenticated_or_trusted_networks", or "none" (any client, forgeable: check-config warns)',
+    )
+    trusted_networks: tuple[str, ...] = _key((), NetworkList(), "client networks (CIDR) for allow_senders_require; empty: none")
     smtp: PolicyDoorConfig = _door("smtp")
     milter: PolicyDoorConfig = _door("milter")
     http: PolicyDoorConfig = _door("http")
@@ -1381,6 +1406,7 @@ _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_redis_plaintext,
     _warn_reject,
     _warn_keep_upstream,
+    lists_warning,  # allow_senders that any client (or no client) can claim
 )
 
 
