@@ -124,7 +124,7 @@ REQUIRE = ("none", "authenticated", "trusted_networks", "authenticated_or_truste
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a host name label (LDH), after IDNA
-_NOT_IN_LOCAL = frozenset('<>()[]\\,;:"@')  # specials outside a quoted string; quoted local parts are not supported
+_SPECIALS = re.compile(r'[<>()\[\]\\,;:"@]')  # not in a local part outside quotes; quoted local parts are not supported
 
 
 @functools.lru_cache(maxsize=4096)  # senders' domains repeat, and idna is pure Python
@@ -152,10 +152,12 @@ def _domain(text: str) -> str | None:
 
 def _parse(text: str) -> str | None:
     """An address ("local@domain") or a domain in its one compared form, or None if malformed."""
-    if not text or any(c.isspace() or not c.isprintable() for c in text):
+    if not text or not text.isprintable() or " " in text:  # isprintable: no controls, no space but " " itself
         return None
     local, at, domain = text.rpartition("@")
-    if at and (not local or any(c in _NOT_IN_LOCAL for c in local)):
+    if at and (not local or _SPECIALS.search(local)):
+        return None
+    if len(domain) > 1024:  # no host name is this long (253 octets as A-labels): keep wire junk out of the cache
         return None
     d = _domain(domain)
     if d is None:
