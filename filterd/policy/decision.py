@@ -135,8 +135,8 @@ def _domain(text: str) -> str | None:
         if d.isascii():
             d = d.lower()
             for label in d.split("."):
-                if label.startswith("xn--"):
-                    idna.decode(label)  # an A-label must decode (and round-trip), or it names nothing
+                if label.startswith("xn--") and idna.alabel(idna.ulabel(label)) != label.encode():
+                    return None  # an A-label must decode to a valid U-label and back to itself, or it names nothing
         else:
             # IDNA 2008 with UTS #46 mapping (case folding, full-width dots), as browsers and MTAs
             # with SMTPUTF8 do. Python's own "idna" codec is IDNA 2003: it maps ß to "ss" and ς to
