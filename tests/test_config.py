@@ -501,3 +501,22 @@ def test_is_loopback_and_redact_url():
     assert redact_url("redis://user:pw@h:6379/0") == "redis://user:***@h:6379/0"
     assert redact_url("redis://:pw@h/0") == "redis://:***@h/0"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_policy_client_restrictions_load_dump_and_reference(tmp_path):
+    text = ('[policy]\nallow_senders = ["Boss@Bücher.example"]\nallow_senders_require = "authenticated_or_trusted_networks"\n'
+            'trusted_networks = ["127.0.0.0/8", "::1", "2001:DB8::/32"]\n')  # fmt: skip
+    c = load_config(write(tmp_path, text))
+    assert c.policy.allow_senders_require == "authenticated_or_trusted_networks"
+    assert c.policy.trusted_networks == ("127.0.0.0/8", "::1", "2001:DB8::/32")  # kept as written, checked at load
+    assert c.policy.allow_senders == ("Boss@Bücher.example",)
+    assert load_config(write(tmp_path, c.to_toml(redact=False), "dump.toml")) == c
+    assert Config().policy.allow_senders_require == "none" and Config().policy.trusted_networks == ()
+    ref = config_reference()
+    assert '| `[policy] allow_senders_require` | `"none"` |' in ref and "| `[policy] trusted_networks` | `[]` |" in ref
+    assert config_error(write(tmp_path, '[policy]\ntrusted_networks = ["192.0.2.0/24", "192.0.2.1/24"]\n')).endswith(
+        "[policy] trusted_networks: not a network: '192.0.2.1/24' (host bits set: 192.0.2.0/24?), got an array"
+    )
+    assert config_error(write(tmp_path, '[policy]\ndeny_senders = ["ok.example", "x@.partner.example"]\n')).startswith(
+        f"{tmp_path / 'filterd.toml'}: [policy] deny_senders: not an address or domain: 'x@.partner.example'"
+    )

@@ -219,8 +219,220 @@ def test_a_policy_in_a_file_names_the_file(tmp_path):
     f.write_text("[policy]\ntag_score = 0.5\nsubject_score = 0.4\n[redis]\nenabled = false\n")
     with pytest.raises(ConfigError, match=rf"^{f}: \[policy\] subject_score: 0.4 is below \[policy\] tag_score \(0.5\)"):
         check_config(f)
-    f.write_text('[policy]\ntag_score = 0.5\nreject_score = 0.99\nallow_senders = ["a@b.example"]\n[policy.smtp]\n'
+    f.write_text('[policy]\ntag_score = 0.5\nreject_score = 0.99\nallow_senders = ["a@b.example"]\n'
+                 'allow_senders_require = "authenticated"\n[policy.smtp]\n'
                  'discard_score = 0.99\n[redis]\nenabled = false\n')  # fmt: skip
     c = check_config(f)
     assert c.warnings() == []  # [policy] reject_score is not the after-queue door's: no backscatter warning
     assert check_config(f, ["policy.smtp.reject_score=0.995"]).warnings()[-1].startswith("[policy.smtp] reject_score suits")
+
+
+# --- lists: one form for entries and addresses (IDN, malformed) ------------------------
+
+
+@pytest.mark.parametrize(
+    "entry, sender",
+    [
+        ("xn--bcher-kva.example", "user@bücher.example"),  # an A-label entry, a U-label address (SMTPUTF8)
+        ("bücher.example", "user@xn--bcher-kva.example"),  # and back
+        ("Bücher.Example", "user@BÜCHER.example"),  # case folded in U-labels too
+        ("XN--BCHER-KVA.example", "user@mail.bücher.example"),  # subdomains of an IDN
+        ("Boss@Bücher.Example", "boss@xn--bcher-kva.example"),  # an address entry: its domain normalised, the local part as is
+        ("faß.example", "x@xn--fa-hia.example"),  # IDNA 2008: ß is its own letter (IDNA 2003 would make it fass.example)
+    ],
+)
+def test_idn_entries_and_addresses_match_in_one_form(entry, sender):
+    p = policy(f"policy.allow_senders=[{_toml(entry)}]")
+    d = p.listed(Message("milter", sender, ("a@ours.example",)))
+    assert d is not None and d.listed == "allow_senders"
+    assert d.reasons[0].isascii()  # A-labels in the reason (log lines, replies)
+
+
+def test_an_idn_entry_does_not_match_its_ascii_lookalike():
+    p = policy('policy.deny_senders=["xn--fa-hia.example"]')  # faß.example
+    assert p.listed(Message("milter", "x@fass.example")) is None
+    assert p.listed(Message("milter", "x@faß.example")) is not None
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "x@.partner.example",  # an empty label: matched partner.example before
+        ".partner.example",
+        "partner..example",
+        "partner.example..",
+        "mail.-partner.example",  # a label starts with a hyphen
+        "partner-.example",
+        "under_score.example",  # not a host name
+        "xn--zz.example",  # not a valid A-label
+        "a" * 64 + ".example",  # a label over 63 octets
+        ("a" * 63 + ".") * 4 + "example",  # a name over 253 octets
+        "user@[192.0.2.1]",  # an address literal: use trusted_networks for addresses
+        "part ner.example",
+        "user @partner.example",
+        "user@@partner.example",
+        "@",
+        "",
+    ],
+)
+def test_a_malformed_entry_is_a_config_error_naming_key_and_entry(entry):
+    with pytest.raises(ConfigError) as e:
+        check_config(None, ["redis.enabled=false", f"policy.allow_senders=[{_toml(entry)}]"])
+    message = str(e.value)
+    assert message.startswith("--set policy.allow_senders: [policy] allow_senders: not an address or domain:")
+    assert repr(entry) in message and "\n" not in message
+
+
+def _toml(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "x@.partner.example",  # matched partner.example before
+        "x@mail..partner.example",
+        "x@mail.-x.partner.example",
+        "@partner.example",  # no local part
+        "x y@partner.example",
+        "x@partner.example\r\nBcc: y@partner.example",
+        "x@xn--zz.partner.example",  # not a valid A-label
+        "x@partner.example..",
+    ],
+)
+def test_a_malformed_address_from_the_wire_matches_nothing(sender):
+    p = policy('policy.allow_senders=["partner.example"]', 'policy.deny_recipients=["partner.example"]')
+    assert p.listed(Message("milter", sender, ("a@ours.example",))) is None
+    assert p.listed(Message("milter", "a@b.example", (sender,))) is None  # recipients too
+    assert p.listed(Message("milter", "x@mail.partner.example.")) is not None  # the root's dot is harmless
+
+
+def test_normalize_entry_forms():
+    from filterd.policy.decision import normalize_entry
+
+    assert normalize_entry(" @Bücher.Example. ") == "xn--bcher-kva.example"
+    assert normalize_entry("Boss@Bücher.Example") == "boss@xn--bcher-kva.example"
+    assert normalize_entry("Jörg@example.com") == "jörg@example.com"  # local part: case only, no IDNA
+    with pytest.raises(ValueError, match=r"not an address or domain: 'x@\.partner\.example'"):
+        normalize_entry("x@.partner.example")
+
+
+# --- lists: allow_senders only for authenticated or trusted clients ---------------------
+
+
+REQUIRE = ['policy.allow_senders=["boss@example.com", "partner.example"]', 'policy.allow_recipients=["postmaster@ours.example"]',
+           'policy.deny_recipients=["trap@ours.example"]', 'policy.trusted_networks=["127.0.0.0/8", "::1/128", "192.0.2.0/24"]',
+           "policy.tag_score=0.5"]  # fmt: skip
+
+
+def msg(sender: str = "boss@example.com", client: str = "", auth: str = "", rcpts: tuple[str, ...] = ("a@ours.example",)):
+    return Message("milter", sender, rcpts, client_address=client, authenticated=auth)
+
+
+@pytest.mark.parametrize(
+    "require, client, auth, allowed",
+    [
+        ("none", "203.0.113.9", "", True),  # as before: anyone may claim the sender
+        ("authenticated", "203.0.113.9", "boss", True),
+        ("authenticated", "127.0.0.1", "", False),
+        ("trusted_networks", "127.0.0.1", "", True),
+        ("trusted_networks", "192.0.2.200", "", True),
+        ("trusted_networks", "::1", "", True),
+        ("trusted_networks", "::ffff:127.0.0.1", "", True),  # an IPv4 client on a dual-stack socket
+        ("trusted_networks", "IPv6:::1", "", True),  # Postfix's XFORWARD form
+        ("trusted_networks", "[192.0.2.1]", "", True),
+        ("trusted_networks", "203.0.113.9", "boss", False),
+        ("trusted_networks", "", "", False),  # unknown client
+        ("trusted_networks", "localhost", "", False),  # a name is not an address
+        ("authenticated_or_trusted_networks", "203.0.113.9", "boss", True),
+        ("authenticated_or_trusted_networks", "192.0.2.7", "", True),
+        ("authenticated_or_trusted_networks", "203.0.113.9", "", False),
+    ],
+)
+def test_allow_senders_require(require, client, auth, allowed):
+    p = policy(*REQUIRE, f'policy.allow_senders_require="{require}"')
+    m = msg(client=client, auth=auth)
+    d = p.listed(m)
+    if allowed:
+        assert d is not None and (d.verdict, d.action, d.listed) == ("ham", "pass", "allow_senders")
+        assert d.reasons[:2] == ("sender boss@example.com is on allow_senders (boss@example.com)", "not scored")
+        return
+    assert d is None
+    scored = p.decide(m, 0.9)
+    assert (scored.verdict, scored.action, scored.score, scored.listed) == ("spam", "tag", 0.9, "")  # scored normally
+    assert scored.reasons[0].startswith("score 0.9000")
+    notes = [r for r in scored.reasons if "allow_senders" in r]
+    assert len(notes) == 1 and notes[0].startswith("sender boss@example.com is on allow_senders (boss@example.com) but ")
+
+
+def test_the_unmet_requirement_says_why_once_whatever_decides():
+    p = policy(*REQUIRE, 'policy.allow_senders_require="authenticated_or_trusted_networks"')
+    why = "sender x@partner.example is on allow_senders (partner.example) but neither authenticated nor from trusted_networks"
+    cases = {
+        "scored": msg("x@partner.example", "203.0.113.9"),
+        "allow_recipients": msg("x@partner.example", "203.0.113.9", rcpts=("postmaster@ours.example",)),
+        "deny_recipients": msg("x@partner.example", "203.0.113.9", rcpts=("trap@ours.example",)),
+    }
+    for listed, m in cases.items():
+        d = p.decide(m, 0.1)
+        assert d.listed == ("" if listed == "scored" else listed)
+        assert d.reasons.count(why) == 1, d.reasons
+    only_auth = policy(*REQUIRE, 'policy.allow_senders_require="authenticated"').decide(msg(client="127.0.0.1"), 0.1)
+    assert only_auth.reasons[-1] == "sender boss@example.com is on allow_senders (boss@example.com) but not authenticated"
+    only_net = policy(*REQUIRE, 'policy.allow_senders_require="trusted_networks"').decide(msg(client="203.0.113.9"), 0.1)
+    assert only_net.reasons[-1] == (
+        "sender boss@example.com is on allow_senders (boss@example.com) but client 203.0.113.9 is not in trusted_networks"
+    )
+    junk = policy(*REQUIRE, 'policy.allow_senders_require="trusted_networks"').decide(msg(client="x\r\ny"), 0.1)
+    assert junk.reasons[-1].endswith("but the client address is unknown, not in trusted_networks")  # no wire junk in logs
+    plain = p.decide(msg("other@elsewhere.example", "203.0.113.9"), 0.1)
+    assert plain.reasons == ("score 0.1000 < 0.5000 (tag_score)",)  # nothing to say about senders not on the list
+
+
+def test_trusted_networks_empty_trusts_nobody_and_allow_recipients_is_unrestricted():
+    p = policy('policy.allow_senders=["partner.example"]', 'policy.allow_recipients=["postmaster@ours.example"]',
+               'policy.allow_senders_require="trusted_networks"')  # fmt: skip
+    assert p.listed(msg("x@partner.example", "127.0.0.1")) is None
+    d = p.listed(msg("x@elsewhere.example", "203.0.113.9", rcpts=("postmaster@ours.example",)))
+    assert d is not None and d.listed == "allow_recipients"  # recipients are not claimed by the client
+
+
+def test_messages_carry_the_client_facts_with_defaults():
+    m = Message("smtp", "a@b.example")
+    assert (m.client_address, m.authenticated) == ("", "")
+    assert policy(*REQUIRE, 'policy.allow_senders_require="authenticated"').listed(m) is None
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (['policy.trusted_networks=["10.0.0.0/33"]'], "[policy] trusted_networks: not a network: '10.0.0.0/33'"),
+        (['policy.trusted_networks=["10.0.0.1/8"]'], "[policy] trusted_networks: not a network: '10.0.0.1/8' (host bits set: 10.0.0.0/8?)"),
+        (['policy.trusted_networks=["mx.example"]'], "[policy] trusted_networks: not a network: 'mx.example'"),
+        (['policy.trusted_networks=[""]'], "[policy] trusted_networks: not a network: ''"),
+        (['policy.trusted_networks="127.0.0.0/8"'], "[policy] trusted_networks: must be an array of networks"),
+        (['policy.allow_senders_require="auth"'],
+         "[policy] allow_senders_require: must be one of none, authenticated, trusted_networks, authenticated_or_trusted_networks"),
+    ],
+)  # fmt: skip
+def test_bad_trusted_networks_and_require_are_one_line_errors(sets, message):
+    with pytest.raises(ConfigError) as e:
+        check_config(None, ["redis.enabled=false", *sets])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_config_warns_about_allow_senders_anyone_can_claim(tmp_path, capsys):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('[policy]\nallow_senders = ["boss@example.com"]\n[redis]\nenabled = false\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert 'warning: [policy] allow_senders with allow_senders_require = "none": ' in err and "forge" in err
+    cfg.write_text('[policy]\nallow_senders = ["boss@example.com"]\nallow_senders_require = "trusted_networks"\n'
+                   "[redis]\nenabled = false\n")  # fmt: skip
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    assert 'warning: [policy] allow_senders_require = "trusted_networks" but trusted_networks is empty' in capsys.readouterr().err
+    cfg.write_text('[policy]\nallow_senders = ["boss@example.com"]\nallow_senders_require = "authenticated_or_trusted_networks"\n'
+                   'trusted_networks = ["::1/128"]\n[redis]\nenabled = false\n')  # fmt: skip
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    assert "allow_senders" not in capsys.readouterr().err
+    assert check_config(None, ["redis.enabled=false"]).warnings() == []  # no allow_senders, nothing to say

@@ -254,6 +254,20 @@ def _warn_keep_upstream(cfg: Config) -> str | None:
     )
 
 
+def _warn_allow_senders(cfg: Config) -> str | None:
+    """A [policy] allow_senders that any client can claim, or that no client can ."""
+    p = cfg.policy
+    if not p.allow_senders:
+        return None
+    if p.allow_senders_require == "none":
+        return ('[policy] allow_senders with allow_senders_require = "none": any SMTP client can forge an allow-listed '
+                'envelope sender and skip the filter; set allow_senders_require = "authenticated", "trusted_networks" '
+                'or "authenticated_or_trusted_networks"')  # fmt: skip
+    if p.allow_senders_require == "trusted_networks" and not p.trusted_networks:
+        return '[policy] allow_senders_require = "trusted_networks" but trusted_networks is empty: no sender is allow-listed'
+    return None
+
+
 _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_smtp_listen,
     _warn_milter_listen,
@@ -265,4 +279,5 @@ _WARNINGS: tuple[Callable[[Config], str | None], ...] = (
     _warn_redis_plaintext,
     _warn_reject,
     _warn_keep_upstream,
+    _warn_allow_senders,  # allow_senders that any client (or no client) can claim
 )

@@ -25,7 +25,7 @@ from filterd.config.values import (
     parse_listen,
     redact_url,
 )
-from filterd.policy.levels import normalize_entry
+from filterd.policy.lists import normalize_entry, parse_network
 
 Where = tuple[str, ...]  # a key's path: ("redis", "routes", "spam")
 
@@ -319,6 +319,23 @@ class AddressList(Kind):
                 normalize_entry(v)
             except ValueError as e:
                 raise ValueError(f"{e} (use user@example.com or example.com)") from None
+        return tuple(value)
+
+    def dump(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+
+@dataclass(frozen=True)
+class NetworkList(Kind):
+    """An array of IP networks in CIDR ("192.0.2.0/24", "2001:db8::/32"; a bare address is one host), kept as written."""
+
+    expect = 'an array of networks, e.g. ["127.0.0.0/8", "::1/128"]'
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail()
+        for v in value:
+            parse_network(v)  # its ValueError names the entry
         return tuple(value)
 
     def dump(self, value: tuple[str, ...]) -> list[str]:

@@ -19,6 +19,7 @@ from filterd.config.doors import HeadersConfig, HttpConfig, MilterConfig, RedisC
 from filterd.config.kinds import (
     Address,
     AddressList,
+    NetworkList,
     Bool,
     Choice,
     Duration,
@@ -39,6 +40,7 @@ from filterd.config.kinds import (
 )
 from filterd.config.values import HostPort, parse_hostport
 from filterd.policy.levels import SOFT_REJECT, level_key
+from filterd.policy.lists import REQUIRE
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -129,6 +131,13 @@ class PolicyConfig:
     allow_recipients: tuple[str, ...] = _key((), AddressList(), "mail whose every recipient is listed is never scored: ham")
     deny_senders: tuple[str, ...] = _key((), AddressList(), "envelope senders never scored: spam, at the door's top level")
     deny_recipients: tuple[str, ...] = _key((), AddressList(), "mail to any listed recipient (spam traps) is spam, not scored")
+    allow_senders_require: str = _key(
+        "none",
+        Choice(options=REQUIRE),
+        'who may claim an allow_senders entry: "authenticated" (SASL login), "trusted_networks" (client address in '
+        'trusted_networks), "authenticated_or_trusted_networks", or "none" (any client, forgeable: check-config warns)',
+    )
+    trusted_networks: tuple[str, ...] = _key((), NetworkList(), "client networks (CIDR) for allow_senders_require; empty: none")
     smtp: PolicyDoorConfig = _door("smtp")
     milter: PolicyDoorConfig = _door("milter")
     http: PolicyDoorConfig = _door("http")

@@ -19,6 +19,21 @@ Allow and deny lists
     gets the most severe level the door has. Allow wins over deny (an exception made on purpose, e.g.
     postmaster@ must receive complaints). A message is allow-listed by recipient only when every
     recipient is; one deny-listed recipient (a spam trap) is enough.
+    Entries and addresses are compared in one form: the domain in A-labels (IDNA 2008 with the
+    UTS #46 mapping, so "bücher.example" and "xn--bcher-kva.example" are one entry) and lower case,
+    the local part as written but lower case. An entry that is not an address or a host name (an
+    empty label, a label starting or ending with "-", "_", an address literal...) is a config
+    error; an address from the wire that is malformed matches no entry.
+Who may claim an allow-listed sender
+    The envelope sender is whatever the SMTP client says. `allow_senders_require` makes an
+    allow_senders entry count only for clients the MTA vouches for: "authenticated" (a SASL login,
+    Rspamd's `authenticated`, Postfix's permit_sasl_authenticated), "trusted_networks" (the client's
+    address is in `trusted_networks`, SpamAssassin's key and Rspamd's local_addrs), either
+    ("authenticated_or_trusted_networks"), or "none" (anyone: the default, kept for compatibility;
+    `check-config` warns). A sender that fails the requirement is not allow-listed, the message is
+    scored (or deny-listed) as any other, and the Decision says why in one reason. Which login may use
+    which sender is the MTA's business (Postfix smtpd_sender_login_maps). allow_recipients is not
+    restricted: the MTA has accepted the recipients, the client cannot pick them to skip the filter.
 Doors
     `[policy.<door>]` overrides any level for one door. A door uses only the levels it can carry
     out (`CAN`); a level it cannot is skipped there (the level below applies), and setting it in the
@@ -29,12 +44,14 @@ Doors
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-# the shared vocabulary lives in levels.py (filterd.config imports it without this module); importable from here as before
-from filterd.policy.levels import ACTIONS, CAN, LEVELS, OWN_ONLY, SOFT_REJECT, SOURCES, Level, level_key, normalize_entry  # noqa: F401
+# the shared vocabulary lives in levels.py and lists.py (filterd.config imports them without this module)
+from filterd.policy.levels import ACTIONS, CAN, LEVELS, OWN_ONLY, SOFT_REJECT, SOURCES, Level, level_key  # noqa: F401
+from filterd.policy.lists import REQUIRE, Network, normalize_entry, parse_address, parse_network  # noqa: F401
 
 if TYPE_CHECKING:
     from filterd.config import Config
@@ -47,6 +64,8 @@ class Message:
     source: str  # smtp | milter | http | redis
     sender: str = ""  # envelope sender (MAIL FROM), "" when none or unknown
     recipients: tuple[str, ...] = ()
+    client_address: str = ""  # the SMTP client's IP address as the MTA saw it, "" when unknown
+    authenticated: str = ""  # the client's SASL login name, "" when not authenticated
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -79,23 +98,39 @@ def scaled_score(p: float, threshold: float, required: float) -> float:
 # --- lists ---------------------------------------------------------------------------
 
 
-def _address(addr: str) -> str:
-    return addr.strip().strip("<>").lower().rstrip(".")
+def _address(addr: str) -> str | None:
+    """An envelope address from the wire in its compared form; None when empty or malformed."""
+    a = addr.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1]
+    return parse_address(a) if "@" in a else None  # a bare domain is no envelope address
 
 
 def _matches(addr: str, entries: frozenset[str]) -> str | None:
     """The entry matching an address (exactly, or by its domain or a parent domain), or None."""
     a = _address(addr)
-    if not a:
+    if a is None:
         return None
     if a in entries:
         return a
-    domain = a.rpartition("@")[2]
-    while domain:
-        if domain in entries:
-            return domain
-        domain = domain.partition(".")[2]
-    return None
+    labels = a.rpartition("@")[2].split(".")
+    return next((d for i in range(len(labels)) if (d := ".".join(labels[i:])) in entries), None)
+
+
+def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client address as a door passes it: "192.0.2.1", "::1", "[::1]", Postfix's "IPv6:::1"."""
+    a = text.strip()
+    if a.startswith("[") and a.endswith("]"):
+        a = a[1:-1]
+    if a[:5].lower() == "ipv6:":
+        a = a[5:]
+    try:
+        ip = ipaddress.ip_address(a)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # an IPv4 client on a dual-stack socket: 127.0.0.0/8 must cover it
+    return ip
 
 
 @dataclass(frozen=True)
@@ -104,14 +139,41 @@ class Lists:
     allow_recipients: frozenset[str] = frozenset()
     deny_senders: frozenset[str] = frozenset()
     deny_recipients: frozenset[str] = frozenset()
+    allow_senders_require: str = "none"  # one of REQUIRE
+    trusted_networks: tuple[Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.allow_senders_require not in REQUIRE:
+            raise ValueError(f"allow_senders_require must be one of {', '.join(REQUIRE)}, got {self.allow_senders_require!r}")
 
     @classmethod
-    def of(cls, **lists: Sequence[str]) -> Lists:
-        return cls(**{k: frozenset(normalize_entry(e) for e in v) for k, v in lists.items()})
+    def of(cls, allow_senders_require: str = "none", trusted_networks: Sequence[str] = (), **lists: Sequence[str]) -> Lists:
+        nets = tuple(parse_network(n) for n in trusted_networks)
+        return cls(**{k: frozenset(normalize_entry(e) for e in v) for k, v in lists.items()},
+                   allow_senders_require=allow_senders_require, trusted_networks=nets)  # fmt: skip
+
+    def unmet(self, m: Message) -> str | None:
+        """Why an allow-listed sender does not count for this client (allow_senders_require), or None."""
+        require = self.allow_senders_require
+        if require == "none" or (hit := _matches(m.sender, self.allow_senders)) is None:
+            return None
+        ip = _client_ip(m.client_address)
+        authenticated = bool(m.authenticated)
+        trusted = ip is not None and any(ip in net for net in self.trusted_networks)
+        if require == "authenticated" and not authenticated:
+            why = "not authenticated"
+        elif require == "trusted_networks" and not trusted:
+            why = f"client {ip} is not in trusted_networks" if ip else "the client address is unknown, not in trusted_networks"
+        elif require == "authenticated_or_trusted_networks" and not (authenticated or trusted):
+            why = "neither authenticated nor from trusted_networks"
+        else:
+            return None
+        return f"sender {_address(m.sender)} is on allow_senders ({hit}) but {why}"
 
     def allowed(self, m: Message) -> str | None:
         """Why the message is allow-listed, or None."""
-        if (hit := _matches(m.sender, self.allow_senders)) is not None:
+        hit = _matches(m.sender, self.allow_senders)
+        if hit is not None and self.unmet(m) is None:
             return f"sender {_address(m.sender)} is on allow_senders ({hit})"
         hits = [_matches(r, self.allow_recipients) for r in m.recipients]
         if hits and all(h is not None for h in hits):
@@ -243,7 +305,8 @@ class Policy:
         tables = {s: Table(s, {a: v for a, (v, _) in door_levels(cfg, s).items()}) for s in SOURCES}
         p = cfg.policy
         lists = Lists.of(allow_senders=p.allow_senders, allow_recipients=p.allow_recipients,
-                         deny_senders=p.deny_senders, deny_recipients=p.deny_recipients)  # fmt: skip
+                         deny_senders=p.deny_senders, deny_recipients=p.deny_recipients,
+                         allow_senders_require=p.allow_senders_require, trusted_networks=p.trusted_networks)  # fmt: skip
         return cls(tables, lists)
 
     @classmethod
@@ -259,10 +322,11 @@ class Policy:
         """The decision for an allow- or deny-listed message (the door skips the model), or None."""
         table = self.tables[message.source]
         threshold = table.resolved(model_threshold)[0]
+        note = _note(self.lists.unmet(message))
         if why := self.lists.allowed(message):
-            return Decision("ham", "pass", None, (why, "not scored"), threshold, _list_name(why))
+            return Decision("ham", "pass", None, (why, "not scored", *note), threshold, _list_name(why))
         if why := self.lists.denied(message):
-            return Decision("spam", table.top(), None, (why, "not scored"), threshold, _list_name(why))
+            return Decision("spam", table.top(), None, (why, "not scored", *note), threshold, _list_name(why))
         return None
 
     def decide(self, message: Message, score: float | None, model_threshold: float = 0.5) -> Decision:
@@ -275,10 +339,15 @@ class Policy:
         threshold, steps = self.tables[message.source].resolved(model_threshold)
         reached = [s for s in steps if score >= s[0]]
         verdict = "spam" if score >= threshold else "ham"
+        note = _note(self.lists.unmet(message))  # an allow-listed sender this client may not claim: scored, and said so
         if not reached:
-            return Decision(verdict, "pass", score, (f"score {score:.4f} < {threshold:.4f} (tag_score)",), threshold)
+            return Decision(verdict, "pass", score, (f"score {score:.4f} < {threshold:.4f} (tag_score)", *note), threshold)
         at, _, action = max(reached)
-        return Decision(verdict, action, score, (f"score {score:.4f} >= {at:.4f} ({level_key(action)})",), threshold)
+        return Decision(verdict, action, score, (f"score {score:.4f} >= {at:.4f} ({level_key(action)})", *note), threshold)
+
+
+def _note(why: str | None) -> tuple[str, ...]:
+    return (why,) if why else ()
 
 
 def _list_name(why: str) -> str:

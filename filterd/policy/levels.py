@@ -29,14 +29,3 @@ Level = float | str  # a P(spam), "model" (the model's own threshold) or "off"
 def level_key(action: str) -> str:
     """The config key of a level: "soft-reject" -> "soft_reject_score"."""
     return action.replace("-", "_") + "_score"
-
-
-def normalize_entry(entry: str) -> str:
-    """A list entry as matched: lower case, "@example.com" as "example.com"; ValueError if not an address or domain."""
-    e = entry.strip().lower().rstrip(".")
-    if e.startswith("@"):
-        e = e[1:]
-    local, at, domain = e.rpartition("@")
-    if not domain or (at and not local) or any(c.isspace() or c in '<>,;"' for c in e) or "@" in local:
-        raise ValueError(f"not an address or domain: {entry!r}")
-    return e
