@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from filterd.errors import DataError
-from trainer.store import LabelStore, NewLabel, message_id
+from filterd.store.labels import LabelStore, NewLabel, message_id
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_bad_label_and_empty_text(store):
 
 
 def test_rows_since_and_paging(store, monkeypatch):
-    monkeypatch.setattr("trainer.store.PAGE_ROWS", 3)
+    monkeypatch.setattr("filterd.store.labels.PAGE_ROWS", 3)
     store.add_many([(f"msg {i}", "spam" if i % 2 else "ham", "t", float(i)) for i in range(10)])
     assert [r.text for r in store.rows()] == [f"msg {i}" for i in range(10)]
     assert [r.text for r in store.rows(since=7.0)] == ["msg 7", "msg 8", "msg 9"]
