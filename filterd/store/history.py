@@ -68,8 +68,11 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_at ON verdicts (at);
 """
-# synchronous NORMAL: a power cut may lose the last batch, harmless for a history
-SCHEMA = Schema("verdict history", _SCHEMA, SCHEMA_VERSION, "NORMAL", table="verdicts", missing=" (is [history] enabled?)")
+SCHEMA = Schema(
+    "verdict history", _SCHEMA, SCHEMA_VERSION,
+    synchronous="NORMAL",  # a power cut may lose the last batch: harmless for a history
+    table="verdicts", missing=" (is [history] enabled in the daemon?)",
+)  # fmt: skip
 _COLUMNS = "id, at, source, ref, sender, recipients, subject, score, verdict, action, model, listed, explanation, text"
 
 

@@ -9,7 +9,6 @@ from them), so every one is opened the same way, here.
 - WAL (readers never block the one writer), a busy timeout, `synchronous` as the caller needs it.
 - A versioned schema (`PRAGMA user_version`): a new file gets the tables; a newer format, an SQLite file
   of something else or a file that is not SQLite at all is refused with one line naming the file.
-- A new file never inherits an old `-wal`: one left beside a deleted file would be replayed into it.
 
 `identity` and `replaced` let a long-running writer notice that its file was deleted or replaced under it
 (an operator clearing the history): it then reopens rather than write on into a file nobody can read.
@@ -31,7 +30,6 @@ log = logging.getLogger("filterd")
 
 PRIVATE = 0o600
 BUSY_TIMEOUT_S = 30.0
-SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,8 @@ def open_db(path: Path | str, schema: Schema, *, readonly: bool = False, mode: i
 
 
 def _prepare_file(path: Path, name: str, mode: int) -> int | None:
-    """Create the file `mode` (removing what a deleted predecessor left beside it), or fix an existing one's mode
-    (returned when it was changed).
+    """Create the file `mode`, or fix an existing one's mode (returned when it was changed). A -wal or -journal that a
+    deleted predecessor left is no danger to a new, empty file: SQLite deletes it rather than replay it.
 
     An existing file is only stat'ed and chmod'ed, never opened: closing a descriptor drops every POSIX lock this
     process holds on the file, SQLite's included (another connection here, or this one's on -shm after opening),
@@ -98,19 +96,14 @@ def _prepare_file(path: Path, name: str, mode: int) -> int | None:
         try:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode))
         except FileExistsError:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)) from None
             if not os.access(path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES)) from None
             return _make_private(path, mode)
     except OSError as e:
         raise DataError(f"{path}: cannot create the {name}: {e.strerror or e}") from None
     os.chmod(path, mode)  # the umask may have taken bits O_CREAT asked for; SQLite copies this mode to -wal/-shm
-    for suffix in SIDE_FILES:  # a journal of a deleted file would be replayed into this new, empty one
-        try:
-            Path(f"{path}{suffix}").unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise DataError(f"{path}{suffix}: cannot remove what a deleted {name} left: {e.strerror or e}") from None
     return None
 
 
