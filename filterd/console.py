@@ -25,9 +25,8 @@ Security
 
 HTTP: the request reading of filterd/doors/http.py (HttpServer), routes of our own.
 
-This is the one place `filterd` imports `trainer` (lazily, on a learn, models or rollback request): the
-buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
-LabelStore and ModelStore rather than a second copy of them.
+The buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
+LabelStore and ModelStore (filterd.store.labels and .models, which the trainer uses too), lazily.
 """
 
 from __future__ import annotations
@@ -408,7 +407,7 @@ class Console(HttpServer):
         return Page(200, self._layout(f"Verdict {v.id}", "".join(body)))
 
     def _label_of(self, text: str) -> str:
-        from trainer.store import LabelStore, message_id
+        from filterd.store.labels import LabelStore, message_id
 
         path = self.full.trainer.store
         if not path.is_file():
@@ -428,7 +427,7 @@ class Console(HttpServer):
         text = v.text
 
         def add() -> Any:
-            from trainer.store import LabelStore
+            from filterd.store.labels import LabelStore
 
             with LabelStore(self.full.trainer.store) as store:  # as `filterd-trainer learn`: one row per text
                 return store.add(text, label, "console")
@@ -495,7 +494,7 @@ class Console(HttpServer):
         return Page(200, self._layout("Model versions", "".join(body)))
 
     def _model_rows(self) -> list[dict[str, Any]]:
-        from trainer.publish import ModelStore
+        from filterd.store.models import ModelStore
 
         store = ModelStore(self.full.trainer.models_dir)
         current = store.current_version()
@@ -521,12 +520,12 @@ class Console(HttpServer):
         return out
 
     def _refit_rows(self) -> list[dict[str, Any]]:
-        from trainer.publish import ModelStore
+        from filterd.store.models import ModelStore
 
         return ModelStore(self.full.trainer.models_dir).refits()
 
     async def _rollback(self) -> Page:
-        from trainer.publish import ModelStore
+        from filterd.store.models import ModelStore
 
         from filterd.errors import FilterdError
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
+import sqlite3
 import stat
 import time
 from types import SimpleNamespace
@@ -244,3 +247,88 @@ def test_smtp_door_records_the_relayed_decision_with_the_text_the_model_read(tmp
         "smtp", "a@example.org", ("b@example.net",), "You are a winner", "spam", "tag", "v-test")
     assert "claim your prize" in spam.text
     assert (ham.verdict, ham.recipients, ham.subject) == ("ham", ("c@example.net", "d@example.net"), "minutes")
+
+
+def _modes(path) -> dict[str, int]:
+    """The mode of the history file and of SQLite's -wal and -shm beside it (those that exist)."""
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.glob(path.name + "*")}
+
+
+@pytest.mark.parametrize("leftovers", [False, True], ids=["file-only", "with-wal-and-shm"])
+def test_a_history_file_deleted_while_writing_is_started_again(tmp_path, leftovers):
+    """The operator removes the history under a running daemon: the next batch goes into a new file, not the deleted one."""
+    path = tmp_path / "h.sqlite"
+    with History(path) as h:
+        h.add_many([row(1)])
+        assert (tmp_path / "h.sqlite-wal").exists()
+        for p in tmp_path.glob("h.sqlite*") if leftovers else [path]:
+            p.unlink()
+        assert h.add_many([row(2), row(3)]) == 2
+        assert _modes(path)["h.sqlite"] == 0o600
+        with History(path, writer=False) as reader:  # the console, while the daemon still holds its connection
+            assert [v.ref for v in reader.query()] == ["Q3", "Q2"]
+        h.add_many([row(4)])
+    with History(path, writer=False) as reader:
+        assert [v.ref for v in reader.query()] == ["Q4", "Q3", "Q2"]
+
+
+def test_the_written_metric_counts_only_verdicts_that_reached_the_file(tmp_path):
+    metrics = FilterdMetrics()
+    d = Decision("ham", "pass", 0.1, ("score",), 0.5)
+    state = tmp_path / "state"
+    path = state / "h.sqlite"
+
+    def written() -> float:
+        return metrics.registry.get_sample_value("filterd_history_written_total") or 0.0
+
+    async def until(check, what: str) -> None:
+        for _ in range(200):
+            if check():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def go() -> None:
+        writer = HistoryWriter(History(path), metrics)
+        stop = asyncio.Event()
+        task = asyncio.create_task(writer.run(stop))
+        writer.record("redis", Message("redis"), d, "v1", ref="1-0")
+        await until(lambda: written() == 1, "the first verdict")
+        path.unlink()
+        writer.record("redis", Message("redis"), d, "v1", ref="2-0")
+        await until(lambda: written() == 2, "the second verdict")
+        with History(path, writer=False) as h:
+            assert [v.ref for v in h.query()] == ["2-0"]
+        shutil.rmtree(state)
+        state.write_text("")  # the directory cannot come back: the verdict is lost, and counted as lost
+        writer.record("redis", Message("redis"), d, "v1", ref="3-0")
+        await until(lambda: dropped(metrics, "write-error") == 1, "the failed write")
+        assert written() == 2
+        stop.set()
+        await task
+        await writer.close()
+
+    asyncio.run(go())
+
+
+def test_a_world_readable_history_and_its_wal_and_shm_are_made_private(tmp_path, caplog):
+    path = tmp_path / "h.sqlite"
+    with History(path) as h:
+        h.add_many([row(1)])
+    os.chmod(path, 0o644)  # as an older filterd, or a copy, may have left it
+    other = sqlite3.connect(path)  # keeps -wal and -shm open; SQLite creates them with the main file's mode
+    other.execute("SELECT COUNT(*) FROM verdicts").fetchone()
+    assert _modes(path) == {"h.sqlite": 0o644, "h.sqlite-wal": 0o644, "h.sqlite-shm": 0o644}
+    try:
+        with caplog.at_level(logging.WARNING, logger="filterd"), History(path) as h:
+            h.add_many([row(2)])
+            assert _modes(path) == {"h.sqlite": 0o600, "h.sqlite-wal": 0o600, "h.sqlite-shm": 0o600}
+    finally:
+        other.close()
+    fixed = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert len(fixed) == 1 and fixed[0].startswith(f"{path}: was readable by others (file 0644, "), fixed
+    assert "-shm 0644" in fixed[0] and fixed[0].endswith("made it 0600"), fixed  # -wal: SQLite fixes an empty one itself
+    os.chmod(path, 0o644)  # no -wal or -shm this time: SQLite must create them private
+    with History(path) as h:
+        h.add_many([row(3)])
+        assert _modes(path) == {"h.sqlite": 0o600, "h.sqlite-wal": 0o600, "h.sqlite-shm": 0o600}

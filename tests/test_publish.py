@@ -177,3 +177,19 @@ def test_adopting_a_current_with_a_traversal_version_stays_inside_models_dir(tmp
     assert len(adopted) == 1 and adopted[0].startswith("adopted-"), adopted
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["models"]  # nothing moved out
     assert (root / "versions" / adopted[0] / "model.safetensors").read_bytes() and old.version != "../.."
+
+
+def test_the_console_side_reads_and_rolls_back_what_the_trainer_published(tmp_path):
+    """filterd.store.models.ModelStore (what the console uses, no trainer import) sees the trainer's versions."""
+    from filterd.store import models
+
+    trainer_side = ModelStore(tmp_path / "models")
+    first, second = publish(trainer_side, 1), publish(trainer_side, 2)
+    trainer_side.record_refit({"outcome": "promoted", "version": second})
+    console = models.ModelStore(tmp_path / "models")
+    assert console.versions() == [second, first] and console.current_version() == second
+    assert [r["outcome"] for r in console.refits()] == ["promoted"]
+    assert console.rollback() == first
+    assert trainer_side.current_version() == first and load_model_dir(trainer_side.link)[1].version == first
+    with pytest.raises(FilterdError, match="no version older than"):
+        console.rollback()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -10,7 +11,7 @@ import stat
 import pytest
 
 from filterd.errors import DataError
-from trainer.store import LabelStore, NewLabel, message_id
+from filterd.store.labels import LabelStore, NewLabel, message_id
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_bad_label_and_empty_text(store):
 
 
 def test_rows_since_and_paging(store, monkeypatch):
-    monkeypatch.setattr("trainer.store.PAGE_ROWS", 3)
+    monkeypatch.setattr("filterd.store.labels.PAGE_ROWS", 3)
     store.add_many([(f"msg {i}", "spam" if i % 2 else "ham", "t", float(i)) for i in range(10)])
     assert [r.text for r in store.rows()] == [f"msg {i}" for i in range(10)]
     assert [r.text for r in store.rows(since=7.0)] == ["msg 7", "msg 8", "msg 9"]
@@ -138,3 +139,51 @@ def test_reader_in_another_process_during_a_write(tmp_path):
         writer.add("another", "ham", "t")
         assert reader.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == before + 1
         reader.close()
+
+
+def test_a_world_readable_store_is_made_private_and_unusable_paths_are_one_line(tmp_path, caplog):
+    path = tmp_path / "labels.sqlite"
+    with LabelStore(path) as s:
+        s.add("hello", "ham", "t")
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, logger="filterd"), LabelStore(path) as s:
+        s.add("again", "spam", "t")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("labels.sqlite*")}
+        assert modes == {"labels.sqlite": 0o600, "labels.sqlite-wal": 0o600, "labels.sqlite-shm": 0o600}
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: was readable by others (file 0644): made it 0600"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"^\S+/file/labels.sqlite: cannot create the label store: "):
+        LabelStore(tmp_path / "file" / "labels.sqlite")
+    with pytest.raises(DataError, match=r"^\S+/dir: cannot create the label store: Is a directory$"):
+        LabelStore((tmp_path / "dir").mkdir() or tmp_path / "dir")
+    other = tmp_path / "reservoir.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE texts (slot INTEGER)").connection.commit()
+    with pytest.raises(DataError, match="reservoir.sqlite: not a label store \\(an SQLite file of something else\\)"):
+        LabelStore(other)
+    newer = tmp_path / "newer.sqlite"
+    sqlite3.connect(newer).execute("PRAGMA user_version = 9").connection.commit()
+    with pytest.raises(DataError, match=r"newer.sqlite: label store format 9 is newer than this filterd's \(1\)"):
+        LabelStore(newer)
+
+
+def test_the_store_keeps_what_the_trainer_expects():
+    from filterd.store import labels
+    from trainer import data
+
+    assert labels.LABELS == data.LABELS and labels.MAX_TEXT_CHARS == data.MAX_TEXT_CHARS  # filterd cannot import trainer.data
+
+
+def test_filterd_never_imports_the_trainer():
+    """The daemon (console included) runs without the trainer package: the label and model stores live in filterd."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "filterd"
+    found = []
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            found += [f"{file.relative_to(root.parent)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "trainer"]
+    assert found == []

@@ -145,7 +145,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from filterd.config import load_config
 
     from trainer.learn import LearnReport, learn
-    from trainer.store import LabelStore
+    from filterd.store.labels import LabelStore
 
     if not args.sources:
         raise FilterdError("learn needs --spam PATH... and/or --ham PATH...")

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,10 +35,10 @@ import torch.nn.functional as F
 from filterd.model.engine import length_batches
 from filterd.model.gpt2 import GPT2Classifier
 from filterd.model.tokenizer import Tokenizer, pad_batch
+from filterd.store.sqlite import Schema, open_db
 
 log = logging.getLogger("filterd.trainer")
 
-BUSY_TIMEOUT_S = 30.0
 CHUNK = 500  # ids per SELECT ... IN (...): below SQLite's host-parameter limit on every build
 STORED = np.float16
 
@@ -53,6 +51,7 @@ CREATE TABLE IF NOT EXISTS features (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backbones (backbone TEXT PRIMARY KEY, dim INTEGER NOT NULL, last_used REAL NOT NULL);
 """
+SCHEMA = Schema("feature cache", _SCHEMA, version=None, synchronous=None)  # unversioned: a stale cache is only slower
 
 
 class HasText(Protocol):
@@ -86,21 +85,8 @@ class FeatureCache:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The vectors are derived from private mail: owner only, whatever the umask. SQLite gives
-        # its -wal and -shm files the database file's mode, so creating this one 0600 covers them.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_mode & 0o077:  # left by an older version with the umask's mode
-                os.fchmod(fd, 0o600)
-        except OSError as e:
-            log.warning("features: cannot make %s private (%s)", self.path, e.strerror)
-        finally:
-            os.close(fd)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(self.path, SCHEMA)  # vectors derived from private mail: 0600, -wal and -shm too
 
     def close(self) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 
 Users and clients label messages by adding `label` (spam|ham) and `text` (UTF-8) or `email` (raw
 RFC 822) to `[redis] label_stream`; an optional `id` is the client's own and is only carried into
-logs and dead letters: the store keys messages by their text (see `trainer.store.message_id`).
+logs and dead letters: the store keys messages by their text (see `filterd.store.labels.message_id`).
 
 Delivery is at-least-once, with the store as the commit point. A chunk of entries is written to
 the store in one SQLite transaction FIRST, and only then acknowledged: a kill -9 between the two
@@ -30,7 +30,7 @@ from filterd.mail.text import extract_text
 from filterd.net.streams import Entry, StreamConsumer, StreamSettings, error_kind, one_line, without_large_fields
 
 from trainer.data import LABELS
-from trainer.store import AddResult, LabelStore, NewLabel, StoreError
+from filterd.store.labels import AddResult, LabelStore, NewLabel, StoreError
 
 log = logging.getLogger("filterd.trainer")
 

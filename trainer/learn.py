@@ -20,7 +20,7 @@ from filterd.cli import chunks
 from filterd.errors import DataError
 from filterd.mail.text import extract_text
 
-from trainer.store import AddResult, LabelStore, NewLabel, check_label
+from filterd.store.labels import AddResult, LabelStore, NewLabel, check_label
 
 log = logging.getLogger("filterd.trainer")
 

@@ -194,7 +194,7 @@ def _csv_documents(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _store_documents(path: Path) -> Iterator[tuple[str, bool]]:
-    from trainer.store import LabelStore
+    from filterd.store.labels import LabelStore
 
     with LabelStore(path) as store:
         for row in store.rows():

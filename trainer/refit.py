@@ -75,7 +75,7 @@ from trainer.evaluate import Metrics, SplitReport, compute_metrics, format_metri
 from trainer.features import FeatureCache, features_for, fit_head, spam_probabilities
 from trainer.fit import GOLDEN_FILE, REPLAY_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
 from trainer.publish import ModelStore
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 log = logging.getLogger("filterd.trainer")
 

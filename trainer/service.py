@@ -25,7 +25,7 @@ from filterd.net.supervise import supervise
 from trainer.intake import IntakeUnavailable, LabelIntake
 from trainer.publish import ModelStore
 from trainer.refit import RefitOutcome, refit_once
-from trainer.store import LabelStore
+from filterd.store.labels import LabelStore
 
 log = logging.getLogger("filterd.trainer")
 

@@ -57,7 +57,7 @@ class Inbound:
     headers_cut: bool = False  # the door itself kept only part of an overlong header block (milter)
 
     def message(self) -> Message:
-        return Message(self.door, self.sender, self.recipients)
+        return Message(self.door, self.sender, self.recipients, self.client_address, self.authenticated)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ the explanation (JSON, when there is one). The text the model read is stored onl
 only the explanation's word list is kept.
 
 Bounds: rows older than `max_age_days` and all but the newest `max_rows` are deleted (at most once a
-minute, in the writer). Each field is clipped (`MAX_*`). The file is created 0600 (it holds addresses
-and subjects), WAL so the console reads while the daemon writes.
+minute, in the writer). Each field is clipped (`MAX_*`). The file is private, 0600 with its -wal and -shm
+(it holds addresses and subjects), WAL so the console reads while the daemon writes (filterd.store.sqlite).
+Deleted while the daemon runs (an operator clearing it), it is started again with the next batch.
 
 `HistoryWriter` is the daemon's side, as the reservoir's: `record` never blocks and never raises (a full
 queue drops the row and counts it); one task writes batches from a worker thread, so a slow disk never
@@ -24,7 +25,6 @@ import email.policy
 import json
 import logging
 import math
-import os
 import re
 import sqlite3
 import threading
@@ -36,11 +36,11 @@ from typing import Any
 
 from filterd.errors import ConfigError, DataError
 from filterd.store.queued_writes import QueuedWriter
+from filterd.store.sqlite import Schema, identity, open_db, replaced
 
 log = logging.getLogger("filterd")
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 30.0
 PURGE_EVERY_S = 60.0
 QUEUE_MAX = 2000  # rows waiting for the writer; more are dropped and counted
 MAX_TEXT_CHARS = 65_536  # the text the model read is far shorter (max_length tokens); this only bounds a row
@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_at ON verdicts (at);
 """
+SCHEMA = Schema(
+    "verdict history", _SCHEMA, SCHEMA_VERSION,
+    synchronous="NORMAL",  # a power cut may lose the last batch: harmless for a history
+    table="verdicts", missing=" (is [history] enabled in the daemon?)",
+)  # fmt: skip
 _COLUMNS = "id, at, source, ref, sender, recipients, subject, score, verdict, action, model, listed, explanation, text"
 
 
@@ -140,6 +145,7 @@ class History:
         self._lock = threading.Lock()  # one connection, used from worker threads
         self._last_purge = -math.inf
         self._db = _open(self.path, create=writer)
+        self._identity = identity(self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -159,6 +165,7 @@ class History:
         if not values:
             return 0
         with self._lock:
+            self._reopen_if_replaced()
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -172,6 +179,16 @@ class History:
                 db.execute("ROLLBACK")
                 raise
         return len(values)
+
+    def _reopen_if_replaced(self) -> None:
+        """An operator deleted (or replaced) the file: start a new one rather than write on into the deleted one,
+        which nobody can read (the console would stay empty until a restart). Called with the lock held."""
+        if not replaced(self.path, self._identity):
+            return
+        self._db.close()
+        self._db = _open(self.path, create=True)  # fails (DataError) while the directory cannot be written: retried
+        self._identity = identity(self.path)
+        log.info("history: %s was deleted or replaced; recording into a new file", self.path)
 
     def purge(self) -> int:
         """Apply retention now; returns rows deleted."""
@@ -241,41 +258,7 @@ def _verdict(row: tuple) -> Verdict:
 
 
 def _open(path: Path, *, create: bool) -> sqlite3.Connection:
-    what = "cannot create the history" if create else "cannot open the history"
-    try:
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
-            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        else:
-            if not path.is_file():
-                raise DataError(f"{path}: no such history file (is [history] enabled in the daemon?)")
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                 check_same_thread=False)  # fmt: skip
-    except OSError as e:
-        raise DataError(f"{path}: {what}: {e.strerror or e}") from None
-    except sqlite3.Error as e:
-        raise DataError(f"{path}: {what}: {e}") from None
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise DataError(f"{path}: history format {version} is newer than this filterd's ({SCHEMA_VERSION})")
-        if create:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")  # a power cut may lose the last batch: harmless for a history
-            if version < SCHEMA_VERSION:
-                if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
-                    raise DataError(f"{path}: not a verdict history (an SQLite file of something else)")
-                db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
-        elif version < SCHEMA_VERSION:
-            raise DataError(f"{path}: not a verdict history")
-    except sqlite3.DatabaseError as e:
-        db.close()
-        raise DataError(f"{path}: not a usable verdict history: {e}") from None
-    except DataError:
-        db.close()
-        raise
-    return db
+    return open_db(path, SCHEMA, readonly=not create)
 
 
 def open_history(cfg: Any) -> History:

@@ -12,10 +12,10 @@ are taken in and the reservoir empties. So `i` is the number of texts that arriv
 kept per arrival bucket in the file (a restart keeps the sample uniform) and decreased as buckets
 age out. The result is close to a uniform sample of the last max_age of traffic.
 
-SQLite as the label store: the file is created 0600 before SQLite opens it (SQLite gives -wal and
--shm the same mode), WAL (the trainer reads while the daemon writes), `BEGIN IMMEDIATE` writes.
-Commits are not fsynced one by one (synchronous=NORMAL): losing the last batch on a power cut is
-harmless for a random sample.
+SQLite, opened as the label store is (filterd.store.sqlite): private (0600, -wal and -shm too), WAL (the
+trainer reads while the daemon writes), `BEGIN IMMEDIATE` writes. Commits are not fsynced one by one
+(synchronous=NORMAL): losing the last batch on a power cut is harmless for a random sample. A file
+deleted while the daemon runs is started again with the next batch.
 
 `ReservoirWriter` is the daemon's side: a bounded in-memory queue, drained by one task that writes
 batches from a worker thread, so verdicts never wait for the disk.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
 import sqlite3
@@ -38,14 +37,14 @@ from typing import Any
 
 from filterd.errors import ConfigError, DataError
 from filterd.sources import SOURCES  # every door's texts are the site's mail
+from filterd.store.labels import MAX_TEXT_CHARS  # capped like the label store the texts may end up in
 from filterd.store.queued_writes import QueuedWriter
+from filterd.store.sqlite import Schema, identity, open_db, replaced
 
 log = logging.getLogger("filterd")
 
-MAX_TEXT_CHARS = 16_000  # as trainer.data.MAX_TEXT_CHARS (filterd does not import trainer)
 PURGE_EVERY_S = 60.0  # purge on add, at most this often
 BUCKETS = 1000  # arrival counts are kept per max_age/BUCKETS (at least a minute): the window is that precise
-BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = 1
 QUEUE_MAX = 1000  # texts waiting for the writer; more are dropped and counted
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -62,6 +61,7 @@ CREATE TABLE IF NOT EXISTS arrivals (until REAL PRIMARY KEY, count INTEGER NOT N
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
 INSERT OR IGNORE INTO counters (name, value) VALUES ('window', 0), ('total', 0), ('max_age', 0);
 """
+SCHEMA = Schema("reservoir", _SCHEMA, SCHEMA_VERSION, synchronous="NORMAL", table="texts")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Reservoir:
         self._last_purge = -math.inf
         self._bucket = max(60.0, self.max_age / BUCKETS)
         self._db = _open(self.path, create=True)
-        self._inode = self.path.stat().st_ino
+        self._identity = identity(self.path)
         self._start()
 
     def _start(self) -> None:
@@ -117,8 +117,7 @@ class Reservoir:
         prepared = [_prepare(*item, now=self._clock) for item in items]
         if not prepared:
             return 0
-        if self._clock() - self._last_purge >= PURGE_EVERY_S:
-            self._reopen_if_deleted()
+        self._reopen_if_replaced()
         kept = 0
         with self._write() as db:
             now = self._clock()
@@ -149,17 +148,14 @@ class Reservoir:
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'total'", (len(prepared),))
         return kept
 
-    def _reopen_if_deleted(self) -> None:
+    def _reopen_if_replaced(self) -> None:
         """An operator deleted (or replaced) the file: start a new one rather than write into the deleted one."""
-        try:
-            if self.path.stat().st_ino == self._inode:
-                return
-        except FileNotFoundError:
-            pass
         with self._lock:
+            if not replaced(self.path, self._identity):
+                return
             self._db.close()
-            self._db = _open(self.path, create=True)
-            self._inode = self.path.stat().st_ino
+            self._db = _open(self.path, create=True)  # fails (DataError) while the directory cannot be written: retried
+            self._identity = identity(self.path)
         self._start()
         log.info("reservoir: %s was deleted or replaced; sampling into the new file", self.path)
 
@@ -216,40 +212,7 @@ def read_reservoir(path: Path | str, *, now: float | None = None) -> Iterator[Sa
 
 
 def _open(path: Path, *, create: bool) -> sqlite3.Connection:
-    what = "cannot create the reservoir" if create else "cannot open the reservoir"
-    try:
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
-            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        else:
-            if not path.is_file():
-                raise DataError(f"{path}: no such reservoir file")
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    except OSError as e:
-        raise DataError(f"{path}: {what}: {e.strerror or e}") from None
-    except sqlite3.Error as e:
-        raise DataError(f"{path}: {what}: {e}") from None
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise DataError(f"{path}: reservoir format {version} is newer than this filterd's ({SCHEMA_VERSION})")
-        if create:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            if version < SCHEMA_VERSION:
-                if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
-                    raise DataError(f"{path}: not a reservoir (an SQLite file of something else)")
-                db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
-        elif version < SCHEMA_VERSION or db.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts'").fetchone() is None:
-            raise DataError(f"{path}: not a reservoir")
-    except sqlite3.DatabaseError as e:
-        db.close()
-        raise DataError(f"{path}: not a usable reservoir: {e}") from None
-    except BaseException:
-        db.close()
-        raise
-    return db
+    return open_db(path, SCHEMA, readonly=not create)
 
 
 class _Transaction:
