@@ -262,7 +262,6 @@ class HttpServer(Server):
         if self.door.metrics is not None and req.path != "/ping" and req.method != "PING":
             self.door.metrics.observe_request("http", seconds)
 
-
     # --- routes ----------------------------------------------------------------------
 
     async def _route(self, req: Request) -> bytes:

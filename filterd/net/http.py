@@ -303,8 +303,8 @@ class Server:
                 self._authorize(req)
                 coding = self._coding(req)
                 await self._read_body(req, reader, writer)
-            if coding == "zstd":
-                req.body = unzstd(req.body, s.max_body_bytes)
+            if coding == "zstd":  # off the event loop: up to two passes over max_body_bytes
+                req.body = await asyncio.to_thread(unzstd, req.body, s.max_body_bytes)
         except TimeoutError:
             what = "request not received" if req is not None or start else "no request"
             await self._send(writer, self._error(HttpError(408, f"{what} within read_timeout ({s.read_timeout:g}s)"), req))
@@ -323,7 +323,11 @@ class Server:
                 reply = await self.handler(req)
             except HttpError as e:
                 reply = self._reply_error(e, req)
-            data = reply.encode(req, keep=req.keep_alive and not reply.close and s.keep_alive) if isinstance(reply, Response) else reply
+            data = (
+                reply.encode(req, keep=req.keep_alive and not reply.close and s.keep_alive)
+                if isinstance(reply, Response)
+                else reply
+            )
             await self._send(writer, data)  # counted until sent: stop() must not abort a reply on its way
         finally:
             if self.observe is not None:
@@ -408,7 +412,7 @@ class Server:
 
     @staticmethod
     def _coding(req: Request) -> str:
-        """"zstd" or "" (none): Rspamd's `Compression` header and the standard `Content-Encoding`, 415 for others."""
+        """ "zstd" or "" (none): Rspamd's `Compression` header and the standard `Content-Encoding`, 415 for others."""
         codings = {c.strip().lower() for h in ("compression", "content-encoding") for v in req.all(h) for c in v.split(",")}
         codings -= set(_IDENTITY)
         if not codings:
@@ -480,8 +484,9 @@ def unzstd(data: bytes, limit: int) -> bytes:
         raise HttpError(400, "body is not zstd-compressed (malformed frame)") from None
     if declared > limit:
         raise too_large
-    # The window is the decoder's buffer: no frame of at most `limit` bytes needs a larger one.
-    dctx = zstandard.ZstdDecompressor(max_window_size=1 << max(20, (limit - 1).bit_length()))
+    # The window is the decoder's buffer: bounded by the limit (rounded up to a power of two), or 8 MiB, what
+    # zstd's levels up to 19 use for a stream that does not declare its size.
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << max(23, (limit - 1).bit_length()))
     try:
         # Counted first, in bounded reads (output never past limit + 1 bytes): a bomb stops here.
         total = 0
@@ -499,5 +504,7 @@ def unzstd(data: bytes, limit: int) -> bytes:
                 raise HttpError(400, "zstd body is truncated")
             rest = d.unused_data
     except zstandard.ZstdError as e:
+        if "too much memory" in str(e):  # a window over max_window_size
+            raise HttpError(413, f"zstd window over what max_body_bytes ({limit}) allows") from None
         raise HttpError(400, f"malformed zstd body ({one_line(str(e))[:80]})") from None
     return bytes(out)
