@@ -13,7 +13,8 @@ install: $(VENV)/.installed services
 
 # Real services for the tests and the demo (Debian packages): redis-server, promtool from prometheus,
 # postfix (installed unconfigured: the tests run private instances, never the one on port 25), and
-# chromium (headless, for the web console's browser tests), dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started).
+# chromium (headless, for the web console's browser tests), dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started),
+# and rspamd for its client rspamc (the HTTP door's tests; the rspamd service is never used).
 services:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -32,6 +33,10 @@ services:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null; }; }
+	@command -v rspamc >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends rspamd >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends rspamd >/dev/null; }; }
 
 # The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml

@@ -23,7 +23,7 @@ Security
     read; the session cookie is HttpOnly and SameSite=Strict. All text is escaped with html.escape; a
     strict Content-Security-Policy (no script at all, styles only from /console.css) is a second wall.
 
-HTTP: the request reading of filterd/doors/http.py (HttpServer), routes of our own.
+HTTP: filterd/net/http.py's server (as the scan API and the metrics), routes of our own.
 
 The buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
 LabelStore and ModelStore (filterd.store.labels and .models, which the trainer uses too), lazily.
@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from filterd.config import Config, HttpConfig, is_loopback
+from filterd.config import Config, is_loopback
 from filterd.sources import SOURCES
 from filterd.store.history import Filter, History, Verdict
-from filterd.doors.http import HttpError, HttpServer, Request
+from filterd.net.http import HttpError, Request, Server, ServerSettings, password_ok
 
 log = logging.getLogger("filterd")
 
@@ -146,32 +146,22 @@ def words_table(words: list[dict[str, Any]]) -> str:
     return f'<table class="words"><tr><th>word</th><th>weight</th></tr>{"".join(rows)}</table>'
 
 
-class Console(HttpServer):
+class Console(Server):
     """The console's HTTP server. `live()`: the live model's version; `score`: the daemon's scorer (no reservoir)."""
 
     def __init__(self, cfg: Config, live: Callable[[], str], score: Callable[[str], Awaitable[Any]] | None,
                  engine: Callable[[], Any] | None = None) -> None:  # fmt: skip
         c = cfg.console
-        super().__init__(HttpConfig(enabled=True, listen=c.listen, max_body_bytes=MAX_BODY, read_timeout=30.0,
-                                    idle_timeout=60.0), door=None)  # type: ignore[arg-type]  # fmt: skip
+        # The password is HTTP Basic, checked in `_route` (its 401 carries WWW-Authenticate and the page headers).
+        super().__init__(ServerSettings(name="console", host=c.listen.host, port=c.listen.port, max_body_bytes=MAX_BODY,
+                                        read_timeout=30.0, idle_timeout=60.0, password=c.password, password_header=None,
+                                        listening="listening on http://{host}:{port}/"), self._route)  # fmt: skip
         self.full = cfg
         self.live = live
         self.score_text = score
         self.engine = engine
         self._console_password = c.password.encode()
         self._secret = secrets.token_bytes(32)  # CSRF tokens die with the process: a restart asks for a reload
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=65536)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.up = True
-        log.info("console: listening on http://%s:%d/", self.host, self.port)
-
-    def _observe(self, req: Request, seconds: float) -> None:
-        """Console pages are not scans: filterd_request_seconds stays the doors' latency."""
-
-    def _authorize(self, req: Request) -> None:
-        """Checked in `_route` instead, where the reply can carry WWW-Authenticate and the page headers."""
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -253,7 +243,7 @@ class Console(HttpServer):
                 given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
             except ValueError:
                 given = b""
-        if not hmac.compare_digest(given, self._console_password):  # constant time: no guessing by timing
+        if not password_ok(given, self._console_password):  # constant time: no guessing by timing
             raise HttpError(401, "password required" if not auth else "wrong password")
 
     def _check_csrf(self, req: Request, session: str) -> None:

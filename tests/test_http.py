@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import socket
@@ -344,3 +345,67 @@ def test_request_latency_is_observed_for_scans_not_for_ping():
         assert srv.request("POST", "/checkv2", b"no score here")[0] == 500  # a failed scan is a request too
         count = srv.metrics.registry.get_sample_value("filterd_request_seconds_count", {"source": "http"})
         assert count == 3
+
+
+def test_read_timeout_is_one_deadline_for_request_line_head_and_body():
+    """A client dribbling its request: closed with 408 at read_timeout from its first byte, not once per part."""
+    with Served("http.read_timeout=2s") as srv:
+        request = b"POST /checkv2 HTTP/1.1\r\n" + b"Host: x\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"  # line done at ~1.4 s
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+
+            def dribble() -> None:
+                with contextlib.suppress(OSError):
+                    for i in range(len(request)):
+                        s.send(request[i : i + 1])
+                        time.sleep(0.06)
+
+            t0 = time.monotonic()
+            threading.Thread(target=dribble, daemon=True).start()
+            reply = s.recv(65536)
+            elapsed = time.monotonic() - t0
+        status, headers, body = parse(reply)
+        assert status == 408 and "read_timeout" in json.loads(body)["error"] and headers["connection"] == "close"
+        assert 1.8 < elapsed < 2.9, elapsed  # the old per-part timeouts answered at ~3.4 s
+
+
+def zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def test_zstd_body_is_decompressed_and_scored_as_the_plain_one():
+    with Served() as srv:
+        plain = srv.checkv2(mail(0.93))
+        for header in ("Compression", "Content-Encoding"):  # rspamc --compressed sends Compression: zstd
+            status, _, body = srv.request("POST", "/checkv2", zstd(mail(0.93)), {header: "zstd"})
+            r = json.loads(body)
+            assert status == 200 and (r["score"], r["action"]) == (plain["score"], "reject")
+            assert r["message-id"] == "m1@example.com"
+        status, _, body = srv.request("POST", "/classify", zstd(b'{"text": "SCORE=0.2"}'), {"Compression": "zstd"})
+        assert status == 200 and json.loads(body)["score"] == 0.2
+
+
+def test_zstd_bomb_is_413_without_the_memory_and_bad_codings_are_refused():
+    import resource
+
+    import zstandard
+
+    cobj = zstandard.ZstdCompressor().compressobj()  # streamed: the frame does not declare its size
+    bomb = b"".join(cobj.compress(bytes(1 << 20)) for _ in range(1024)) + cobj.flush()  # 1 GiB of zeros
+    declared = zstd(bytes(64 << 20))  # this one declares 64 MiB
+    with Served("http.max_body_bytes=1048576") as srv:
+        assert len(bomb) < 1 << 20 and len(declared) < 1 << 20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        for body in (bomb, declared):
+            status, headers, data = srv.request("POST", "/checkv2", body, {"Compression": "zstd"})
+            assert status == 413 and "max_body_bytes" in json.loads(data)["error"] and headers["connection"] == "close"
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 << 10  # far less than the 1 GiB
+        for body in (b"not zstd at all", zstd(mail(0.9))[:-7], zstd(mail(0.9)) + b"junk"):  # garbage, cut, trailing junk
+            status, _, data = srv.request("POST", "/checkv2", body, {"Compression": "zstd"})
+            assert status == 400 and "zstd" in json.loads(data)["error"], body
+        for header, value in (("Compression", "gzip"), ("Content-Encoding", "br"), ("Content-Encoding", "zstd, gzip")):
+            status, _, data = srv.request("POST", "/checkv2", mail(0.9), {header: value})
+            assert status == 415 and "not supported" in json.loads(data)["error"], value
+        assert srv.request("POST", "/checkv2", mail(0.1), {"Content-Encoding": "identity"})[0] == 200
+        assert srv.calls == 1  # nothing undecodable reached the model

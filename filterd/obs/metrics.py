@@ -6,20 +6,18 @@ own `CollectorRegistry` (never prometheus_client's global one): two instances in
 the tests, then never collide, and nothing else is module-level mutable state.
 
 `MetricsServer` serves `/metrics` and `/healthz` on the event loop itself (no thread, no web
-framework). It reads at most a few KiB per request under a deadline, so a slow or hostile client
-holds a connection for at most `timeout` seconds.
+framework: filterd/net/http.py's server, as the scan API and the console). It reads at most a few
+KiB per request under one deadline, so a slow or hostile client holds a connection for at most
+`timeout` seconds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +30,8 @@ from prometheus_client import (
     generate_latest,
     write_to_textfile,
 )
+
+from filterd.net.http import Request, Response, Server, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -346,75 +346,11 @@ class TrainerMetrics(StreamMetrics):
 # --- HTTP endpoint --------------------------------------------------------------------------------
 
 MAX_HEAD_BYTES = 8192  # request line + headers; a scrape sends a few hundred bytes
-LINGER_BYTES = 1 << 20  # most input discarded after rejecting a request, before hanging up anyway
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_TEXT = "text/plain; charset=utf-8"
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-def _parse_request_line(line: bytes) -> tuple[str, str]:
-    """`METHOD target HTTP/1.x` -> (method, path); anything else is a 400."""
-    try:
-        method, target, version = line.decode("ascii").rstrip("\r\n").split(" ")
-    except ValueError:  # wrong number of parts, or not ASCII
-        raise _BadRequest(400, "malformed request line") from None
-    if not method or not set(method) <= _TOKEN_CHARS or not version.startswith("HTTP/1.") or not target.startswith("/"):
-        raise _BadRequest(400, "malformed request line")
-    return method, urlsplit(target).path
-
-
-def _check_header(line: bytes) -> None:
-    name, sep, _ = line.partition(b":")
-    if not sep or not name or not set(name.decode("latin-1")) <= _TOKEN_CHARS:
-        raise _BadRequest(400, "malformed header line")
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str] | None:
-    """Read the request line and headers (bounded in size); None when the client closed without a word."""
-    first = await reader.readline()
-    if not first:
-        return None
-    if not first.endswith(b"\n"):
-        raise _BadRequest(400, "incomplete request")
-    method, path = _parse_request_line(first)
-    total = len(first)
-    while True:
-        line = await reader.readline()
-        total += len(line)
-        if total > MAX_HEAD_BYTES:
-            raise _BadRequest(431, "request head too large")
-        if not line.endswith(b"\n"):
-            raise _BadRequest(400, "incomplete request")
-        if line in (b"\r\n", b"\n"):
-            return method, path
-        _check_header(line)
-
-
-def _response(status: int, body: bytes, content_type: str = _TEXT, *, head: bool = False, extra: str = "") -> bytes:
-    head_lines = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
-    )
-    return head_lines.encode("ascii") + (b"" if head else body)
-
-
-class MetricsServer:
-    """`GET /metrics` (Prometheus text format) and `GET /healthz` on the event loop; one request per connection."""
+class MetricsServer(Server):
+    """`GET /metrics` (Prometheus text format) and `GET /healthz` on filterd.net.http's server; one request per
+    connection, read within `timeout` (also the bound for writing the reply)."""
 
     def __init__(
         self,
@@ -424,95 +360,34 @@ class MetricsServer:
         *,
         timeout: float = 10.0,
     ) -> None:
-        self.host, self.port = listen
+        settings = ServerSettings(name="metrics", host=listen[0], port=listen[1], max_body_bytes=MAX_HEAD_BYTES,
+                                  read_timeout=timeout, max_head_bytes=MAX_HEAD_BYTES, keep_alive=False,
+                                  password_off_loopback=False, listening="endpoint listening on {host}:{port}")  # fmt: skip
+        super().__init__(settings, self._route)
         self.registry = registry
         self.health = health
-        self.timeout = timeout  # for reading the request and for writing the response, each
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self.timeout = timeout
 
-    async def start(self) -> None:
-        # limit: a single line longer than the head budget fails readline() instead of buffering it.
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEAD_BYTES)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics endpoint listening on %s:%d", self.host, self.port)
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for writer in list(self._writers):  # Python 3.11's wait_closed() does not wait for open connections
-            writer.transport.abort()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            response, unread = await self._respond_to(reader)
-            if response is not None:
-                writer.write(response)
-                async with asyncio.timeout(self.timeout):  # a client that never reads cannot pin the buffer
-                    await writer.drain()
-            if unread:
-                await self._linger(reader, writer)
-            writer.close()
-        except (TimeoutError, ConnectionError) as exc:
-            log.debug("metrics client %s dropped: %r", writer.get_extra_info("peername"), exc)
-            writer.transport.abort()
-        except Exception:  # a bug here must cost one connection, not leak it
-            log.exception("metrics request failed")
-            writer.transport.abort()
-        finally:
-            self._writers.discard(writer)
-
-    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Half-close, then discard what the client still sends (bounded): closing a socket with unread
-        input makes the kernel send a reset, which can destroy the error reply before the client reads it."""
-        writer.write_eof()
-        discarded = 0
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(min(self.timeout, 1.0)):
-                while discarded < LINGER_BYTES and (chunk := await reader.read(65536)):
-                    discarded += len(chunk)
-
-    async def _respond_to(self, reader: asyncio.StreamReader) -> tuple[bytes | None, bool]:
-        """(bytes to send back or None to just hang up, whether the client's input was left unread)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                head = await _read_head(reader)
-        except TimeoutError:  # slow or silent client: say why, then hang up
-            return _response(408, b"request timeout\n"), False
-        except ValueError:  # StreamReader: a line over the limit
-            return _response(431, b"request head too large\n"), True
-        except _BadRequest as exc:
-            return _response(exc.status, f"{exc}\n".encode()), True
-        if head is None:
-            return None, False
-        method, path = head
-        return self._route(method, path), False
-
-    def _route(self, method: str, path: str) -> bytes:
-        if path not in ("/metrics", "/healthz"):
-            return _response(404, b"not found\n")
-        if method not in ("GET", "HEAD"):
-            return _response(405, b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
-        head = method == "HEAD"
-        if path == "/healthz":
-            return self._healthz(head)
+    async def _route(self, req: Request) -> Response:
+        if req.path not in ("/metrics", "/healthz"):
+            return Response(404, b"not found\n")
+        if req.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")])
+        if req.path == "/healthz":
+            return self._healthz()
         try:
             body = generate_latest(self.registry)
         except Exception:  # a failing collector must not kill the endpoint
             log.exception("metrics collection failed")
-            return _response(500, b"metrics collection failed\n", head=head)
-        return _response(200, body, CONTENT_TYPE_LATEST, head=head)
+            return Response(500, b"metrics collection failed\n")
+        return Response(200, body, CONTENT_TYPE_LATEST)
 
-    def _healthz(self, head: bool) -> bytes:
+    def _healthz(self) -> Response:
         try:
             ok, reason = self.health()
         except Exception as exc:  # a broken health check means unhealthy, not a crashed endpoint
             ok, reason = False, f"health check failed: {exc!r}"
         if ok:
-            return _response(200, b"ok\n", head=head)
+            return Response(200, b"ok\n")
         line = " ".join(str(reason).split()) or "unhealthy"  # one line, whatever the callable returned
-        return _response(503, f"{line}\n".encode(), head=head)
+        return Response(503, f"{line}\n".encode())

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from testing.services import free_port
 from testing.daemon import FilterdProcess
@@ -97,3 +100,30 @@ def test_off_loopback_without_password_fails_to_start_with_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "[http] password: required" in lines[0], proc.stderr
+
+
+def test_rspamc_compressed_scores_as_the_plain_message(tiny_model, spamassassin_dir, tmp_path):
+    """Rspamd's own client: `rspamc --compressed` sends the message zstd-compressed (`Compression: zstd`); the
+    score is that of the same file sent as it is."""
+    if shutil.which("rspamc") is None:
+        pytest.skip("rspamc not installed (Debian package rspamd: make services)")
+    port = free_port()
+    files = [tmp_path / "spam.eml", tmp_path / "ham.eml"]
+    for path, src in zip(files, corpus_files(spamassassin_dir, 1, 1)):
+        path.write_bytes(without_mbox_line(src.read_bytes()))
+    d = http_daemon(tiny_model.model_dir, tmp_path, port, "rspamc").start()
+    try:
+        for path in files:
+            got = {}
+            for flags in ([], ["--compressed"]):
+                out = subprocess.run(["rspamc", "-j", *flags, "-h", f"127.0.0.1:{port}", "-t", "30", "symbols", str(path)],
+                                     capture_output=True, text=True, timeout=60)  # fmt: skip
+                assert out.returncode == 0, out.stderr
+                r = json.loads(out.stdout)
+                assert "error" not in r, r
+                got[bool(flags)] = (r["score"], r["action"], r["filterd"]["p_spam"], r.get("message-id"))
+            assert got[True] == got[False], got
+        assert d.metric('filterd_messages_total{source="http",verdict="error"}') == 0
+        assert d.metric("filterd_messages_total") == 4  # each file scanned twice, each scan a verdict
+    finally:
+        assert d.stop() == 0
