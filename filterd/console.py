@@ -150,7 +150,7 @@ class Console(Server):
     """The console's HTTP server. `live()`: the live model's version; `score`: the daemon's scorer (no reservoir)."""
 
     def __init__(self, cfg: Config, live: Callable[[], str], score: Callable[[str], Awaitable[Any]] | None,
-                 engine: Callable[[], Any] | None = None) -> None:  # fmt: skip
+                 explain: Callable[[str], Awaitable[Any]] | None = None) -> None:  # fmt: skip
         c = cfg.console
         # The password is HTTP Basic, checked in `_route` (its 401 carries WWW-Authenticate and the page headers).
         super().__init__(ServerSettings(name="console", host=c.listen.host, port=c.listen.port, max_body_bytes=MAX_BODY,
@@ -159,7 +159,7 @@ class Console(Server):
         self.full = cfg
         self.live = live
         self.score_text = score
-        self.engine = engine
+        self.explain = explain  # the daemon's bounded explainer (queue, deadline, nice): text -> Explanation | None
         self._console_password = c.password.encode()
         self._secret = secrets.token_bytes(32)  # CSRF tokens die with the process: a restart asks for a reload
 
@@ -553,22 +553,16 @@ class Console(Server):
         return Page(200, self._layout("Score a message", "".join(body)))
 
     async def _explain(self, text: str) -> dict[str, Any] | None:
-        """The explanation from filterd.model.explain when that module exists (imported on first use), else None."""
-        try:
-            from filterd.model import explain  # type: ignore[attr-defined]
-        except ImportError:
-            return None
-        fn = getattr(explain, "explain", None)
-        if fn is None or self.engine is None:
+        """The explanation, through the daemon's explainer and so within its bounds (one thread at `nice`, `max_queue`,
+        `deadline`); None when there is none (no explainer, busy, past the deadline, failed: counted there)."""
+        if self.explain is None:
             return None
         try:
-            result = await asyncio.to_thread(fn, self.engine(), text)
+            result = await self.explain(text)
         except Exception:
             log.exception("console: explanation failed")
             return None
-        if hasattr(result, "to_json"):  # filterd.model.explain's Explanation
-            result = result.to_json()
-        return result if isinstance(result, dict) else None
+        return result.to_json() if result is not None else None
 
 
 def _one(q: dict[str, list[str]], key: str) -> str:

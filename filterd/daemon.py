@@ -155,7 +155,7 @@ class Daemon:
             from filterd.console import Console  # only when enabled: the console imports trainer modules on use
 
             self.console = Console(cfg, lambda: self.holder.current().version if self.holder.loaded else "",
-                                   self._score, lambda: self.holder.current())  # fmt: skip
+                                   self._score, lambda text: self.explanations.on_demand("console", text))  # fmt: skip
             try:
                 await self.console.start()
             except OSError as e:

@@ -45,7 +45,8 @@ def rows(at: float) -> list[dict]:
 class ConsoleServed:
     """A Console on a free loopback port, its event loop in a thread; a stub scorer (the model is not under test here)."""
 
-    def __init__(self, tmp_path: Path, *sets: str) -> None:
+    def __init__(self, tmp_path: Path, *sets: str, explain=None) -> None:
+        self.explain = explain
         self.port = free_port()
         self.store = tmp_path / "labels.sqlite"
         self.cfg = load_config(None, ["console.enabled=true", f"console.listen=127.0.0.1:{self.port}", "history.enabled=true",
@@ -61,7 +62,7 @@ class ConsoleServed:
 
     def __enter__(self) -> ConsoleServed:
         self.thread.start()
-        self.console = Console(self.cfg, lambda: "v-test", self.score)
+        self.console = Console(self.cfg, lambda: "v-test", self.score, self.explain)
         self.run(self.console.start())
         self.url = f"http://127.0.0.1:{self.port}"
         return self
@@ -217,6 +218,27 @@ def test_classify_box_scores_and_says_when_explanations_are_unavailable(tmp_path
             import filterd.model.explain  # noqa: F401
         except ImportError:
             assert b"explanations not available" in page
+
+
+def test_classify_box_explains_only_through_the_bounded_explainer(tmp_path):
+    """The console's explanations wait in the daemon's explainer like any door's: its queue bound, deadline and
+    nice apply, and a skip is counted (here the queue is full: one explanation is already running)."""
+    import dataclasses
+
+    from filterd.config import ExplainConfig
+    from filterd.model.explainer import Explainer
+    from filterd.obs.metrics import FilterdMetrics
+
+    metrics = FilterdMetrics()
+    explainer = Explainer(dataclasses.replace(ExplainConfig(), max_queue=1), lambda: None, metrics)
+    explainer.pending = 1  # an explanation is already running: the queue (max_queue 1) is full
+    with ConsoleServed(tmp_path, explain=lambda text: explainer.on_demand("console", text)) as c:
+        cookie, token = c.session("/classify")
+        body = urllib.parse.urlencode({"csrf": token, "text": "cheap pills"}).encode()
+        status, _, page = c.request("POST", "/classify", body, {"Cookie": cookie, "Origin": c.url,
+                                                                "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert status == 200 and b'id="no-explain"' in page
+    assert metrics.registry.get_sample_value("filterd_explanations_total", {"source": "console", "outcome": "queue-full"}) == 1
 
 
 # --- in a real browser -------------------------------------------------------------------------

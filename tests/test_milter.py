@@ -205,7 +205,7 @@ def _cstr(*parts: str) -> bytes:
             [(m.SMFIR_QUARANTINE, _cstr("filterd: spam 0.99")), (m.SMFIR_ADDHEADER, _cstr("X-Spam-Flag", " YES")),
              (m.SMFIR_ACCEPT, b"")],
         ),  # fmt: skip
-        (MilterReply(Reject()), [(m.SMFIR_REPLYCODE, _cstr("550 5.7.1 Message refused as spam"))]),
+        (MilterReply(Reject()), [(m.SMFIR_REPLYCODE, _cstr("550 5.7.1 Message rejected as spam"))]),
         (
             MilterReply(Reject(554, "5.7.0", "100% spam"), (AddHeader("X-Ignored", "yes"),)),
             [(m.SMFIR_REPLYCODE, _cstr("554 5.7.0 100%% spam"))],  # '%' doubled: Postfix undoes sendmail's escaping
@@ -468,7 +468,7 @@ def test_on_error_accept_still_removes_forged_headers(on_message):
 @pytest.mark.parametrize("on_message", [_slow, _failing], ids=["slow", "raises"])
 def test_on_error_tempfail(on_message):
     replies, server = run(_transaction(on_message, cfg(reply_timeout=0.3, on_error="tempfail"), headers=FORGED))
-    assert replies == [(m.SMFIR_REPLYCODE, _cstr("451 4.7.1 filterd: temporary failure, try again later"))]
+    assert replies == [(m.SMFIR_REPLYCODE, _cstr("451 4.3.0 Temporary failure classifying message, try again later"))]
     assert server.stats.verdicts["tempfail"] == 1
 
 

@@ -63,6 +63,8 @@ from filterd.mail.headers import DEFAULT_HEADERS, plan_edits, upstream_name
 from filterd.policy.decision import Decision
 from filterd.policy.replies import reply_parts
 
+REJECT_REPLY = reply_parts("reject")  # the one reply table's words
+
 if TYPE_CHECKING:
     from filterd.obs.metrics import FilterdMetrics
 
@@ -266,9 +268,9 @@ class Accept:
 class Reject:
     """Refuse the message: the SMTP client sees `code status text` at end of DATA."""
 
-    code: int = 550
-    status: str = "5.7.1"
-    text: str = "Message refused as spam"
+    code: int = REJECT_REPLY[0]
+    status: str = REJECT_REPLY[1]
+    text: str = REJECT_REPLY[2]
 
     def __post_init__(self) -> None:
         _reply_text(self.code, self.status, self.text, "5")

@@ -78,9 +78,17 @@ class Explainer:
 
         return report_value(e, self.cfg.max_header_bytes)
 
+    async def on_demand(self, source: str, text: str) -> Explanation | None:
+        """An explanation someone asked for (the console's /classify), whatever [explain] enabled says, within the
+        same bounds as the doors' (the backlog, `max_queue`, `deadline`, one thread at `nice`)."""
+        return await self._bounded(source, text)
+
     async def explain(self, source: str, text: str, decision: Any) -> Explanation | None:
         if not self.wants(decision):
             return None
+        return await self._bounded(source, text)
+
+    async def _bounded(self, source: str, text: str) -> Explanation | None:
         if self.backlog is not None and self.backlog() > self.max_backlog:  # scoring is behind: CPU to it, not to us
             return self._skip(source, "busy")
         if self.pending >= self.cfg.max_queue:

@@ -56,7 +56,7 @@ def test_spam_refused_at_end_of_data_ham_tagged_without_forged_headers(postfix_m
     d = milter_daemon(tiny_model.model_dir, tmp_path, port, "reject", policy__reject_score="0").start()
     try:
         code, reply = smtp_send(postfix.smtpd_port, spam)
-        assert code == 550 and reply.startswith(b"5.7.1 Message refused as spam"), (code, reply)
+        assert code == 550 and reply.startswith(b"5.7.1 Message rejected as spam"), (code, reply)
         wait_log(postfix, "milter-reject: END-OF-MESSAGE")
         assert postfix.queue() == []  # nothing queued, so nothing can bounce
         assert d.metric('filterd_actions_total{action="reject",source="milter"}') == 1
