@@ -7,7 +7,7 @@ SHARED ?= $(firstword $(wildcard ../shared /work/shared))
 export FILTERD_SHARED := $(abspath $(SHARED))
 export TIKTOKEN_CACHE_DIR ?= $(FILTERD_SHARED)/tiktoken
 
-.PHONY: install services test demo clean
+.PHONY: install services test test-quick demo clean
 
 install: $(VENV)/.installed services
 
@@ -46,8 +46,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The whole suite (what CI runs), after the import-boundary contracts in pyproject.toml.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The edit loop: no real daemons, Postfix, browsers or model fits (tests/conftest.py marks those slow).
+test-quick: install
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.daemon_redis import make_model
-from tests.conftest import SHARED
+from testing.corpus import SHARED
 from testing.daemon import FilterdProcess
 from testing.services import RedisServer
 from trainer.data import read_sms

@@ -32,7 +32,7 @@ from testing.daemon import FilterdProcess
 from testing.services import RedisServer
 from trainer.data import read_sms
 
-SHARED = Path(os.environ.get("FILTERD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from testing.corpus import SHARED  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -68,7 +68,7 @@ from trainer.store import MAX_TEXT_CHARS, LabelStore
 
 from bench.accuracy import train_tfidf_lr
 
-SHARED = Path(os.environ.get("FILTERD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from testing.corpus import SHARED  # noqa: E402
 SA = SHARED / "data/spamassassin-publiccorpus"
 UCI = SHARED / "data/sms-spam-collection/SMSSpamCollection"
 SCENARIOS = ("sa-newer", "sms-to-mail", "cold", "uci-cold")

@@ -24,7 +24,7 @@ from filterd.mail.text import extract_text
 from filterd.obs.metrics import FilterdMetrics
 from filterd.store.queued_writes import BATCH_MAX
 from filterd.store.reservoir import Reservoir, ReservoirWriter
-from tests.conftest import SMS_FILE, SPAMASSASSIN
+from testing.corpus import SMS_FILE, SPAMASSASSIN
 
 
 def corpus(kind: str, n: int) -> list[str]:

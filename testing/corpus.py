@@ -6,8 +6,19 @@ import os
 import re
 from pathlib import Path
 
-SHARED = Path(os.environ.get("FILTERD_SHARED", "/work/shared"))
-CORPUS = SHARED / "data" / "spamassassin-publiccorpus"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    for candidate in (os.environ.get("FILTERD_SHARED"), REPO.parent / "shared", "/work/shared"):
+        if candidate and (Path(candidate) / "tiktoken").is_dir():
+            return Path(candidate)
+    raise RuntimeError("shared data not found: set FILTERD_SHARED to the directory holding tiktoken/ and data/")
+
+
+SHARED = _shared_dir()  # the shared corpora and tokenizer files
+SMS_FILE = SHARED / "data" / "sms-spam-collection" / "SMSSpamCollection"
+SPAMASSASSIN = CORPUS = SHARED / "data" / "spamassassin-publiccorpus"
 
 
 def wire(raw: bytes) -> bytes:

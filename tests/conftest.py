@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from testing.corpus import REPO, SHARED, SMS_FILE, SPAMASSASSIN  # noqa: F401  (where the shared corpora are: one home)
 
-
-def _shared_dir() -> Path:
-    for candidate in (os.environ.get("FILTERD_SHARED"), REPO.parent / "shared", "/work/shared"):
-        if candidate and (Path(candidate) / "tiktoken").is_dir():
-            return Path(candidate)
-    raise RuntimeError("shared data not found: set FILTERD_SHARED to the directory holding tiktoken/ and data/")
-
-
-SHARED = _shared_dir()
 # The tokenizer must work offline: point tiktoken at the shared copy of its GPT-2 files.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 
-SMS_FILE = SHARED / "data" / "sms-spam-collection" / "SMSSpamCollection"
-SPAMASSASSIN = SHARED / "data" / "spamassassin-publiccorpus"
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +53,16 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+# `make test-quick` leaves these out: a real `filterd serve`, Postfix, Prometheus or Chromium, or a model fit.
+SLOW_FIXTURES = {"tiny_model", "sms_data", "milter_postfix", "browser", "hf_tiny"}
+SLOW_WORDS = ("postfix", "chromium", "browser", "serve", "dovecot", "promtool", "prometheus")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        path = str(item.fspath)
+        if "/e2e/" in path or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(w in item.name.lower() for w in SLOW_WORDS):
+            item.add_marker(slow)

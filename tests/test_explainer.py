@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from filterd.config import ExplainConfig
 from filterd.policy.decision import Decision
 from filterd.model.engine import Engine
 from filterd.model.explain import Explanation
+from filterd.mail.headers import explanation_header
 from filterd.model.explainer import Explainer
 from filterd.obs.metrics import FilterdMetrics
 
@@ -33,7 +35,7 @@ def engine(tiny_model) -> Engine:
 def test_which_verdicts_are_explained(engine, enabled, spam, ham):
     m = FilterdMetrics()
     ex = Explainer(ExplainConfig(enabled=enabled, top_words=3), lambda: engine, m)
-    door = ex.for_door("smtp")
+    door = functools.partial(ex.explain, "smtp")
 
     async def go():
         return await door("win a free prize now", SPAM), await door("see you at lunch", HAM), await door("x", LISTED)
@@ -60,7 +62,7 @@ class Blocked:
 def test_a_full_queue_and_the_deadline_skip_and_are_counted(engine):
     m, slow = FilterdMetrics(), Blocked(engine)
     ex = Explainer(replace(ExplainConfig(enabled="all"), max_queue=1, deadline=0.3), slow, m)
-    door = ex.for_door("smtp")
+    door = functools.partial(ex.explain, "smtp")
 
     async def go():
         first = asyncio.create_task(door("one", SPAM))
@@ -85,7 +87,7 @@ def test_busy_scoring_skips_explanations(engine):
     m = FilterdMetrics()
     backlog = [200]
     ex = Explainer(ExplainConfig(enabled="all"), lambda: engine, m, backlog=lambda: backlog[0], max_backlog=64)
-    door = ex.for_door("redis")
+    door = functools.partial(ex.explain, "redis")
     assert asyncio.run(door("free money", SPAM)) is None
     backlog[0] = 3
     assert asyncio.run(door("free money", SPAM)) is not None
@@ -94,8 +96,8 @@ def test_busy_scoring_skips_explanations(engine):
 
 
 def test_header_value_only_when_header_is_on(engine):
-    e = asyncio.run(Explainer(ExplainConfig(enabled="all"), lambda: engine).for_door("smtp")("free money now", SPAM))
+    e = asyncio.run(Explainer(ExplainConfig(enabled="all"), lambda: engine).explain("smtp", "free money now", SPAM))
     assert e is not None
-    assert Explainer(ExplainConfig(enabled="all", header=False), lambda: engine).header(e) == ""
-    value = Explainer(ExplainConfig(enabled="all", header=True, max_header_bytes=80), lambda: engine).header(e)
+    assert explanation_header(e, ExplainConfig(enabled="all", header=False)) == ""
+    value = explanation_header(e, ExplainConfig(enabled="all", header=True, max_header_bytes=80))
     assert value and len(value) <= 80 and value.endswith("log-odds)")

@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from filterd.doors.extraction import ExtractionBusy, Extractor, ParserDied
 from filterd.mail.budget import HEADER_BYTES, HEADERS_CUT, scan_view
+from filterd.mail.headers import explanation_header
 from filterd.model.batcher import QueueFull, Scored
 from filterd.policy.decision import Decision, Message, Policy
 
@@ -124,7 +125,7 @@ class MessagePath:
                     self.reservoir.offer(text, inbound.door)
                 if self.explainer is not None:  # bounded: queue, deadline, nice; None when skipped
                     explanation = await self.explainer.explain(inbound.door, text, d)
-                    report = self.explainer.header(explanation)
+                    report = explanation_header(explanation, self.explainer.cfg)
             except (QueueFull, ExtractionBusy, TimeoutError) as e:
                 error = BUSY
                 log.warning("%s: %s deferred as busy: %s", inbound.door, _ref(inbound), _why_busy(e))

@@ -233,6 +233,11 @@ _REPORT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _MAX_REPORT = _MAX_LINE - len("X-Spam-Report: ")
 
 
+def explanation_header(e: Any, cfg: Any) -> str:
+    """The X-Spam-Report value for an Explanation when [explain] header is on (`cfg`: ExplainConfig), else ""."""
+    return report_value(e, cfg.max_header_bytes) if e is not None and cfg.header else ""
+
+
 def report_value(e: Any, max_bytes: int) -> str:
     """An X-Spam-Report value for an Explanation: `+1.234 word | ... | -0.321 word (method, log-odds)`, at most
     `max_bytes`, cut between words. A word that is not plain printable ASCII (spaces, controls, line breaks,

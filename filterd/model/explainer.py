@@ -1,7 +1,7 @@
 """The daemon's explanations ([explain]): one worker thread beside the batcher, bounded, with a deadline.
 
-Each door asks through `Daemon.explainer(source)` after it has its decision: `await explain(text, decision,
-scored)` gives an `Explanation` or None. None when [explain] does not ask for this verdict, or when the
+The message path asks after it has a door's decision: `await explainer.explain(door, text, decision)` gives
+an `Explanation` or None. None when [explain] does not ask for this verdict, or when the
 message would have to wait: scoring is behind (more than a full batch, `[batching] max_batch_size`,
 waiting for the batcher: under a flood every message goes unexplained rather than hold its door's
 in-flight window), `max_queue` messages already waiting or being explained, or no result within `deadline` (the thread's work is not interrupted, but its result is dropped and a message
@@ -30,20 +30,6 @@ log = logging.getLogger("filterd")
 OUTCOMES = ("explained", "busy", "queue-full", "deadline", "error")  # filterd_explanations_total{outcome}
 
 
-class DoorExplainer:
-    """What a door holds: `await it(text, decision, scored)` -> Explanation | None; `it.header(e)` -> X-Spam-Report value or ""."""
-
-    def __init__(self, service: Explainer, source: str) -> None:
-        self.service = service
-        self.source = source
-
-    async def __call__(self, text: str, decision: Any, scored: Any = None) -> Explanation | None:
-        return await self.service.explain(self.source, text, decision)
-
-    def header(self, e: Explanation | None) -> str:
-        return self.service.header(e)
-
-
 class Explainer:
     """Explanations for the daemon's doors (see the module docstring); `engine()` gives the live model."""
 
@@ -66,17 +52,6 @@ class Explainer:
         if decision is None or getattr(decision, "score", None) is None or self.cfg.enabled == "off":
             return False
         return self.cfg.enabled == "all" or decision.verdict == "spam"
-
-    def for_door(self, source: str) -> DoorExplainer:
-        return DoorExplainer(self, source)
-
-    def header(self, e: Explanation | None) -> str:
-        """The X-Spam-Report value for `e` when [explain] header is on, else ""."""
-        if e is None or not self.cfg.header:
-            return ""
-        from filterd.mail.headers import report_value
-
-        return report_value(e, self.cfg.max_header_bytes)
 
     async def on_demand(self, source: str, text: str) -> Explanation | None:
         """An explanation someone asked for (the console's /classify), whatever [explain] enabled says, within the
