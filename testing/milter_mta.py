@@ -63,10 +63,12 @@ class Mta:
         return await self.recv()
 
     async def envelope(self, sender: str = "alice@example.org", rcpts: tuple[str, ...] = ("bob@example.net",),
-                       queue_id: str = "4ABCDEF", client: str = "192.0.2.7") -> None:  # fmt: skip
+                       queue_id: str = "4ABCDEF", client: str = "192.0.2.7", auth: str = "") -> None:  # fmt: skip
+        """`auth`: the SASL login Postfix would send as {auth_authen} with MAIL ("" = not authenticated)."""
         self.send(m.SMFIC_MACRO, b"C" + b"j\0mx.test\0")
         await self.event(m.SMFIC_CONNECT, b"client.example\0" + b"4" + struct.pack("!H", 40000) + client.encode() + b"\0")
-        self.send(m.SMFIC_MACRO, b"M" + b"i\0" + queue_id.encode() + b"\0")
+        login = b"{auth_authen}\0" + auth.encode() + b"\0" if auth else b""
+        self.send(m.SMFIC_MACRO, b"M" + b"i\0" + queue_id.encode() + b"\0" + login)
         await self.event(m.SMFIC_MAIL, f"<{sender}>\0SIZE=100\0".encode())
         for r in rcpts:
             await self.event(m.SMFIC_RCPT, f"<{r}>\0".encode())

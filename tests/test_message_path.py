@@ -221,3 +221,38 @@ def test_one_log_line_format_for_every_door(caplog):
         assert re.fullmatch(rf"{door}: queue_id=Q1 from=<x@\?forged> rcpts=1 size=\d+ verdict=spam score=0\.9400 action=tag", line)
     assert json  # (imported for symmetry with the e2e tests)
     assert time
+
+
+# --- client facts reach the policy from every door ------------------------------------------
+
+
+@pytest.mark.parametrize("auth, listed", [("boss", True), ("", False)])
+def test_milter_passes_the_sasl_login_so_an_allow_listed_sender_must_be_authenticated(auth, listed):
+    from testing.milter_mta import Mta
+    from filterd.doors.milter import MilterServer
+
+    cfg_ = load_config(None, ['policy.allow_senders=["boss@example.com"]', 'policy.allow_senders_require="authenticated"',
+                              "redis.enabled=false"])  # fmt: skip
+    door = MilterDoor(cfg(), MessagePath.of(spam_word_score, Policy.from_config(cfg_)), "[SPAM] ")
+
+    async def main():
+        async with MilterServer(door.cfg, door.on_message) as server:
+            mta = await Mta.open(server)
+            await mta.optneg()
+            await mta.envelope(sender="boss@example.com", auth=auth)
+            replies = await mta.message([("Subject", " cheap viagra")], b"viagra\r\n")
+            await mta.close()
+            return replies
+
+    status = [r[1] for r in run(main()) if r[0] == b"h" and r[1].startswith(b"X-Spam-Status\0")]
+    assert (b"listed=allow_senders" in status[0]) is listed, status
+
+
+@pytest.mark.parametrize("headers, listed", [({"IP": "10.1.2.3"}, True), ({"IP": "192.0.2.9"}, False), ({}, False)])
+def test_http_passes_the_client_address_so_an_allow_listed_sender_must_come_from_a_trusted_network(headers, listed):
+    from tests.test_http import Served
+
+    with Served('policy.allow_senders=["boss@example.com"]', 'policy.allow_senders_require="trusted_networks"',
+                'policy.trusted_networks=["10.0.0.0/8"]') as s:  # fmt: skip
+        status, _, body = s.request("POST", "/checkv2", b"Subject: x\r\n\r\nhi SCORE=0.99\r\n", {"From": "boss@example.com", **headers})
+    assert status == 200 and (json.loads(body)["filterd"]["listed"] == "allow_senders") is listed
