@@ -7,6 +7,8 @@ model, data or a running daemon). docs/development.md documents the convention."
 
 from __future__ import annotations
 
+from testing.metrics import exported_metrics
+
 import argparse
 import os
 import re
@@ -252,25 +254,6 @@ def contract_metrics() -> dict[str, str]:
     for row in table_rows(section(INTERFACES.read_text(), "Metrics")):
         for name in re.findall(r"`(filterd_\w+)`", row[0]):
             out[name] = row[1].split()[0]  # "gauge (=1)" -> gauge
-    return out
-
-
-def exported_metrics() -> dict[str, str]:
-    """{metric name: type} of FilterdMetrics and TrainerMetrics, every door primed."""
-    from prometheus_client import generate_latest
-
-    from filterd.obs.metrics import FilterdMetrics, TrainerMetrics
-    from filterd.policy.decision import SOURCES
-
-    daemon = FilterdMetrics()
-    daemon.prime(SOURCES)
-    out = {}
-    for registry in (daemon.registry, TrainerMetrics().registry):
-        for line in generate_latest(registry).decode().splitlines():
-            if line.startswith("# TYPE "):
-                _, _, name, kind = line.split()
-                if not name.endswith("_created"):
-                    out[re.sub(r"_total$", "", name) + ("_total" if kind == "counter" else "")] = kind
     return out
 
 

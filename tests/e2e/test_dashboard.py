@@ -9,6 +9,8 @@ only metrics the daemon or the trainer really export."""
 
 from __future__ import annotations
 
+from testing.metrics import exported_metrics
+
 import contextlib
 import json
 import math
@@ -100,25 +102,6 @@ def repo_metrics() -> dict[str, str]:
     from filterd.obs.metrics import UNLISTED_METRICS
 
     return dict(UNLISTED_METRICS)
-
-
-def exported_metrics() -> dict[str, str]:
-    """{metric name: type} the daemon's and the trainer's registries really export (every door primed)."""
-    from prometheus_client import generate_latest
-
-    from filterd.policy.decision import SOURCES
-    from filterd.obs.metrics import FilterdMetrics, TrainerMetrics
-
-    daemon = FilterdMetrics()
-    daemon.prime(SOURCES)
-    out = {}
-    for registry in (daemon.registry, TrainerMetrics().registry):
-        for line in generate_latest(registry).decode().splitlines():
-            if line.startswith("# TYPE "):
-                _, _, name, kind = line.split()
-                if not name.endswith("_created"):  # prometheus_client's creation-time series of counters and histograms
-                    out[re.sub(r"_total$", "", name) + ("_total" if kind == "counter" else "")] = kind
-    return out
 
 
 def test_metrics_beyond_the_contract_are_exported_and_documented():
