@@ -41,7 +41,7 @@ from pathlib import Path
 from filterd.errors import DataError
 from filterd.mail.text import extract_text
 
-from trainer.mailbox import iter_messages, message_files, skipped_name
+from trainer.mailbox import MAX_MESSAGE_BYTES, TOO_LARGE, iter_messages, message_files, skipped_name
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,15 @@ def _label_entries(path: Path) -> list[tuple[str, Path]]:
 
 def _read_email_corpus(path: Path) -> tuple[list[Example], list[str]]:
     """Examples and the ids of the messages skipped because they have no text."""
-    examples, skipped = [], []
+    examples, skipped, too_large = [], [], []
+
+    def on_error(where: str, reason: str) -> None:
+        if not reason.startswith(TOO_LARGE):  # an unreadable corpus is an error; mail the daemon would refuse is not
+            raise DataError(f"{where}: {reason}")
+        too_large.append(where)
+
     for label, entry in _label_entries(path):
-        for msg_id, raw in iter_messages(entry, root=path):  # ids relative to the corpus: `easy_ham/00001.…`
+        for msg_id, raw in iter_messages(entry, on_error, root=path):  # ids relative to the corpus: `easy_ham/00001.…`
             text = extract_text(raw)
             if _is_empty(text):
                 skipped.append(msg_id)
@@ -246,6 +252,8 @@ def _read_email_corpus(path: Path) -> tuple[list[Example], list[str]]:
                 examples.append(Example(msg_id, label, text))
     if skipped:
         log.warning("%s: skipped %d messages without text (first: %s)", path, len(skipped), skipped[0])
+    if too_large:
+        log.warning("%s: skipped %d messages over %d bytes (first: %s)", path, len(too_large), MAX_MESSAGE_BYTES, too_large[0])
     if not examples:
         raise DataError(f"{path}: no messages with text under its ham and spam entries")
     return examples, skipped

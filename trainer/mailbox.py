@@ -21,7 +21,8 @@ The rules, one set for every caller (they follow sa-learn's habits):
   not a regular file. A file named on its own is always read.
 - A message over MAX_MESSAGE_BYTES (the SMTP door's default `max_message_bytes`: larger mail is
   refused there, so never scored) is skipped, as is anything that cannot be listed or read: both
-  go to `on_error(where, reason)`, which raises DataError by default.
+  go to `on_error(where, reason)` (`where` is the file's path, `#i` for an mbox member; the reason
+  starts with TOO_LARGE for the former), which raises DataError by default.
 - Nothing is de-duplicated here: `learn`'s store is keyed by the text, `prepare` counts duplicate
   texts in its manifest and keeps them.
 
@@ -39,6 +40,7 @@ from typing import BinaryIO
 from filterd.errors import DataError
 
 MAX_MESSAGE_BYTES = 25 * 1024 * 1024  # = [smtp] max_message_bytes' default
+TOO_LARGE = "too large"  # how the reason for a message over MAX_MESSAGE_BYTES starts
 _NOT_MESSAGES = frozenset({"cmds", "cyrus.header", "cyrus.index", "cyrus.cache", "cyrus.seen", "cyrus.squat"})
 _NOT_MESSAGE_SUFFIXES = (".cmds", ".msf")
 _FROM_LINE = re.compile(
@@ -111,18 +113,18 @@ def _read_file(path: Path, where: str, on_error: OnError, *, single: bool) -> It
                 f.seek(0)
                 raw = f.read(MAX_MESSAGE_BYTES + 1)
                 if len(raw) > MAX_MESSAGE_BYTES:
-                    on_error(where, f"too large (over {MAX_MESSAGE_BYTES} bytes)")
+                    on_error(str(path), f"{TOO_LARGE} (over {MAX_MESSAGE_BYTES} bytes)")
                 else:
                     yield where, raw
                 return
             f.seek(0)
-            yield from _mbox_members(f, where, on_error)
+            yield from _mbox_members(f, where, str(path), on_error)
     except OSError as e:
-        on_error(where, f"cannot read: {e.strerror or e}")
+        on_error(str(path), f"cannot read: {e.strerror or e}")
 
 
-def _mbox_members(f: BinaryIO, where: str, on_error: OnError) -> Iterator[tuple[str, bytes]]:
-    """The members of an mbox (positioned at its first From_ line); `where` alone when there is only one."""
+def _mbox_members(f: BinaryIO, where: str, path: str, on_error: OnError) -> Iterator[tuple[str, bytes]]:
+    """The members of an mbox (positioned at its first From_ line), `where#i`, or `where` alone when there is only one."""
     first: bytes | None = None
     n = 0
     for member in _split_mbox(f):
@@ -130,16 +132,16 @@ def _mbox_members(f: BinaryIO, where: str, on_error: OnError) -> Iterator[tuple[
             first = member
         else:
             if n == 1:
-                yield from _member(f"{where}#0", first, on_error)
-            yield from _member(f"{where}#{n}", member, on_error)
+                yield from _member(f"{where}#0", first, f"{path}#0", on_error)
+            yield from _member(f"{where}#{n}", member, f"{path}#{n}", on_error)
         n += 1
     if n == 1:  # an mbox of one message: a SpamAssassin corpus file, a message saved with its From_ line
-        yield from _member(where, first, on_error)
+        yield from _member(where, first, path, on_error)
 
 
-def _member(where: str, member: bytes | None, on_error: OnError) -> Iterator[tuple[str, bytes]]:
+def _member(where: str, member: bytes | None, path: str, on_error: OnError) -> Iterator[tuple[str, bytes]]:
     if member is None:
-        on_error(where, f"too large (over {MAX_MESSAGE_BYTES} bytes)")
+        on_error(path, f"{TOO_LARGE} (over {MAX_MESSAGE_BYTES} bytes)")
     else:
         yield where, member
 

@@ -34,7 +34,7 @@ golden set is unseen throughout. "fold" publishes the gated candidate itself.
 Mode "auto" (the default, `resolve_mode`) is "all" for small models and "head" for GPT-2-sized ones.
 Mode "head" trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
-the model on the texts with trainer.fit's machinery (`[trainer] epochs`, `lr`); there a final fit
+the model on the texts through trainer.loop, fit's loop (`[trainer] epochs`, `lr`); there a final fit
 doubles the training time. `[trainer] max_cycle_seconds` bounds a top-mode cycle's training: at the
 budget the current step finishes and the best state so far is kept; a final fit cut short by it is
 dropped and the gated candidate published instead (both logged).
