@@ -87,6 +87,9 @@ def test_messages_over_the_limit_are_skipped(tmp_path, monkeypatch):
     assert all(r.startswith(reader.TOO_LARGE) for _, r in skipped)
     with pytest.raises(DataError, match="too large"):
         list(reader.iter_messages(tmp_path / "dir"))
+    # clip (pretraining): the first max_bytes + 1 bytes of a big message instead of nothing
+    clipped = dict(reader.iter_messages(tmp_path, max_bytes=100, clip=True, root=tmp_path))
+    assert clipped == {"box#0": big[:101], "box#1": MSG % (3, 3), "dir/big": big[:101], "dir/small": MSG % (2, 2)}
 
 
 def test_prepare_and_learn_read_the_same_messages(tmp_path):

@@ -19,10 +19,13 @@ The rules, one set for every caller (they follow sa-learn's habits):
   SpamAssassin corpus' `cmds` files (`cmds`, `spam_2.cmds`: the upstream renames), Cyrus' index
   files (`cyrus.header`, `cyrus.index`, ...), Thunderbird's `.msf` summaries, and anything that is
   not a regular file. A file named on its own is always read.
-- A message over MAX_MESSAGE_BYTES (the SMTP door's default `max_message_bytes`: larger mail is
-  refused there, so never scored) is skipped, as is anything that cannot be listed or read: both
-  go to `on_error(where, reason)` (`where` is the file's path, `#i` for an mbox member; the reason
-  starts with TOO_LARGE for the former), which raises DataError by default.
+- A message over `max_bytes` (MAX_MESSAGE_BYTES, the SMTP door's default `max_message_bytes`:
+  larger mail is refused there, so never scored) is skipped, as is anything that cannot be listed
+  or read: both go to `on_error(where, reason)` (`where` is the file's path, `#i` for an mbox
+  member; the reason starts with TOO_LARGE for the former), which raises DataError by default.
+  With `clip=True` (pretraining, which wants the text of big mail too) a message over `max_bytes`
+  is not skipped but cut to its first `max_bytes + 1` bytes, so the caller can tell; either way a
+  big message never costs more memory than that.
 - Nothing is de-duplicated here: `learn`'s store is keyed by the text, `prepare` counts duplicate
   texts in its manifest and keeps them.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,11 +69,30 @@ def skipped_name(name: str) -> bool:
     return name.startswith((".", ",")) or name in _NOT_MESSAGES or name.endswith(_NOT_MESSAGE_SUFFIXES)
 
 
-def iter_messages(path: Path, on_error: OnError = _raise, *, root: Path | None = None) -> Iterator[tuple[str, bytes]]:
-    """(where, raw bytes) of every message under `path`, in a stable order, by the rules above."""
+def iter_messages(
+    path: Path,
+    on_error: OnError = _raise,
+    *,
+    root: Path | None = None,
+    max_bytes: int | None = None,
+    clip: bool = False,
+) -> Iterator[tuple[str, bytes]]:
+    """(where, raw bytes) of every message under `path`, in a stable order, by the rules above.
+
+    `max_bytes` None: MAX_MESSAGE_BYTES (looked up now, so tests can lower it)."""
+    limit = _Limit(MAX_MESSAGE_BYTES if max_bytes is None else max_bytes, clip)
     for f, maildir_file in message_files(Path(path), on_error):
         where = f.relative_to(root).as_posix() if root is not None else str(f)
-        yield from _read_file(f, where, on_error, single=maildir_file)
+        yield from _read_file(f, where, on_error, limit, single=maildir_file)
+
+
+@dataclass(frozen=True)
+class _Limit:
+    max_bytes: int
+    clip: bool  # keep the first max_bytes + 1 bytes of a bigger message instead of skipping it
+
+    def too_large(self, where: str, on_error: OnError) -> None:
+        on_error(where, f"{TOO_LARGE} (over {self.max_bytes} bytes)")
 
 
 def message_files(path: Path, on_error: OnError = _raise) -> Iterator[tuple[Path, bool]]:
@@ -106,48 +129,48 @@ def _listing(path: Path, on_error: OnError) -> list[Path]:
         return []
 
 
-def _read_file(path: Path, where: str, on_error: OnError, *, single: bool) -> Iterator[tuple[str, bytes]]:
+def _read_file(path: Path, where: str, on_error: OnError, limit: _Limit, *, single: bool) -> Iterator[tuple[str, bytes]]:
     try:
         with open(path, "rb") as f:
             if single or f.read(5) != b"From ":
                 f.seek(0)
-                raw = f.read(MAX_MESSAGE_BYTES + 1)
-                if len(raw) > MAX_MESSAGE_BYTES:
-                    on_error(str(path), f"{TOO_LARGE} (over {MAX_MESSAGE_BYTES} bytes)")
+                raw = f.read(limit.max_bytes + 1)
+                if len(raw) > limit.max_bytes and not limit.clip:
+                    limit.too_large(str(path), on_error)
                 else:
                     yield where, raw
                 return
             f.seek(0)
-            yield from _mbox_members(f, where, str(path), on_error)
+            yield from _mbox_members(f, where, str(path), on_error, limit)
     except OSError as e:
         on_error(str(path), f"cannot read: {e.strerror or e}")
 
 
-def _mbox_members(f: BinaryIO, where: str, path: str, on_error: OnError) -> Iterator[tuple[str, bytes]]:
+def _mbox_members(f: BinaryIO, where: str, path: str, on_error: OnError, limit: _Limit) -> Iterator[tuple[str, bytes]]:
     """The members of an mbox (positioned at its first From_ line), `where#i`, or `where` alone when there is only one."""
     first: bytes | None = None
     n = 0
-    for member in _split_mbox(f):
+    for member in _split_mbox(f, limit):
         if n == 0:
             first = member
         else:
             if n == 1:
-                yield from _member(f"{where}#0", first, f"{path}#0", on_error)
-            yield from _member(f"{where}#{n}", member, f"{path}#{n}", on_error)
+                yield from _member(f"{where}#0", first, f"{path}#0", on_error, limit)
+            yield from _member(f"{where}#{n}", member, f"{path}#{n}", on_error, limit)
         n += 1
     if n == 1:  # an mbox of one message: a SpamAssassin corpus file, a message saved with its From_ line
-        yield from _member(where, first, path, on_error)
+        yield from _member(where, first, path, on_error, limit)
 
 
-def _member(where: str, member: bytes | None, path: str, on_error: OnError) -> Iterator[tuple[str, bytes]]:
+def _member(where: str, member: bytes | None, path: str, on_error: OnError, limit: _Limit) -> Iterator[tuple[str, bytes]]:
     if member is None:
-        on_error(path, f"{TOO_LARGE} (over {MAX_MESSAGE_BYTES} bytes)")
+        limit.too_large(path, on_error)
     else:
         yield where, member
 
 
-def _split_mbox(f: BinaryIO) -> Iterator[bytes | None]:
-    """Each member's bytes, or None for one over MAX_MESSAGE_BYTES (not kept in memory)."""
+def _split_mbox(f: BinaryIO, limit: _Limit) -> Iterator[bytes | None]:
+    """Each member's bytes, or None for one over the limit (not kept in memory; clipped instead with `limit.clip`)."""
     parts: list[bytes] = []
     size = 0
     last_was_empty = False  # the previous whole line was empty: the blank line before a From_ line is not the message's
@@ -155,8 +178,8 @@ def _split_mbox(f: BinaryIO) -> Iterator[bytes | None]:
     f.readline()  # the first From_ line
 
     def member() -> bytes | None:
-        if size > MAX_MESSAGE_BYTES:
-            return None
+        if size > limit.max_bytes:
+            return b"".join(parts)[: limit.max_bytes + 1] if limit.clip else None
         data = b"".join(parts)
         return data[:-1] if last_was_empty else data
 
@@ -169,9 +192,9 @@ def _split_mbox(f: BinaryIO) -> Iterator[bytes | None]:
             continue
         last_was_empty = at_line_start and piece == b"\n"
         at_line_start = piece.endswith(b"\n")
-        size += len(piece)
-        if size <= MAX_MESSAGE_BYTES:
+        if size <= limit.max_bytes:  # past the limit nothing more is kept (a clipped member keeps what it has)
             parts.append(piece)
-        else:
+        elif not limit.clip:
             parts = []
+        size += len(piece)
     yield member()

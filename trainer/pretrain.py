@@ -173,7 +173,8 @@ def _text_documents(path: Path, skip: Callable[[str, str], None]) -> Iterator[tu
 
 
 def _mail_documents(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[str, bool]]:
-    for where, raw in iter_messages(path, skip):  # the reader prepare and learn use (trainer.mailbox)
+    # the reader prepare and learn use; big mail is read only as far as it is used
+    for where, raw in iter_messages(path, skip, max_bytes=MAX_MAIL_BYTES, clip=True):
         if _looks_binary(raw):
             skip(where, "binary")
             continue
