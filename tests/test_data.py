@@ -288,8 +288,8 @@ def test_prepare_email_dir_small(small_corpus, tmp_path):
 
 def test_read_messages_file_mbox_maildir(small_corpus, spamassassin_dir, tmp_path):
     root, _ = small_corpus
-    real = sorted((spamassassin_dir / "spam").iterdir())[0]  # starts with an mbox "From " line
-    assert [i for i, _ in data.read_messages(real)] == [f"{real.name}#0"]
+    real = sorted((spamassassin_dir / "spam").iterdir())[0]  # starts with an mbox "From " line: an mbox of one message
+    assert [i for i, _ in data.read_messages(real)] == [real.name]
     bare = tmp_path / "bare.eml"
     bare.write_bytes(b"Subject: hi\n\nbody\n")
     assert data.read_messages(bare) == [("bare.eml", b"Subject: hi\n\nbody\n")]

@@ -13,7 +13,8 @@ import pytest
 from filterd.errors import DataError
 from filterd.mail.text import extract_text
 from tests.conftest import REPO, SPAMASSASSIN
-from trainer.learn import iter_messages, learn
+from trainer.learn import learn
+from trainer.mailbox import iter_messages
 from trainer.store import LabelStore, message_id
 
 N = 30  # messages per label

@@ -26,7 +26,6 @@ import http.client
 import io
 import json
 import logging
-import mailbox
 import os
 import random
 import re
@@ -41,6 +40,8 @@ from pathlib import Path
 
 from filterd.errors import DataError
 from filterd.mail.text import extract_text
+
+from trainer.mailbox import MAX_MESSAGE_BYTES, TOO_LARGE, iter_messages, message_files, skipped_name
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ CSV_HEADER = ["id", "label", "text"]
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 DOWNLOAD_TIMEOUT_S = 60
-# Not messages: the upstream SpamAssassin tarballs ship a `cmds` file (the renames) in each folder.
-_NOT_MESSAGES = frozenset({"cmds"})
 
 
 @dataclass(frozen=True)
@@ -199,58 +198,14 @@ def _extract_member(zip_path: Path, member: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------- raw e-mail
 
 
-def _is_maildir(path: Path) -> bool:
-    return (path / "cur").is_dir() or (path / "new").is_dir()
-
-
-def _is_message_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name not in _NOT_MESSAGES
-
-
-def _message_files(path: Path) -> list[Path]:
-    """The files that hold messages under `path` (a file, a Maildir or a flat directory), sorted."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or directory")
-    # Maildir: cur/ and new/ hold delivered messages; tmp/ holds half-delivered ones.
-    folders = [path / "cur", path / "new"] if _is_maildir(path) else [path]
-    try:
-        return [f for d in folders if d.is_dir() for f in sorted(d.iterdir()) if _is_message_file(f)]
-    except OSError as exc:
-        raise DataError(f"{path}: cannot list: {_one_line(exc.strerror or exc)}") from None
-
-
-def _read_mbox(path: Path) -> list[bytes]:
-    try:
-        box = mailbox.mbox(path, create=False)
-        try:
-            return [box.get_bytes(key) for key in box.iterkeys()]
-        finally:
-            box.close()
-    except (OSError, mailbox.Error) as exc:
-        raise DataError(f"{path}: cannot read mbox: {_one_line(exc)}") from None
-
-
-def _read_message_file(path: Path) -> list[tuple[str, bytes]]:
-    """A single raw message, or an mbox when the file starts with an mbox `From ` line."""
-    raw = _read_bytes(path)
-    if raw.startswith(b"From "):
-        return [(f"{path.name}#{i}", msg) for i, msg in enumerate(_read_mbox(path))]
-    return [(path.name, raw)]
-
-
 def read_messages(path: Path) -> list[tuple[str, bytes]]:
-    """Raw messages from a file (one message, or an mbox), a Maildir, or a directory of files.
+    """Raw messages from a file (one message, or an mbox), a Maildir, or a directory tree (trainer.mailbox's rules).
 
-    Ids are relative to `path`: a file's name (`NAME#i`, counting from 0, for mbox members), or a
-    directory member's relative path (`cur/1234.host:2,S`). A directory gives one message per
-    regular file directly inside it (dotfiles and `cmds` skipped; sub-directories ignored).
+    Ids are relative to `path`: a file's name (`NAME#i`, counting from 0, for the members of an mbox
+    holding several), or a directory member's relative path (`cur/1234.host:2,S`, `sub/00001.abc`).
     """
     path = Path(path)
-    if path.is_file():
-        return _read_message_file(path)
-    return [(f.relative_to(path).as_posix(), _read_bytes(f)) for f in _message_files(path)]
+    return list(iter_messages(path, root=path.parent if path.is_file() else path))
 
 
 def _label_of(entry: Path) -> str | None:
@@ -273,24 +228,23 @@ def _label_entries(path: Path) -> list[tuple[str, Path]]:
         entries = sorted(path.iterdir())
     except OSError as exc:
         raise DataError(f"{path}: cannot list: {_one_line(exc.strerror or exc)}") from None
-    found = [(label, e) for e in entries if not e.name.startswith(".") and (label := _label_of(e))]
+    found = [(label, e) for e in entries if not skipped_name(e.name) and (label := _label_of(e))]
     if not found:
         raise DataError(f"{path}: no entries named for a label (e.g. spam/, easy_ham/, spam_2/, ham.mbox)")
     return found
 
 
-def _entry_messages(entry: Path) -> list[tuple[str, bytes]]:
-    # A file entry's ids already start with its name; a directory's are relative to it.
-    if entry.is_file():
-        return read_messages(entry)
-    return [(f"{entry.name}/{msg_id}", raw) for msg_id, raw in read_messages(entry)]
-
-
 def _read_email_corpus(path: Path) -> tuple[list[Example], list[str]]:
     """Examples and the ids of the messages skipped because they have no text."""
-    examples, skipped = [], []
+    examples, skipped, too_large = [], [], []
+
+    def on_error(where: str, reason: str) -> None:
+        if not reason.startswith(TOO_LARGE):  # an unreadable corpus is an error; mail the daemon would refuse is not
+            raise DataError(f"{where}: {reason}")
+        too_large.append(where)
+
     for label, entry in _label_entries(path):
-        for msg_id, raw in _entry_messages(entry):
+        for msg_id, raw in iter_messages(entry, on_error, root=path):  # ids relative to the corpus: `easy_ham/00001.…`
             text = extract_text(raw)
             if _is_empty(text):
                 skipped.append(msg_id)
@@ -298,6 +252,8 @@ def _read_email_corpus(path: Path) -> tuple[list[Example], list[str]]:
                 examples.append(Example(msg_id, label, text))
     if skipped:
         log.warning("%s: skipped %d messages without text (first: %s)", path, len(skipped), skipped[0])
+    if too_large:
+        log.warning("%s: skipped %d messages over %d bytes (first: %s)", path, len(too_large), MAX_MESSAGE_BYTES, too_large[0])
     if not examples:
         raise DataError(f"{path}: no messages with text under its ham and spam entries")
     return examples, skipped
@@ -309,9 +265,10 @@ def read_email_dir(path: Path) -> list[Example]:
     `spam`, `spam_2`, `spam.mbox` are spam; `ham`, `easy_ham`, `hard_ham`, `ham_maildir` are ham:
     a part of the name, split at `_`, `-` or `.`, starts with the label. Other entries are ignored.
 
-    An entry may be a directory of raw messages (one per file), a Maildir or an mbox file. The text
-    is `extract_text` (Subject + body); ids are paths relative to `path`. Messages without text are
-    skipped (and logged).
+    An entry may be a directory tree of raw messages, a Maildir or an mbox file, read by trainer.mailbox's
+    rules (those of `filterd-trainer learn`). The text is `extract_text` (Subject + body); ids are paths
+    relative to `path` (`#i` for the members of an mbox holding several). Messages without text are skipped
+    (and logged).
     """
     return _read_email_corpus(Path(path))[0]
 
@@ -319,7 +276,7 @@ def read_email_dir(path: Path) -> list[Example]:
 def _email_source_sha256(path: Path) -> str:
     """One hash for the corpus: sha256 over the sorted `relative path<TAB>file sha256` lines."""
     listing = sorted(
-        (f.relative_to(path).as_posix(), _file_sha256(f)) for _, entry in _label_entries(path) for f in _message_files(entry)
+        (f.relative_to(path).as_posix(), _file_sha256(f)) for _, entry in _label_entries(path) for f, _ in message_files(entry)
     )
     return hashlib.sha256("".join(f"{rel}\t{sha}\n" for rel, sha in listing).encode()).hexdigest()
 

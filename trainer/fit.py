@@ -2,8 +2,8 @@
 
 The vocabulary head is replaced by Linear(d_model, 2); by default only the last transformer
 block, the final layer norm and the head are trained (AdamW, lr 5e-5, weight decay 0.1, 5
-epochs, batch 8). Each batch is padded to its longest message. The model with the best
-validation accuracy is kept, evaluated on every split, and published as a model directory,
+epochs, batch 8) by trainer.loop, the loop refits train through too. Each batch is padded to its
+longest message. The model with the best validation accuracy is kept, evaluated on every split, and published as a model directory,
 with golden.csv (a sample of the test split: the golden set refits gate on) and replay.csv (a
 sample of the train split: what refits mix back in so as not to forget it).
 """
@@ -19,20 +19,18 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from filterd.model.engine import Engine, pick_device, score_in_length_batches
+from filterd.model.engine import Engine, pick_device
 from filterd.errors import ConfigError, DataError
-from filterd.model.gpt2 import LABELS, GPT2Classifier
-from filterd.model.tokenizer import Tokenizer, max_length_from, pad_batch
+from filterd.model.gpt2 import LABELS
+from filterd.model.tokenizer import Tokenizer, max_length_from
 from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
 
 from trainer.data import Example, manifest_sha256, read_split, write_split
 from trainer.evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
+from trainer.loop import TRAINABLE, Encoded, LoopSettings, count_trainable, score, train
 from trainer.plots import plot_history, plot_roc, plot_score_histogram
 
-TRAINABLE = ("head", "last-block", "last-2-blocks", "all")
 SPLITS = ("train", "val", "test", "holdout")
 GOLDEN_FILE = "golden.csv"  # in a model directory: a sample of the fit's test split, the golden set refits gate on
 GOLDEN_PER_CLASS = 200
@@ -82,72 +80,8 @@ class FitResult:
     best_epoch: int
 
 
-@dataclass
-class _Encoded:
-    tokens: list[list[int]]
-    labels: list[int]
-
-
-def set_trainable(model: GPT2Classifier, trainable: str) -> int:
-    """Freeze everything except the chosen top of the model; returns how many blocks stay frozen."""
-    n = model.config.n_layer
-    top_blocks = {"head": 0, "last-block": 1, "last-2-blocks": 2, "all": n}[trainable]
-    frozen_blocks = n - min(top_blocks, n)
-    for name, p in model.named_parameters():
-        if trainable == "all":
-            p.requires_grad = True
-        elif name.startswith("head."):
-            p.requires_grad = True
-        elif name.startswith("ln_f."):
-            p.requires_grad = trainable != "head"
-        elif name.startswith("h."):
-            p.requires_grad = int(name.split(".")[1]) >= frozen_blocks
-        else:
-            p.requires_grad = False
-    return frozen_blocks
-
-
-def _encode(examples: Sequence[Example], tokenizer: Tokenizer) -> _Encoded:
-    return _Encoded(tokenizer.encode_batch([e.text for e in examples]), [LABELS.index(e.label) for e in examples])
-
-
-@torch.inference_mode()
-def score(model: GPT2Classifier, tokens: Sequence[Sequence[int]], device: torch.device, batch_tokens: int = 8192) -> list[float]:
-    """P(spam) per sequence, batched by length (the engine's code path)."""
-    with _autocast(device):
-        return score_in_length_batches(model, tokens, device, 64, batch_tokens)
-
-
-def _autocast(device: torch.device):  # type: ignore[no-untyped-def]
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def train_step(
-    model: GPT2Classifier,
-    optimizer: torch.optim.Optimizer,
-    data: _Encoded,
-    idx: list[int],
-    device: torch.device,
-    frozen_blocks: int,
-) -> tuple[float, int]:
-    """One optimiser step on the examples `idx` (padded to their longest); their mean loss and how many were right."""
-    ids, lengths = pad_batch([data.tokens[i] for i in idx])
-    target = torch.tensor([data.labels[i] for i in idx], device=device)
-    with _autocast(device):
-        logits = model(ids.to(device), lengths.to(device), frozen_blocks=frozen_blocks)
-    loss = F.cross_entropy(logits.float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), int((logits.argmax(dim=-1) == target).sum().item())
-
-
-def _val_loss_acc(model: GPT2Classifier, enc: _Encoded, device: torch.device) -> tuple[float, float]:
-    scores = score(model, enc.tokens, device)
-    eps = 1e-7
-    loss = -sum(math.log(max(s if y else 1 - s, eps)) for s, y in zip(scores, enc.labels)) / max(len(scores), 1)
-    acc = sum((s >= 0.5) == bool(y) for s, y in zip(scores, enc.labels)) / max(len(scores), 1)
-    return loss, acc
+def _encode(examples: Sequence[Example], tokenizer: Tokenizer) -> Encoded:
+    return Encoded(tokenizer.encode_batch([e.text for e in examples]), [LABELS.index(e.label) for e in examples])
 
 
 def _read_splits(data: Path) -> dict[str, list[Example]]:
@@ -174,81 +108,22 @@ def fit(cfg: FitConfig) -> FitResult:
     splits = _read_splits(cfg.data)
     base = resolve_base(cfg.base)
     model = build_model(base, seed=cfg.seed).to(device)
-    frozen_blocks = set_trainable(model, cfg.trainable)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = count_trainable(model, cfg.trainable)
 
     counts = [Tokenizer.count(e.text) for e in splits["train"]]
     max_length = cfg.max_length or max_length_from(counts, cap=base.config.n_positions)
     tokenizer = Tokenizer(max_length)
     enc = {name: _encode(ex, tokenizer) for name, ex in splits.items()}
-    train, val = enc["train"], enc["val"]
+    train_data, val = enc["train"], enc["val"]
     _log(
         f"fit: base {base.name} ({base.kind}), trainable {cfg.trainable} ({n_trainable:,} parameters), "
-        f"max_length {max_length}, train {len(train.labels)} / val {len(val.labels)}, device {device}"
+        f"max_length {max_length}, train {len(train_data.labels)} / val {len(val.labels)}, device {device}"
     )
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: dict = {"epoch": [], "train_loss": [], "val_loss": [], "train_acc": [], "val_acc": [], "seconds": [],
-                     "steps": {"step": [], "examples_seen": [], "train_loss": [], "val_loss": []}}  # fmt: skip
-    best = (-1.0, math.inf)  # (val accuracy, val loss): higher accuracy, then lower loss
-    best_state: dict[str, torch.Tensor] = {}
-    best_epoch = 0
-    step = seen = 0
-    n_batches = math.ceil(len(train.labels) / cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train.labels), generator=gen).tolist()
-        loss_sum = correct = count = 0.0
-        window: list[float] = []
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=_no_bar(cfg), leave=False, file=sys.stderr)
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            loss, right = train_step(model, optimizer, train, idx, device, frozen_blocks)
-            step += 1
-            seen += len(idx)
-            loss_sum += loss * len(idx)
-            correct += right
-            count += len(idx)
-            window.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
-            if step % cfg.eval_every == 0:
-                model.eval()
-                v_loss, _ = _val_loss_acc(model, val, device)
-                model.train()
-                steps = history["steps"]
-                for k, v in (
-                    ("step", step),
-                    ("examples_seen", seen),
-                    ("train_loss", sum(window) / len(window)),
-                    ("val_loss", v_loss),
-                ):
-                    steps[k].append(v)
-                window = []
-                if bar.disable:  # no terminal (a log file, a service): a line per evaluation instead
-                    _log(f"step {step}/{n_batches * cfg.epochs}: train loss {steps['train_loss'][-1]:.4f} val loss {v_loss:.4f}")
-        bar.close()
-        model.eval()
-        v_loss, v_acc = _val_loss_acc(model, val, device)
-        for k, v in (("epoch", epoch), ("train_loss", loss_sum / count), ("val_loss", v_loss),
-                     ("train_acc", correct / count), ("val_acc", v_acc), ("seconds", time.perf_counter() - t_epoch)):  # fmt: skip
-            history[k].append(v)
-        marker = ""
-        if (v_acc, -v_loss) > (best[0], -best[1]):
-            best, best_epoch, marker = (v_acc, v_loss), epoch, "  *best"
-            best_state = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-        _log(
-            f"epoch {epoch}/{cfg.epochs}: train loss {loss_sum / count:.4f} acc {correct / count:.2%} | "
-            f"val loss {v_loss:.4f} acc {v_acc:.2%} | {history['seconds'][-1]:.1f}s{marker}"
-        )
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            if k in best_state:
-                p.copy_(best_state[k])
-    model.eval()
+    settings = LoopSettings(trainable=cfg.trainable, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress)  # fmt: skip
+    run = train(model, train_data, val, device, settings)
+    history, best_epoch = run.history, run.best_epoch
 
     scores = {name: score(model, e.tokens, device) for name, e in enc.items()}
     threshold = choose_threshold(val.labels, scores["val"], cfg.target_ham_fpr)
@@ -347,10 +222,6 @@ def evaluate_model(engine: Engine, data: Path, splits: Sequence[str]) -> list[Sp
         scores = [v.score for v in verdicts]
         reports.append(SplitReport(name, compute_metrics(labels, scores, engine.threshold), labels, scores))
     return reports
-
-
-def _no_bar(cfg: FitConfig) -> bool | None:
-    return None if cfg.progress is None else not cfg.progress
 
 
 def _log(line: str) -> None:

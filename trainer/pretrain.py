@@ -42,8 +42,8 @@ from filterd.model.tokenizer import _encoding
 from filterd.model.weights import build_model, publish_directory, resolve_base, staging_dir
 
 from trainer.data import read_split
-from trainer.fit import _autocast
-from trainer.learn import iter_messages
+from trainer.loop import autocast
+from trainer.mailbox import iter_messages
 
 log = logging.getLogger("filterd.trainer")
 
@@ -173,7 +173,8 @@ def _text_documents(path: Path, skip: Callable[[str, str], None]) -> Iterator[tu
 
 
 def _mail_documents(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[str, bool]]:
-    for where, raw in iter_messages(path, skip):  # learn's reader: files, directories, mbox, Maildir
+    # the reader prepare and learn use; big mail is read only as far as it is used
+    for where, raw in iter_messages(path, skip, max_bytes=MAX_MAIL_BYTES, clip=True):
         if _looks_binary(raw):
             skip(where, "binary")
             continue
@@ -366,7 +367,7 @@ def _load_state(
 
 
 def lm_loss(model: GPT2Classifier, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with _autocast(device):
+    with autocast(device):
         logits = model.lm_logits(x)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
 

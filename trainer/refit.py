@@ -34,7 +34,7 @@ golden set is unseen throughout. "fold" publishes the gated candidate itself.
 Mode "auto" (the default, `resolve_mode`) is "all" for small models and "head" for GPT-2-sized ones.
 Mode "head" trains only the head, on cached backbone features (trainer.features):
 seconds, even on a CPU. "last-block" (and the heavier "last-2-blocks", "all") fine-tunes the top of
-the model on the texts with trainer.fit's machinery (`[trainer] epochs`, `lr`); there a final fit
+the model on the texts through trainer.loop, fit's loop (`[trainer] epochs`, `lr`); there a final fit
 doubles the training time. `[trainer] max_cycle_seconds` bounds a top-mode cycle's training: at the
 budget the current step finishes and the best state so far is kept; a final fit cut short by it is
 dropped and the gated candidate published instead (both logged).
@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,7 +72,8 @@ from filterd.model.weights import ModelMeta, load_model_dir
 from trainer.data import Example, balance, read_split
 from trainer.evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
 from trainer.features import FeatureCache, features_for, fit_head, spam_probabilities
-from trainer.fit import GOLDEN_FILE, REPLAY_FILE, _Encoded, _val_loss_acc, score, set_trainable, train_step
+from trainer.fit import GOLDEN_FILE, REPLAY_FILE
+from trainer.loop import Encoded, LoopResult, LoopSettings, score, train
 from trainer.publish import ModelStore
 from filterd.store.labels import LabelStore, message_id
 
@@ -359,89 +359,40 @@ def _final_head(model: GPT2Classifier, meta: ModelMeta, rows: list[Example], gol
     return model, spam_probabilities(x[len(rows) :], weight, bias) if golden else []
 
 
-@dataclass
-class _TopRun:
-    epochs: int = 0  # epochs begun
-    best_epoch: int = 0  # the epoch whose state was kept
-    steps: int = 0
-    stopped: bool = False  # the time budget ended training early
-    seconds: float = 0.0
-
-
-def _train_top(model: GPT2Classifier, mode: str, train: _Encoded, val: _Encoded, device: torch.device, seed: int,
-               epochs: int = 2, lr: float = 5e-5, batch_size: int = 8,
-               deadline: float | None = None) -> tuple[GPT2Classifier, dict, _TopRun]:  # fmt: skip
-    """Fine-tune the top of a copy of `model` as trainer.fit does; keeps the epoch with the best val accuracy.
+def _train_top(model: GPT2Classifier, mode: str, train_data: Encoded, val: Encoded, device: torch.device, seed: int,
+               epochs: int = 2, lr: float = 5e-5, deadline: float | None = None) -> tuple[GPT2Classifier, LoopResult]:  # fmt: skip
+    """Fine-tune the top of a float32 copy of `model` with trainer.loop (fit's loop); `model` itself is not changed.
 
     No val messages (a final fit): the last epoch is kept. `deadline` (time.perf_counter()): training stops after
     the step that reaches it; the epoch so far is evaluated and the best state so far kept.
     """
-    t_start = time.perf_counter()
     candidate = copy.deepcopy(model).to(device=device, dtype=torch.float32)
-    frozen_blocks = set_trainable(candidate, mode)
-    params = [p for p in candidate.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    history: dict[str, list] = {k: [] for k in ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "seconds")}
-    best, best_state = (-1.0, math.inf), {}
-    run = _TopRun()
-    for epoch in range(1, epochs + 1):
-        if run.stopped:
-            break
-        t0 = time.perf_counter()
-        run.epochs = epoch
-        candidate.train()
-        order = torch.randperm(len(train.labels), generator=gen).tolist()
-        loss_sum = correct = n = 0.0
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            loss, right = train_step(candidate, optimizer, train, idx, device, frozen_blocks)
-            loss_sum += loss * len(idx)
-            correct += right
-            n += len(idx)
-            run.steps += 1
-            if deadline is not None and time.perf_counter() >= deadline:
-                run.stopped = True
-                break
-        candidate.eval()
-        v_loss, v_acc = _val_loss_acc(candidate, val, device) if val.labels else (0.0, 0.0)
-        for k, v in (("epoch", epoch), ("train_loss", loss_sum / n), ("val_loss", v_loss), ("train_acc", correct / n),
-                     ("val_acc", v_acc), ("seconds", time.perf_counter() - t0)):  # fmt: skip
-            history[k].append(v)
-        if not val.labels:  # nothing to choose by: the last state stays
-            run.best_epoch = epoch
-        elif (v_acc, -v_loss) > (best[0], -best[1]):
-            best, run.best_epoch = (v_acc, v_loss), epoch
-            best_state = {k: p.detach().clone() for k, p in candidate.named_parameters() if p.requires_grad}
-        log.info("refit: epoch %d/%d train loss %.4f val acc %.2f%%", epoch, epochs, loss_sum / n, 100 * v_acc)
+    settings = LoopSettings(trainable=mode, epochs=epochs, lr=lr, seed=seed, deadline=deadline,
+                            log=lambda line: log.info("%s", line), log_prefix="refit: ")  # fmt: skip
+    run = train(candidate, train_data, val, device, settings)
     if run.stopped:
         log.warning("refit: time budget (max_cycle_seconds) reached after %d steps in epoch %d/%d: keeping epoch %d's state",
-                    run.steps, run.epochs, epochs, run.best_epoch)  # fmt: skip
-    with torch.no_grad():
-        for k, p in candidate.named_parameters():
-            if k in best_state:
-                p.copy_(best_state[k])
-    run.seconds = time.perf_counter() - t_start
-    return candidate.eval(), history, run
+                    run.steps, run.epochs_run, epochs, run.best_epoch)  # fmt: skip
+    return candidate, run
 
 
 def _refit_top(
     model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int, deadline: float | None
-) -> tuple[GPT2Classifier, Scores, Scores, dict, _TopRun]:
+) -> tuple[GPT2Classifier, Scores, Scores, dict, LoopResult]:
     """last-block / last-2-blocks / all: fine-tune on the texts; both models scored with forward passes."""
     tc = cfg.trainer
     tokenizer = Tokenizer(meta.max_length)
-    enc = {name: _Encoded(tokenizer.encode_batch([e.text for e in ex]), data.labels(name)) for name, ex in data.splits.items()}
-    candidate, history, run = _train_top(model, tc.mode, enc["train"], enc["val"], device, seed, epochs=tc.epochs, lr=tc.lr,
+    enc = {name: Encoded(tokenizer.encode_batch([e.text for e in ex]), data.labels(name)) for name, ex in data.splits.items()}
+    candidate, run = _train_top(model, tc.mode, enc["train"], enc["val"], device, seed, epochs=tc.epochs, lr=tc.lr,
                                          deadline=deadline)  # fmt: skip
     tokens = cfg.batching.max_batch_tokens
     cand = {name: score(candidate, e.tokens, device, tokens) for name, e in enc.items()}
     cur = {name: score(model, enc[name].tokens, device, tokens) for name in ("test", "golden") if name in enc}
-    return candidate.cpu(), cand, cur, history, run
+    return candidate.cpu(), cand, cur, run.history, run
 
 
 def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config,
-               device: torch.device, seed: int, init: tuple[torch.Tensor, torch.Tensor], run: _TopRun | None,
+               device: torch.device, seed: int, init: tuple[torch.Tensor, torch.Tensor], run: LoopResult | None,
                deadline: float | None) -> tuple[GPT2Classifier | None, list[float]]:  # fmt: skip
     """The promoted candidate's recipe again on every label but the golden set, plus replay, and its golden-set scores.
 
@@ -454,9 +405,9 @@ def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta
     if tc.mode == "head":
         return _final_head(candidate, meta, rows, golden, class_weight, init, cfg, device, seed)
     tokenizer = Tokenizer(meta.max_length)
-    everything = _Encoded(tokenizer.encode_batch([e.text for e in rows]), [LABELS.index(e.label) for e in rows])
+    everything = Encoded(tokenizer.encode_batch([e.text for e in rows]), [LABELS.index(e.label) for e in rows])
     epochs = max(1, run.best_epoch if run else tc.epochs)  # as many epochs as the gated candidate kept
-    final, _, final_run = _train_top(model, tc.mode, everything, _Encoded([], []), device, seed, epochs=epochs, lr=tc.lr,
+    final, final_run = _train_top(model, tc.mode, everything, Encoded([], []), device, seed, epochs=epochs, lr=tc.lr,
                                      deadline=deadline)  # fmt: skip
     if final_run.stopped:
         return None, []
@@ -609,7 +560,7 @@ def _lacking_note(data: _Data) -> str:
 
 def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: _Data,
              cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int,
-             golden: list[Example] | None, outcome: RefitOutcome, run: _TopRun | None) -> str:  # fmt: skip
+             golden: list[Example] | None, outcome: RefitOutcome, run: LoopResult | None) -> str:  # fmt: skip
     tc = cfg.trainer
     extra: dict[str, Any] = {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts, "balance": tc.balance,
                              "golden_source": data.golden_source, "replay": data.counts["replay"],
@@ -617,7 +568,7 @@ def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: M
                              "final_fit_golden": outcome.final_golden.to_dict() if outcome.final_golden else None,
                              "test_seen_through": data.max_seq if outcome.final_fit == "all labels" else data.seen_through}  # fmt: skip
     if run is not None:  # top modes: the gated candidate's training
-        extra["training"] = {"epochs": tc.epochs, "lr": tc.lr, "epochs_run": run.epochs, "best_epoch": run.best_epoch,
+        extra["training"] = {"epochs": tc.epochs, "lr": tc.lr, "epochs_run": run.epochs_run, "best_epoch": run.best_epoch,
                              "steps": run.steps, "stopped_at_time_budget": run.stopped}  # fmt: skip
     new = ModelMeta(
         version="", base=meta.base, base_kind=meta.base_kind, config=meta.config, max_length=meta.max_length,
