@@ -64,7 +64,7 @@ from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr
 from trainer.fit import FitConfig, fit
 from trainer.publish import ModelStore
 from trainer.refit import refit_once, split_of
-from trainer.store import MAX_TEXT_CHARS, LabelStore
+from filterd.store.labels import MAX_TEXT_CHARS, LabelStore
 
 from bench.accuracy import train_tfidf_lr
 

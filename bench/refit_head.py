@@ -34,7 +34,7 @@ from filterd.config import load_config
 from trainer.data import read_sms
 from trainer.features import FeatureCache, fit_head
 from trainer.refit import refit_once
-from trainer.store import LabelStore
+from filterd.store.labels import LabelStore
 
 from bench.daemon_redis import SHARED
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from filterd.config import load_config
 from trainer.data import read_sms
 from trainer.refit import refit_once
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 from bench.daemon_redis import SHARED
 

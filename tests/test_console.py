@@ -99,7 +99,7 @@ class ConsoleServed:
     def labels(self) -> list[tuple]:
         if not self.store.exists():
             return []
-        from trainer.store import LabelStore
+        from filterd.store.labels import LabelStore
 
         with LabelStore(self.store) as s:
             return [(r.label, r.source, r.text) for r in s.rows()]

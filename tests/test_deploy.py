@@ -491,7 +491,7 @@ def test_refit_runs_under_the_trainer_policy(tmp_path):
         r = fit(FitConfig(data=data, base="random:tiny", out=out / "v1", trainable="all", epochs=1, eval_every=5, progress=False))
         from filterd.config import load_config
         from trainer.refit import refit_once
-        from trainer.store import LabelStore
+        from filterd.store.labels import LabelStore
         (out / "f.toml").write_text(f'[redis]\\nenabled = false\\n[trainer]\\nstore = "{{out}}/labels.sqlite"\\n'
                                     f'models_dir = "{{out}}/models"\\nmin_per_class = 5\\n')
         cfg = load_config(out / "f.toml")
@@ -697,7 +697,7 @@ def test_daemon_and_trainer_run_as_their_acl_users(acl_redis, tmp_path):
     from filterd.obs.metrics import TrainerMetrics
     from trainer.intake import LabelIntake
     from trainer.publish import ModelStore
-    from trainer.store import LabelStore
+    from filterd.store.labels import LabelStore
 
     from testing.daemon import FilterdProcess
 

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from trainer.intake import parse_entry
-from trainer.store import LabelStore
+from filterd.store.labels import LabelStore
 
 from tests.conftest import REPO, SPAMASSASSIN
 from testing.services import free_port

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from filterd.config import RedisConfig, TrainerConfig
 from filterd.obs.metrics import TrainerMetrics
 from trainer.intake import IntakeUnavailable, LabelIntake, parse_entry
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 STREAM, DEAD, GROUP = "filterd:labels", "filterd:dead", "filterd-trainer"
 MAIL = b"From: a@example.org\nSubject: Cheap meds\nContent-Type: text/plain\n\nBuy now, 90% off!\n"

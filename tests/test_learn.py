@@ -15,7 +15,7 @@ from filterd.mail.text import extract_text
 from tests.conftest import REPO, SPAMASSASSIN
 from trainer.learn import learn
 from trainer.mailbox import iter_messages
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 N = 30  # messages per label
 

@@ -12,7 +12,7 @@ from tests.conftest import SPAMASSASSIN
 from trainer import data
 from trainer import mailbox as reader
 from trainer.learn import learn
-from trainer.store import LabelStore
+from filterd.store.labels import LabelStore
 
 MSG = b"From: a@example.org\nSubject: message %d\n\nbody of message %d\n"
 FROM_LINE = b"From a@example.org Thu Dec  8 01:00:00 2026\n"

@@ -219,7 +219,7 @@ def test_time_budget(tmp_path, sms_lines, capsys):
 
 def test_csv_directory_leaves_test_out_and_store_is_read(tmp_path, sms_data):
     from trainer.data import Manifest
-    from trainer.store import LabelStore
+    from filterd.store.labels import LabelStore
 
     counts = Manifest.load(sms_data).counts
     with LabelStore(tmp_path / "labels.sqlite") as store:

@@ -18,7 +18,7 @@ from trainer.data import Example, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore
 from trainer.refit import RefitService, _load_data, _read_replay, gate, over_bound, refit_once, split_of
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 
 @pytest.fixture(scope="module")

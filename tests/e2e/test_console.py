@@ -63,7 +63,7 @@ def test_console_history_explanation_learn_rollback_in_a_browser(tiny_model, red
 
     from filterd.config import load_config
     from trainer.refit import _load_data
-    from trainer.store import LabelStore
+    from filterd.store.labels import LabelStore
 
     models = make_versions(tiny_model.model_dir, tmp_path / "models")
     history_path, store_path = tmp_path / "history.sqlite", tmp_path / "labels.sqlite"

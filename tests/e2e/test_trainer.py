@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from trainer.data import read_sms
-from trainer.store import LabelStore, message_id
+from filterd.store.labels import LabelStore, message_id
 
 from testing.services import free_port
 from testing.daemon import FilterdProcess
