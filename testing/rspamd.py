@@ -35,6 +35,9 @@ from testing.services import free_port, tree_cpu_s
 
 INSTALL_HINT = "apt-get install -y -q --no-install-recommends rspamd   (make services does it)"
 USER = "_rspamd"  # created by Debian's package
+# Rspamd compiles its regular expressions and the public-suffix list for Hyperscan at every start
+# (a minute of CPU on a busy machine) unless it finds them here; entries are keyed by their input.
+HS_CACHE = Path(tempfile.gettempdir()) / "filterd-rspamd-hs-cache"
 
 # Lua modules that query DNS, a remote service or a URL, or keep state in Redis besides Bayes.
 NETWORK_MODULES = (
@@ -84,6 +87,7 @@ class RspamdServer:
         redis_pid: int | None = None,
         workers: int | None = None,
         min_learns: int = 10,
+        hs_cache: Path | None = HS_CACHE,
     ) -> None:
         if not rspamd_available():
             raise RspamdError(f"rspamd/rspamc not installed: {INSTALL_HINT}")
@@ -102,6 +106,7 @@ class RspamdServer:
         self.redis_pid = redis_pid  # for learn()'s CPU figure only
         self.workers = workers  # None: Rspamd's default (one normal worker per CPU)
         self.min_learns = min_learns
+        self.hs_cache = hs_cache  # None: a fresh one in the instance's database directory
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -154,7 +159,8 @@ worker "controller" {{
         closed = free_port()  # nothing listens there: a stray DNS query is refused at once
         files = {
             "local.d/options.inc": f'filters = "{FILTERS}";\n'
-            f'dns {{ nameserver = ["127.0.0.1:{closed}"]; timeout = 0.1s; retransmits = 1; }}\n',
+            f'dns {{ nameserver = ["127.0.0.1:{closed}"]; timeout = 0.1s; retransmits = 1; }}\n'
+            + (f'hs_cache_dir = "{self.hs_cache}";\n' if self.hs_cache else ""),
             # Greylisting is off, so is its action: anything but "no action" is then a spam verdict
             # (add header from the stock 6 points, reject from 15).
             "local.d/actions.conf": "greylist = null;\n",
@@ -175,8 +181,10 @@ worker "controller" {{
         self.conf.write_text(self.main_conf())
         for name, text in self.local_files().items():
             (self.local / name).write_text(text)
+        if self.hs_cache:
+            self.hs_cache.mkdir(mode=0o755, exist_ok=True)
         if os.geteuid() == 0:
-            for p in [self.root, *self.root.rglob("*")]:
+            for p in [self.root, *self.root.rglob("*"), *([self.hs_cache] if self.hs_cache else [])]:
                 shutil.chown(p, USER, USER)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -187,9 +195,9 @@ worker "controller" {{
         return argv + (["-u", USER, "-g", USER] if os.geteuid() == 0 else [])
 
     def start(self, timeout: float = 300.0) -> "RspamdServer":
-        """Start and wait until the normal workers answer /ping and, where Rspamd compiles its
-        regular expressions for Hyperscan (a helper process, tens of seconds), have loaded them:
-        before that they scan with slower PCRE, which would skew the figures."""
+        """Start and wait until both workers answer /ping and, where Rspamd compiles its regular
+        expressions for Hyperscan (a helper process, tens of seconds unless HS_CACHE has them), the
+        normal workers have them: before that they scan with slower PCRE, which would skew the figures."""
         self.write_config()
         out = open(self.root / "log" / "stdout.log", "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -221,13 +229,18 @@ worker "controller" {{
         return out
 
     def hyperscan_ready(self) -> bool:
-        normal = self.workers_named("normal")
+        """The helper has compiled what the cache lacked and every normal worker has loaded the result
+        (with nothing to compile, the main process loaded it all from the cache before forking)."""
+        normal, log = self.workers_named("normal"), self._log_text()
         if not normal:
             return False
-        if not self.workers_named("hs_helper") and "hs_helper" not in self._log_text():
+        if not self.workers_named("hs_helper") and "hs_helper" not in log:
             return True  # built without Hyperscan
-        loaded = re.findall(r"#(\d+)\(normal\).*full hyperscan database of \d+ regexps has been loaded", self._log_text())
-        return set(normal) <= {int(p) for p in loaded}
+        compiled = re.search(r"\(hs_helper\).*rspamd_rs_compile_cb: compiled (\d+) regular expressions", log)
+        if compiled is None:
+            return False
+        loaded = re.findall(r"#(\d+)\(normal\).*full hyperscan database of \d+ regexps has been loaded", log)
+        return compiled[1] == "0" or set(normal) <= {int(p) for p in loaded}
 
     def ping(self, port: int | None = None) -> bool:
         try:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
+
+import pytest
 
 from testing.corpus import wire
-from bench.doors import agreement, milter_added_headers, PathRun
+from bench.doors import agreement, milter_added_headers, PathRun, rspamd_path
+from testing.rspamd import INSTALL_HINT, rspamd_available
 from bench.milter_protocol import run_sessions
 from filterd.config import HostPort, MilterConfig
 from filterd.doors.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
@@ -47,3 +51,43 @@ def test_agreement_counts_verdict_flips_and_skips_missing():
     assert list(out) == ["a vs b"]  # a path without scores is left out
     assert out["a vs b"]["messages"] == 3 and out["a vs b"]["verdicts_differ"] == 1
     assert abs(out["a vs b"]["max_abs_diff"] - 0.02) < 1e-12
+
+
+needs_rspamd = pytest.mark.skipif(not rspamd_available(), reason=f"rspamd/rspamc not installed: {INSTALL_HINT}")
+SPAMMY = "cheap pills viagra casino winner prize claim offer free money credit loan guaranteed bonus cash".split()
+HAMMY = "meeting agenda kernel patch review build release notes thanks regards tomorrow branch commit merge".split()
+
+
+def mails(kind: str, n: int, seed: int) -> list[bytes]:
+    """n distinct messages of one vocabulary, long enough (40 words) for Rspamd's Bayes to learn."""
+    rng, words = random.Random(seed), SPAMMY if kind == "spam" else HAMMY
+    return [
+        wire(
+            f"From: a{i}@{kind}.example\nTo: b@example.net\nSubject: {' '.join(rng.choices(words, k=4))}\n"
+            f"Message-ID: <{kind}{seed}.{i}@example.org>\nDate: Mon, 7 Dec 2026 10:00:00 +0000\n\n"
+            f"{' '.join(rng.choices(words, k=40))}\n".encode()
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+@needs_rspamd
+@pytest.mark.parametrize("name", ["rspamd", "rspamd+bayes"])
+def test_rspamd_path_answers_every_message(name, tmp_path):
+    # 5 spam and 5 ham through a private Rspamd over HTTP, then rspamc: a reply and a score for
+    # each; with Bayes learned on the same two vocabularies, spam scores above ham.
+    raws = mails("spam", 5, seed=1) + mails("ham", 5, seed=2)
+    learn = (mails("spam", 12, seed=3), mails("ham", 12, seed=4)) if name == "rspamd+bayes" else None
+    run = rspamd_path(name, raws, 4, tmp_path, learn)
+    assert len(run.replies) == 10 and all(r.startswith("200 ") for r in run.replies), run.replies
+    assert all(s is not None for s in run.scores) and len(run.latency_s) == 10
+    assert run.spam_score == run.extra["rspamd_actions"]["add header"]  # greylist is off
+    assert run.extra["action_vs_score_differ"] == 0
+    assert run.extra["rspamc"]["results"] == 10 and run.extra["rspamc"]["verdicts_differ_from_http_client"] == 0
+    assert run.cpu_s["rspamd"] > 0 and run.cpu_s["filterd"] == 0
+    if name == "rspamd+bayes":
+        lr = run.extra["learn"]
+        assert (lr["learned_spam"], lr["learned_ham"]) == (12, 12), lr
+        assert min(run.scores[:5]) > max(run.scores[5:]) + 2, run.scores  # BAYES_SPAM / BAYES_HAM voted
+    else:
+        assert "learn" not in run.extra
