@@ -481,6 +481,11 @@ def rspamd_markdown(doc: dict) -> list[str]:
         rows.append(f"| {r['path']} | {r['rspamd_normal_workers']} | {r.get('spam_score', '')} | {learned} | "
                     f"{lr['wall_s'] if lr else ''} | {lr['rspamd_cpu_ms_per_msg'] if lr else ''} | {sc['msg_per_s']} | "
                     f"{sc['rspamd_cpu_ms_per_msg']} | {sc['rspamc_cpu_ms_per_msg']} | {sc['verdicts_differ_from_http_client']} |")  # fmt: skip
+    declined = [
+        f"{r['path']}: " + ", ".join(f"{n} {why}" for why, n in r["learn"]["declined"].items()) for r in peers if r.get("learn")
+    ]
+    if any(r["learn"]["declined"] for r in peers if r.get("learn")):
+        rows += ["", "Not learned, by Rspamd's reason: " + "; ".join(declined) + "."]
     bayes = next((r for r in peers if r["path"] == "rspamd+bayes"), None)
     ours = [r for r in doc["paths"] if r["cpu_ms_per_msg"].get("filterd")]
     if bayes and ours:

@@ -60,8 +60,9 @@ class RspamdError(RuntimeError):
 
 @dataclass
 class LearnRun:
-    """What `learn()` did: messages sent per class, what Rspamd's statistics count after, the wall
-    time and the CPU seconds Rspamd's process tree (and its redis-server) used meanwhile."""
+    """What `learn()` did: messages sent and learned per class (rspamc's "success" replies), the wall
+    time, the CPU seconds Rspamd's process tree and its redis-server used meanwhile, and why the
+    rest were declined (the stock learn condition skips a message Bayes already puts in that class)."""
 
     sent_spam: int
     sent_ham: int

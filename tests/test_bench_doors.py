@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
+import urllib.request
 
 import pytest
 
 from testing.corpus import wire
 from bench.doors import agreement, milter_added_headers, PathRun, rspamd_path
-from testing.rspamd import INSTALL_HINT, rspamd_available
+from testing.rspamd import INSTALL_HINT, RspamdServer, rspamd_available
 from bench.milter_protocol import run_sessions
 from filterd.config import HostPort, MilterConfig
 from filterd.doors.milter import Accept, AddHeader, MilterMessage, MilterReply, MilterServer
@@ -91,3 +94,24 @@ def test_rspamd_path_answers_every_message(name, tmp_path):
         assert min(run.scores[:5]) > max(run.scores[5:]) + 2, run.scores  # BAYES_SPAM / BAYES_HAM voted
     else:
         assert "learn" not in run.extra
+
+
+@needs_rspamd
+def test_private_rspamd_looks_nothing_up():
+    # A message that the stock configuration would check against DNS (the client's IP on RBLs, the
+    # sender's SPF, DMARC and DKIM records, the HELO name, its URLs on URIBLs): every task's log line
+    # must count no DNS request, and no map may be fetched from the network.
+    raw = wire(b"From: Bank <alerts@paypal.example.com>\nTo: you@example.net\nSubject: verify\n"
+               b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=sel; h=from; bh=x; b=y\n"
+               b"Message-ID: <1@example.com>\n\nPlease log in at http://login.example.org/verify and "
+               b"http://198.51.100.7/x or mail abuse@example.org\n")  # fmt: skip
+    headers = {"IP": "203.0.113.9", "Helo": "mx.example.com", "Hostname": "mx.example.com", "From": "alerts@paypal.example.com",
+               "Rcpt": "you@example.net"}  # fmt: skip
+    with RspamdServer() as rs:
+        req = urllib.request.Request(f"http://127.0.0.1:{rs.normal_port}/checkv2", data=raw, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            reply = json.loads(r.read())
+        assert reply["action"] and "RBL_" not in json.dumps(reply["symbols"])
+        log = rs.log.read_text(errors="replace")
+    assert re.findall(r"dns req: (\d+)", log) == ["0"], re.findall(r"dns req: \d+", log)
+    assert "maps.rspamd.com" not in log and "cannot resolve" not in log
