@@ -288,7 +288,8 @@ def rspamc_scan(rs: RspamdServer, raws: list[bytes], concurrency: int, directory
         (directory / f"{i:06d}.eml").write_bytes(raw)
     # rspamc is the only child reaped meanwhile, so the children's rusage delta is its CPU.
     k0, c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), rs.cpu_s(), time.perf_counter()
-    proc = subprocess.run(rs.rspamc_argv(str(directory), parallel=concurrency), capture_output=True, timeout=600)
+    envelope = ("-F", "sender@bench.example", "-r", "rcpt@bench.example")  # what post_all sends (From:, Rcpt:)
+    proc = subprocess.run(rs.rspamc_argv(*envelope, str(directory), parallel=concurrency), capture_output=True, timeout=600)
     wall, cpu, k1 = time.perf_counter() - t0, rs.cpu_s() - c0, resource.getrusage(resource.RUSAGE_CHILDREN)
     rspamc_cpu = k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime
     out = proc.stdout.decode(errors="replace")

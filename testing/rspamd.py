@@ -89,6 +89,7 @@ class RspamdServer:
         workers: int | None = None,
         min_learns: int = 10,
         hs_cache: Path | None = HS_CACHE,
+        nameserver: str | None = None,
     ) -> None:
         if not rspamd_available():
             raise RspamdError(f"rspamd/rspamc not installed: {INSTALL_HINT}")
@@ -108,6 +109,9 @@ class RspamdServer:
         self.workers = workers  # None: Rspamd's default (one normal worker per CPU)
         self.min_learns = min_learns
         self.hs_cache = hs_cache  # None: a fresh one in the instance's database directory
+        # Where Rspamd's resolver sends queries; by default a closed local port, so that a lookup
+        # left over fails at once (a test passes its own listener to see whether any is made).
+        self.nameserver = nameserver or f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -121,8 +125,9 @@ class RspamdServer:
     # -- configuration ---------------------------------------------------------------------------
 
     def main_conf(self) -> str:
-        """The stock top level (common.conf, rspamd.conf) less the proxy and fuzzy workers, with
-        statistic.conf only for Bayes: a classifier without a backend would not start."""
+        """The stock top level (common.conf, rspamd.conf: rules, the Lua plugins' path, modules.d/)
+        less the proxy and fuzzy workers, with statistic.conf only for Bayes: a classifier without a
+        backend would not start."""
         count = f"\n  count = {self.workers};" if self.workers else ""
         stat = '.include "$CONFDIR/statistic.conf"\n' if self.bayes else ""
         return f"""lua = "$RULESDIR/rspamd.lua";
@@ -132,6 +137,10 @@ class RspamdServer:
 .include "$CONFDIR/composites.conf"
 {stat}.include "$CONFDIR/modules.conf"
 .include "$CONFDIR/settings.conf"
+modules {{
+  path = "${{PLUGINSDIR}}";
+  fallback_path = "${{SHAREDIR}}/lua";
+}}
 
 options {{
   pidfile = "$RUNDIR/rspamd.pid";
@@ -157,10 +166,9 @@ worker "controller" {{
 
     def local_files(self) -> dict[str, str]:
         """$LOCAL_CONFDIR's files, by path under it."""
-        closed = free_port()  # nothing listens there: a stray DNS query is refused at once
         files = {
             "local.d/options.inc": f'filters = "{FILTERS}";\n'
-            f'dns {{ nameserver = ["127.0.0.1:{closed}"]; timeout = 0.1s; retransmits = 1; }}\n'
+            f'dns {{ nameserver = ["{self.nameserver}"]; timeout = 0.1s; retransmits = 1; }}\n'
             + (f'hs_cache_dir = "{self.hs_cache}";\n' if self.hs_cache else ""),
             # Greylisting is off, so is its action: anything but "no action" is then a spam verdict
             # (add header from the stock 6 points, reject from 15).
