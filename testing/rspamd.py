@@ -113,7 +113,7 @@ class RspamdServer:
         self.controller_port = free_port()
         self.redis_url = redis_url
         self.redis_pid = redis_pid  # for learn()'s CPU figure only
-        self.workers = workers  # None: Rspamd's default (one normal worker per CPU)
+        self.workers = workers  # None: `count` left to Rspamd (one normal worker with 3.4 here)
         self.min_learns = min_learns
         self.hs_cache = hs_cache  # None: a fresh one in the instance's database directory
         # Where Rspamd's resolver sends queries; by default a closed local port, so that a lookup
