@@ -33,10 +33,10 @@ services:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dovecot-imapd dovecot-sieve >/dev/null; }; }
-	@command -v rspamc >/dev/null || { \
+	@command -v rspamd >/dev/null && command -v rspamc >/dev/null && command -v spamc >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -q --no-install-recommends rspamd >/dev/null 2>&1 || \
-	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends rspamd >/dev/null; }; }
+	  apt-get install -y -q --no-install-recommends rspamd spamc >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends rspamd spamc >/dev/null; }; }
 
 # The CPU torch pin goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml

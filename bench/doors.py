@@ -18,7 +18,14 @@ default [policy] (tag only: every message gets its score back, none is refused):
 - `milter-protocol`: the milter protocol alone, testing/milter_mta.py as the MTA side (one
   connection per concurrent session, the next message when one is done; as bench/milter_protocol.py);
 - `http`: `POST /checkv2` (Rspamd's protocol), one connection per request (as bench/http_checkv2.py);
-- `postfix-only`: the same Postfix with no filter at all (no model): the MTA's own cost.
+- `postfix-only`: the same Postfix with no filter at all (no model): the MTA's own cost;
+- `rspamd`, `rspamd+bayes`: the peer, a private Rspamd 3.x (testing/rspamd.py: stock rules, every
+  network check off) sent the same raws by the same HTTP client (`POST /checkv2` to its normal
+  worker), rules only, or with its Bayes classifier on a private Redis, learned first through
+  `rspamc learn_spam` / `learn_ham` on the `--learn-split` (learning timed apart, not in the CPU
+  figure). Its verdict is spam when its action is not "no action" (greylisting is off, so from
+  the "add header" score); `rspamc` itself then scans the same files at the same `-n` parallelism,
+  for what its own client does.
 Per path: messages/s and p50/p99 of the *verdict latency* (from the start of a message's session
 to the moment its verdict is applied: the final SMTP/milter/HTTP reply, or, after the queue, its
 arrival at the sink), the mean batch (filterd_batch_size), the verdicts' accuracy / spam recall /
@@ -26,9 +33,10 @@ ham FPR (trainer/evaluate.py at the model's threshold), and the scores' agreemen
 and with the engine scoring the same bytes' text in-process (SMTP and milter carry the score with
 4 decimals in X-Spam-Score; HTTP its full value). For the Postfix paths the client's own session
 time (queued) and the time until all are delivered are reported too. And the CPU each party used
-per message (filterd's and Postfix's process trees, this process: clients and sink), which a
+per message (filterd's, Postfix's and Rspamd's process trees, Rspamd's Redis, this process: clients
+and sink), which a
 shared machine's load changes less than the rates; the load average at each path's start.
-Needs root and postfix for the Postfix paths (`--paths` picks paths).
+Needs root and postfix for the Postfix paths, rspamd and rspamc for the Rspamd ones (`--paths` picks paths).
 """
 
 from __future__ import annotations
@@ -41,13 +49,15 @@ import itertools
 import json
 import os
 import platform
+import re
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,7 +68,8 @@ from filterd.mail.text import extract_text
 from testing.daemon import FilterdProcess
 from testing.milter_mta import Mta
 from testing.postfix import PostfixServer
-from testing.services import free_port
+from testing.rspamd import RspamdServer
+from testing.services import RedisServer, free_port, tree_cpu_s
 from testing.smtp_sink import Received, SmtpSink
 from trainer.data import read_split
 from trainer.evaluate import compute_metrics
@@ -69,7 +80,7 @@ from bench.http_checkv2 import post_all
 from bench.milter_protocol import run_sessions
 from bench.smtp import send_all
 
-PATHS = ("smtp", "postfix+content_filter", "postfix+milter", "milter-protocol", "http", "postfix-only")
+PATHS = ("smtp", "postfix+content_filter", "postfix+milter", "milter-protocol", "http", "postfix-only", "rspamd", "rspamd+bayes")
 NO_REDIS = "redis://127.0.0.1:1/0"  # [redis] is disabled; the URL is never used
 
 
@@ -88,39 +99,20 @@ class PathRun:
     extra: dict = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds while sending, per party (see cpu_seconds)
     load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    spam_score: float | None = None  # a peer's scores are its own points, spam from this one; None: P(spam)
 
 
-def tree_cpu_s(pid: int | None) -> float:
-    """CPU seconds (user + system) a process and its live descendants have used so far, their reaped
-    children included (Postfix's master reaps its smtpd/cleanup/smtp processes; filterd its parsers)."""
-    if pid is None:
-        return 0.0
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            f = (p / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        children.setdefault(int(f[1]), []).append(int(p.name))
-        ticks[int(p.name)] = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
-    total, todo = 0, [pid]
-    while todo:
-        q = todo.pop()
-        total += ticks.get(q, 0)
-        todo += children.get(q, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None) -> dict[str, float]:
-    """CPU used so far by filterd (process tree), Postfix (its master's tree) and this process (the
-    clients, the sink): on a shared machine a fairer figure than messages/s."""
+def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None, rspamd: RspamdServer | None = None,
+                redis: RedisServer | None = None) -> dict[str, float]:  # fmt: skip
+    """CPU used so far by filterd (process tree), Postfix (its master's tree), Rspamd (main process
+    and workers), Rspamd's Redis and this process (the clients, the sink): on a shared machine a
+    fairer figure than messages/s."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "filterd": tree_cpu_s(filterd.proc.pid if filterd is not None and filterd.proc is not None else None),
         "postfix": tree_cpu_s(postfix.master_pid()) if postfix is not None else 0.0,
+        "rspamd": rspamd.cpu_s() if rspamd is not None else 0.0,
+        "rspamd_redis": tree_cpu_s(redis.proc.pid if redis is not None and redis.proc is not None else None),
         "bench_client_and_sink": usage.ru_utime + usage.ru_stime,
     }
 
@@ -288,9 +280,81 @@ def http_path(model: Path, raws: list[bytes], concurrency: int, tmp: Path) -> Pa
     return run
 
 
-def run_path(name: str, model: Path, raws: list[bytes], concurrency: int, tmp: Path) -> PathRun:
+def rspamc_scan(rs: RspamdServer, raws: list[bytes], concurrency: int, directory: Path) -> dict:
+    """The same raws scanned by `rspamc -n concurrency DIR`, Rspamd's own client: its wall time,
+    Rspamd's and rspamc's CPU, and each file's score (None: no result for it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, raw in enumerate(raws):
+        (directory / f"{i:06d}.eml").write_bytes(raw)
+    # rspamc is the only child reaped meanwhile, so the children's rusage delta is its CPU.
+    k0, c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), rs.cpu_s(), time.perf_counter()
+    envelope = ("-F", "sender@bench.example", "-r", "rcpt@bench.example")  # what post_all sends (From:, Rcpt:)
+    proc = subprocess.run(rs.rspamc_argv(*envelope, str(directory), parallel=concurrency), capture_output=True, timeout=600)
+    wall, cpu, k1 = time.perf_counter() - t0, rs.cpu_s() - c0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    rspamc_cpu = k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime
+    out = proc.stdout.decode(errors="replace")
+    scores: list[float | None] = [None] * len(raws)
+    actions: Counter[str] = Counter()
+    for block in out.split("Results for file: ")[1:]:
+        i, action = re.match(r"\S+/(\d+)\.eml ", block), re.search(r"^Action: (.*)$", block, re.M)
+        score = re.search(r"^Score: (-?[\d.]+) /", block, re.M)
+        if i and action and score:
+            scores[int(i[1])] = float(score[1])
+            actions[action[1]] += 1
+    return {
+        "rc": proc.returncode, "results": sum(s is not None for s in scores), "wall_s": round(wall, 3),
+        "msg_per_s": round(len(raws) / wall, 1), "rspamd_cpu_ms_per_msg": round(1000 * cpu / len(raws), 2),
+        "rspamc_cpu_ms_per_msg": round(1000 * rspamc_cpu / len(raws), 2),
+        "actions": dict(actions), "scores": scores,
+    }  # fmt: skip
+
+
+def rspamd_path(name: str, raws: list[bytes], concurrency: int, tmp: Path,
+                learn: tuple[list[bytes], list[bytes]] | None) -> PathRun:  # fmt: skip
+    """The same raws through a private Rspamd's normal worker (`POST /checkv2`, the bench's HTTP
+    client), rules only or (rspamd+bayes) with Bayes learned first on `learn` (spam, ham)."""
+    slug = name.replace("+", "-")
+    redis = RedisServer(tmp / f"{slug}-redis").start() if name == "rspamd+bayes" else None
+    try:
+        rs = RspamdServer(tmp / slug, redis_url=redis.url if redis else None, redis_pid=redis.proc.pid if redis else None)
+        with rs:
+            actions = rs.actions()
+            extra: dict = {"rspamd_actions": actions, "rspamd_normal_workers": len(rs.workers_named("normal"))}
+            if redis is not None:
+                if not learn or not learn[0] or not learn[1]:
+                    raise ValueError("rspamd+bayes needs spam and ham to learn from")
+                extra["learn"] = asdict(rs.learn(*learn, parallel=concurrency))
+                extra["learn"]["rspamd_cpu_ms_per_msg"] = round(1000 * extra["learn"]["rspamd_cpu_s"] / sum(map(len, learn)), 2)
+            c0, t0 = cpu_seconds(None, None, rs, redis), time.perf_counter()
+            out = asyncio.run(post_all(rs.normal_port, raws, concurrency))
+            run = PathRun(name, [], [r[2] for r in out], [], time.perf_counter() - t0, extra=extra)
+            run.cpu_s = cpu_delta(c0, cpu_seconds(None, None, rs, redis))
+            scan = rspamc_scan(rs, raws, concurrency, rs.root / "scan")
+    finally:
+        if redis is not None:
+            redis.stop()
+    shutil.rmtree(rs.root, ignore_errors=True)
+    run.replies = [f"{status} {body.get('action')}" for status, body, _ in out]
+    run.scores = [float(body["score"]) if status == 200 and "score" in body else None for status, body, _ in out]
+    # Greylisting is off (testing/rspamd.py), so the lowest action left is where spam starts.
+    run.spam_score = min(actions.values())
+    run.extra["action_vs_score_differ"] = sum(
+        s is not None and (body.get("action") != "no action") != (s >= run.spam_score) for s, (_, body, _) in zip(run.scores, out)
+    )
+    theirs = scan.pop("scores")
+    scan["verdicts_differ_from_http_client"] = sum(
+        a is not None and b is not None and (a >= run.spam_score) != (b >= run.spam_score) for a, b in zip(run.scores, theirs)
+    )
+    run.extra["rspamc"] = scan
+    return run
+
+
+def run_path(name: str, model: Path, raws: list[bytes], concurrency: int, tmp: Path,
+             learn: tuple[list[bytes], list[bytes]] | None = None) -> PathRun:  # fmt: skip
     load = os.getloadavg()
-    if name == "smtp":
+    if name.startswith("rspamd"):
+        run = rspamd_path(name, raws, concurrency, tmp, learn)
+    elif name == "smtp":
         run = smtp_path(model, raws, concurrency, tmp)
     elif name == "milter-protocol":
         run = milter_protocol_path(model, raws, concurrency, tmp)
@@ -315,7 +379,12 @@ def summarize(run: PathRun, labels: list[int], threshold: float, engine: list[fl
         "replies": dict(Counter(run.replies)), "load_start": run.load_start, "cpu_s": run.cpu_s,
         "cpu_ms_per_msg": {k: round(1000 * v / n, 2) for k, v in run.cpu_s.items()}, **run.extra,
     }  # fmt: skip
-    if got:
+    if got and run.spam_score is not None:  # a peer: its verdicts, and how many differ from the engine's
+        metrics = compute_metrics([labels[i] for i in got], [run.scores[i] for i in got], run.spam_score)
+        out.update(accuracy=metrics.accuracy, spam_recall=metrics.spam_recall, ham_fpr=metrics.ham_fpr, spam_score=run.spam_score,
+                   metrics=metrics.to_dict(), verdicts_differ_vs_engine=sum((run.scores[i] >= run.spam_score) != (engine[i] >= threshold)
+                                                                            for i in got))  # fmt: skip
+    elif got:
         metrics = compute_metrics([labels[i] for i in got], [run.scores[i] for i in got], threshold)
         diffs = [abs(run.scores[i] - engine[i]) for i in got]
         out.update(accuracy=metrics.accuracy, spam_recall=metrics.spam_recall, ham_fpr=metrics.ham_fpr,
@@ -325,10 +394,11 @@ def summarize(run: PathRun, labels: list[int], threshold: float, engine: list[fl
 
 
 def agreement(runs: list[PathRun], threshold: float) -> dict:
-    """Per pair of paths with scores: max |score difference| over messages both scored, and how many
-    messages get a different verdict."""
+    """Per pair of filterd's paths with scores: max |score difference| over messages both scored, and
+    how many messages get a different verdict."""
     out = {}
-    for a, b in itertools.combinations([r for r in runs if any(s is not None for s in r.scores)], 2):
+    ours = [r for r in runs if r.spam_score is None and any(s is not None for s in r.scores)]  # P(spam), not a peer's points
+    for a, b in itertools.combinations(ours, 2):
         both = [(x, y) for x, y in zip(a.scores, b.scores) if x is not None and y is not None]
         out[f"{a.path} vs {b.path}"] = {
             "messages": len(both), "max_abs_diff": max((abs(x - y) for x, y in both), default=None),
@@ -341,6 +411,10 @@ def pc(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
+def cell(x: object) -> str:
+    return "" if x is None else str(x)
+
+
 def markdown(doc: dict) -> str:
     rows = [
         "| path | msg/s | p50 ms | p99 ms | mean batch | in filterd, mean ms | accuracy | spam recall | ham FPR | max \\|diff\\| vs engine |",
@@ -349,9 +423,12 @@ def markdown(doc: dict) -> str:
     for r in doc["paths"]:
         if r["path"] == "postfix-only":
             continue
-        rows.append(f"| {r['path']} | {r['msg_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | "
-                    f"{r['mean_classify_ms']} | {pc(r.get('accuracy'))} | {pc(r.get('spam_recall'))} | {pc(r.get('ham_fpr'))} | "
-                    f"{r.get('max_abs_diff_vs_engine', float('nan')):.1e} |")  # fmt: skip
+        diff = (
+            f"{r['max_abs_diff_vs_engine']:.1e}" if "max_abs_diff_vs_engine" in r else "(own score)" if "spam_score" in r else ""
+        )
+        rows.append(f"| {r['path']} | {r['msg_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {cell(r['mean_batch'])} | "
+                    f"{cell(r['mean_classify_ms'])} | {pc(r.get('accuracy'))} | {pc(r.get('spam_recall'))} | {pc(r.get('ham_fpr'))} | "
+                    f"{diff} |")  # fmt: skip
     e = doc["engine"]
     rows.append(
         f"| engine, in process (reference) | | | | | | {pc(e['accuracy'])} | {pc(e['spam_recall'])} | {pc(e['ham_fpr'])} | |"
@@ -367,11 +444,13 @@ def markdown(doc: dict) -> str:
                         f"{r['delivery_p50_ms']} | {r['delivery_p99_ms']} | {r['queue_after']} |")  # fmt: skip
     rows += ["", "CPU per message while the path ran (user + system, all processes of each party), and the load average "
              "(1 min) when it started:", "",
-             "| path | filterd ms | Postfix ms | bench clients + sink ms | load at start |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| path | filterd ms | Postfix ms | Rspamd ms | Rspamd's Redis ms | bench clients + sink ms | load at start |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in doc["paths"]:
         c = r["cpu_ms_per_msg"]
-        rows.append(f"| {r['path']} | {c.get('filterd') or ''} | {c.get('postfix') or ''} | {c.get('bench_client_and_sink', '')} | "
-                    f"{r['load_start'][0]:.2f} |")  # fmt: skip
+        rows.append(f"| {r['path']} | {c.get('filterd') or ''} | {c.get('postfix') or ''} | {c.get('rspamd') or ''} | "
+                    f"{c.get('rspamd_redis') or ''} | {c.get('bench_client_and_sink', '')} | {r['load_start'][0]:.2f} |")  # fmt: skip
+    rows += rspamd_markdown(doc)
     worst = max(doc["agreement"].items(), key=lambda kv: kv[1]["max_abs_diff"] or 0, default=None)
     differ = sum(v["verdicts_differ"] for v in doc["agreement"].values())
     m = doc["machine"]
@@ -386,6 +465,38 @@ def markdown(doc: dict) -> str:
     return "\n".join(rows + notes) + "\n"
 
 
+def rspamd_markdown(doc: dict) -> list[str]:
+    """The peer's own figures: learning (apart from the CPU above), rspamc's run, and filterd's CPU
+    per message against Rspamd's with Bayes."""
+    peers = [r for r in doc["paths"] if r["path"].startswith("rspamd")]
+    if not peers:
+        return []
+    rows = ["", "Rspamd: spam when its action is not \"no action\" (score >= the lowest action threshold, "
+            "greylisting off); learning before the scan, and `rspamc -n <concurrency> DIR` scanning the same files after it:", "",
+            "| path | normal workers | spam from | learned spam / ham (sent) | learning s | learning Rspamd ms/msg | "
+            "rspamc: msg/s | Rspamd ms | rspamc ms | verdicts unlike the HTTP client's |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in peers:
+        lr, sc = r.get("learn"), r["rspamc"]
+        learned = f"{lr['learned_spam']} / {lr['learned_ham']} ({lr['sent_spam']} / {lr['sent_ham']})" if lr else ""
+        rows.append(f"| {r['path']} | {r['rspamd_normal_workers']} | {r.get('spam_score', '')} | {learned} | "
+                    f"{lr['wall_s'] if lr else ''} | {lr['rspamd_cpu_ms_per_msg'] if lr else ''} | {sc['msg_per_s']} | "
+                    f"{sc['rspamd_cpu_ms_per_msg']} | {sc['rspamc_cpu_ms_per_msg']} | {sc['verdicts_differ_from_http_client']} |")  # fmt: skip
+    declined = [
+        f"{r['path']}: " + ", ".join(f"{n} {why}" for why, n in r["learn"]["declined"].items()) for r in peers if r.get("learn")
+    ]
+    if any(r["learn"]["declined"] for r in peers if r.get("learn")):
+        rows += ["", "Not learned, by Rspamd's reason: " + "; ".join(declined) + "."]
+    bayes = next((r for r in peers if r["path"] == "rspamd+bayes"), None)
+    ours = [r for r in doc["paths"] if r["cpu_ms_per_msg"].get("filterd")]
+    if bayes and ours:
+        theirs = bayes["cpu_ms_per_msg"]["rspamd"] + bayes["cpu_ms_per_msg"].get("rspamd_redis", 0)
+        rows += ["", f"filterd's CPU per message against Rspamd+Bayes's ({theirs:.2f} ms with its Redis): "
+                 + "; ".join(f"{r['path']} {r['cpu_ms_per_msg']['filterd']:.2f} ms ({r['cpu_ms_per_msg']['filterd'] / theirs:.2f}x)"
+                             for r in ours) + "."]  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -395,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--limit", type=int, help="only the first N messages of the split (a quick try)")
+    ap.add_argument("--learn-split", default="train", help="what rspamd+bayes learns from first")
+    ap.add_argument("--learn-limit", type=int, help="only the first N messages of --learn-split")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -405,11 +518,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_split(args.data / f"{args.split}.csv")[: args.limit]
     raws = [wire((args.corpus / r.id).read_bytes()) for r in rows]
     labels = [1 if r.label == "spam" else 0 for r in rows]
+    learn = None
+    if "rspamd+bayes" in paths:
+        learn_rows = read_split(args.data / f"{args.learn_split}.csv")[: args.learn_limit]
+        if {r.id for r in learn_rows} & {r.id for r in rows}:
+            ap.error(f"--learn-split {args.learn_split} shares messages with --split {args.split}")
+        learn = tuple(
+            [wire((args.corpus / r.id).read_bytes()) for r in learn_rows if r.label == label] for label in ("spam", "ham")
+        )
     engine = Engine.load(args.model, device="cpu")
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-doors-") as tmp:
         for name in paths:
-            run = run_path(name, args.model, raws, args.concurrency, Path(tmp))
+            run = run_path(name, args.model, raws, args.concurrency, Path(tmp), learn)
             print(f"{name}: {len(raws) / run.wall_s:.1f} msg/s", file=sys.stderr)
             runs.append(run)
     t0 = time.perf_counter()
@@ -420,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.doors " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": engine.version, "base": engine.meta.base, "threshold": engine.threshold, "split": args.split,
         "messages": len(rows), "spam": sum(labels), "concurrency": args.concurrency,
+        "learn_split": args.learn_split if learn else None, "learned_from": len(learn[0]) + len(learn[1]) if learn else None,
         "paths": [summarize(r, labels, engine.threshold, direct) for r in runs],
         "agreement": agreement(runs, engine.threshold),
         "engine": {"accuracy": em.accuracy, "spam_recall": em.spam_recall, "ham_fpr": em.ham_fpr, "metrics": em.to_dict(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import os
 import socket
 import subprocess
 import time
@@ -63,3 +64,27 @@ class RedisServer:
         self.stop()
         time.sleep(downtime_s)
         self.start()
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process and its live descendants have used so far, their reaped
+    children included (Postfix's master reaps its smtpd/cleanup/smtp processes; filterd its parsers)."""
+    if pid is None:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            f = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(f[1]), []).append(int(p.name))
+        ticks[int(p.name)] = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        total += ticks.get(q, 0)
+        todo += children.get(q, [])
+    return total / os.sysconf("SC_CLK_TCK")
