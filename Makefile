@@ -14,7 +14,7 @@ install: $(VENV)/.installed services
 # Real services for the tests and the demo (Debian packages): redis-server, promtool from prometheus,
 # postfix (installed unconfigured: the tests run private instances, never the one on port 25), and
 # chromium (headless, for the web console's browser tests), dovecot's imap and sieve (the imapsieve recipe is compiled and run by the tests; the service is never started),
-# and rspamd for its client rspamc (the HTTP door's tests; the rspamd service is never used).
+# and rspamd (a private instance: filterd's peer in bench/doors.py; rspamc drives the HTTP door's tests) and spamc.
 services:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
