@@ -57,7 +57,7 @@ def redis_server(tmp_path):
 
 # `make test-quick` leaves these out: a real `filterd serve`, Postfix, Prometheus or Chromium, or a model fit.
 SLOW_FIXTURES = {"tiny_model", "sms_data", "milter_postfix", "browser", "hf_tiny"}
-SLOW_WORDS = ("postfix", "chromium", "browser", "serve", "dovecot", "promtool", "prometheus",  # real peers
+SLOW_WORDS = ("postfix", "chromium", "browser", "serve", "dovecot", "promtool", "prometheus", "rspamd",  # real peers
               "transformers", "[gpt2]", "whole_corpus", "full_spamassassin", "acl_user", "trainer_policy",  # > 3 s each
               "sigterm_from_outside", "held_out_loss", "unusable_history_file")
 
