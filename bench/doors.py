@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 
 from filterd.model.engine import Engine
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 from filterd.mail.text import extract_text
 from testing.daemon import FilterdProcess
 from testing.milter_mta import Mta

@@ -1,6 +1,6 @@
 """The MTA side of the milter protocol, as Postfix's milter8.c speaks it: for tests and bench/.
 
-Independent of filterd/doors/milter.py except for the protocol constants; the real Postfix tests
+Independent of filterd/doors/milter/ except for the protocol constants; the real Postfix tests
 in tests/test_milter.py check that both sides agree with Postfix itself."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 import struct
 
 from filterd.config import UnixSocket
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 from filterd.doors.milter import MilterServer
 
 ALL_ACTIONS = 0x1FF  # what Postfix 3.x offers (SMFIF_ADDHDRS .. SMFIF_SETSYMLIST)

@@ -1,4 +1,4 @@
-"""The milter door (filterd/doors/milter.py): the protocol against our own MTA side on a raw
+"""The milter door (filterd/doors/milter/): the protocol against our own MTA side on a raw
 socket, then a real Postfix (testing/postfix.py, with deploy/postfix/milter.main.cf as shipped)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from filterd.doors.path import MessagePath
 from filterd.config import ConfigError, HostPort, MilterConfig, UnixSocket, check_config, load_config, parse_listen
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 from filterd.doors.milter import (
     Accept,
     AddHeader,

@@ -117,7 +117,7 @@ class SmtpConfig:
 
 @dataclass(frozen=True)
 class MilterConfig:
-    """[milter]: the before-queue milter (Postfix smtpd_milters); see filterd/doors/milter.py."""
+    """[milter]: the before-queue milter (Postfix smtpd_milters); see filterd/doors/milter/."""
 
     enabled: bool = _key(False, Bool(), "serve the milter protocol (Postfix smtpd_milters / non_smtpd_milters)")
     listen: HostPort | UnixSocket = _key(parse_listen("127.0.0.1:11332"), Listen(), "host:port or unix:/path the MTA connects to")

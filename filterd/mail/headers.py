@@ -1,6 +1,6 @@
 """What happens to one classified mail: the headers it gets, who receives it, the bytes relayed, the SMTP reply.
 
-Pure functions on bytes, so every rule is testable without sockets; `doors/smtp.py` only carries
+Pure functions on bytes, so every rule is testable without sockets; `filterd/doors/smtp/` only carries
 the `Outcome` out. The message is never parsed and re-serialised with the email package (that
 changes bytes): our fields are prepended, incoming fields in our namespaces (`X-Spam-*`,
 `X-Filterd-*`) are cut out of the header block so a sender cannot forge them, and every other byte

@@ -16,7 +16,7 @@ import smtplib
 from types import SimpleNamespace
 
 from filterd.config import HostPort
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 from filterd.mail.text import extract_text
 
 from testing.milter_mta import Mta, split_message

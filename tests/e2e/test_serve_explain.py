@@ -13,7 +13,7 @@ import smtplib
 
 from filterd.model.engine import Engine
 from filterd.model.explain import explain
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 from filterd.mail.text import extract_text
 
 from testing.milter_mta import split_message

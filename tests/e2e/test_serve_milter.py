@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from filterd.config import HostPort
-from filterd.doors import milter as m
+from filterd.doors.milter import protocol as m
 
 from testing.milter_mta import Mta, split_message
 from testing.postfix import PostfixServer, postfix_available
