@@ -53,6 +53,22 @@ def test_ordinary_mail_is_scanned_exactly_as_before():
     assert scan_view(raw, 40).raw == raw[:40]  # the first scan_bytes, as before, when the headers are within budget
 
 
+def test_headers_may_take_at_most_half_of_a_small_budget():
+    raw = b"Subject: offer\r\n" + b"X-Junk: " + b"j" * 3000 + b"\r\n\r\ncheap viagra\r\n"
+    view = scan_view(raw, 4096)  # a 3 KB header block is within 64 KiB but over half of 4 KiB
+    assert view.headers_cut and b"cheap viagra" in view.raw and b"Subject: offer" in view.raw
+
+
+def test_a_padded_spam_keeps_its_body_through_a_milter_with_a_small_limit():
+    raw = padded(1_100_000)
+    headers, body = raw.split(b"\r\n\r\n", 1)
+    fields = [tuple(f.decode().split(":", 1)) for f in headers.split(b"\r\n")]
+    door = MilterDoor(cfg(max_message_bytes=4096), MessagePath.of(spam_word_score), "[SPAM] ")
+    replies, _ = run(_transaction(door.on_message, cfg(max_message_bytes=4096), headers=fields, body=body))
+    added = {r[1].split(b"\0")[0]: r[1].split(b"\0")[1] for r in replies if r[0] == b"h"}
+    assert added[b"X-Spam-Flag"].strip() == b"YES"
+
+
 def test_header_padding_cannot_push_the_body_out_of_the_scan_budget():
     raw = padded(1_100_000)
     view = scan_view(raw, 1 << 20)

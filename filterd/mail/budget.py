@@ -3,10 +3,11 @@
 Every door parses at most `scan_bytes` of a message for the classifier's text (the whole message is
 still relayed). Cutting the first `scan_bytes` of the raw bytes would let a sender push the body out
 of the budget with a megabyte of junk header fields, and the model would score an empty text. So the
-budget is taken from the message's parts: a header block up to `header_bytes` is kept whole (real
-mail's is a few KB, so ordinary mail is read exactly as before); a longer one is cut down to the
-fields text extraction reads (Subject, Content-*, MIME-Version, each capped) and the body gets the
-rest of the budget. That fact goes into the decision's reasons.
+budget is taken from the message's parts: a header block up to `header_limit` (64 KiB, or half the
+budget when that is smaller) is kept whole (real mail's is a few KB, so ordinary mail is read exactly
+as before); a longer one is cut down to the fields text extraction reads (Subject, Content-*,
+MIME-Version, each capped) and the body gets the rest of the budget. That fact goes into the
+decision's reasons.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ class ScanView:
     headers_cut: bool  # the header block was over `header_bytes`: only its needed fields are in `raw`
 
 
+def header_limit(scan_bytes: int, header_bytes: int = HEADER_BYTES) -> int:
+    """The longest header block read whole: `header_bytes`, but never more than half the scan budget."""
+    return min(header_bytes, scan_bytes // 2)
+
+
 def scan_view(raw: bytes, scan_bytes: int, header_bytes: int = HEADER_BYTES) -> ScanView:
     """The part of `raw` the classifier's text comes from (see the module docstring)."""
     end = header_block_end(raw)  # where the most lenient reader's header block ends (its blank line stays with the body)
-    if end <= header_bytes:  # a header block within its budget: the first scan_bytes, as always
+    if end <= header_limit(scan_bytes, header_bytes):  # a header block within its budget: the first scan_bytes, as always
         return ScanView(raw if len(raw) <= scan_bytes else raw[:scan_bytes], False)
     block, body = raw[:end], raw[end:]
-    kept = b"".join(f[0][:FIELD_BYTES].rstrip(b"\r\n") + b"\r\n" for f in _NEEDED.finditer(block))[:header_bytes]
+    kept = b"".join(f[0][:FIELD_BYTES].rstrip(b"\r\n") + b"\r\n" for f in _NEEDED.finditer(block))[: header_limit(scan_bytes, header_bytes)]
     return ScanView(kept + body[: max(scan_bytes - len(kept), 0)], True)

@@ -32,7 +32,7 @@ from filterd.doors.milter.protocol import (
     SMFIR_ADDHEADER, SMFIR_CHGHEADER, SMFIR_CONTINUE, SMFIR_DISCARD, SMFIR_QUARANTINE, SMFIR_REPLYCODE, SMFIR_SKIP,
     Tempfail, VERSION, WANTED_ACTIONS, WANTED_STEPS, _NO_REPLY_BIT, _address, _cstrings, _frame, _text, _wire,
 )
-from filterd.mail.budget import FIELD_BYTES, HEADER_BYTES, NEEDED_FIELD
+from filterd.mail.budget import FIELD_BYTES, NEEDED_FIELD, header_limit
 from filterd.policy.replies import reply_parts
 
 log = logging.getLogger("filterd.doors.milter")
@@ -337,7 +337,7 @@ class _Session:
             msg.subject = value
         line = name + b":" + value
         msg.size += len(line) + 2
-        if msg.size > HEADER_BYTES and not msg.headers_cut:
+        if msg.size > header_limit(self.cfg.max_message_bytes) and not msg.headers_cut:
             msg.headers_cut = True  # padding: from here on only what text extraction reads is kept
         if msg.headers_cut and not NEEDED_FIELD.fullmatch(key):
             msg.truncated = True
