@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import email.parser
 import email.policy
 import json
@@ -342,9 +341,8 @@ class HttpServer(Server):
     @staticmethod
     def _log(req: Request, m: Message, o: Outcome, size: int) -> None:
         assert o.scan is not None
-        scan = dataclasses.replace(o.scan, inbound=dataclasses.replace(o.scan.inbound, size=size))
-        log.info("%s", verdict_line(scan, o.decision.action, lead=[("", req.path.lstrip("/") or "-"),
-                                                                   ("queue_id", (req.header("queue-id") or "-")[:64])]))  # fmt: skip
+        log.info("%s", verdict_line(o.scan, o.decision.action, lead=[("", req.path.lstrip("/") or "-"),
+                                    ("queue_id", (req.header("queue-id") or "-")[:64])], size=size))  # fmt: skip
 
 
 def _response(status: int, body: bytes, content_type: str, req: Request | None, *, head: bool = False,

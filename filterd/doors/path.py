@@ -114,8 +114,11 @@ class MessagePath:
         if d is None:
             try:
                 text, cut = await self._text(inbound)
-                async with asyncio.timeout(timeout):
+                if timeout is None:
                     scored = await self.score(text, wait_when_full)
+                else:
+                    async with asyncio.timeout(timeout):
+                        scored = await self.score(text, wait_when_full)
                 if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
                     raise _NanScore()
                 d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
@@ -167,10 +170,13 @@ class MessagePath:
             log.info("%s", verdict_line(scan, action, lead, tail))
 
 
-def verdict_line(scan: Scan, action: str, lead: Sequence[tuple[str, str]] = (), tail: Sequence[tuple[str, str]] = ()) -> str:
-    """The one log line per message: `door: [lead] from=<..> rcpts=N size=N verdict=.. action=.. [tail]`."""
+def verdict_line(scan: Scan, action: str, lead: Sequence[tuple[str, str]] = (), tail: Sequence[tuple[str, str]] = (),
+                 size: int | None = None) -> str:  # fmt: skip
+    """The one log line per message: `door: [lead] from=<..> rcpts=N size=N verdict=.. action=.. [tail]`; `size`: the
+    bytes received, when the door knows better than the message (an HTTP request's body)."""
     inbound, d = scan.inbound, scan.decision
-    size = inbound.size if inbound.size is not None else len(inbound.raw or b"") if inbound.text is None else len(inbound.text)
+    if size is None:
+        size = inbound.size if inbound.size is not None else len(inbound.raw or b"") if inbound.text is None else len(inbound.text)
     if d is None:
         verdict = "verdict=unknown"
     elif d.score is None:
