@@ -35,12 +35,20 @@ log = logging.getLogger("filterd.redis")
 class Outcome:
     entry_id: bytes
     fields: dict[bytes, bytes]
-    decision: Decision | None = None  # when classified (by the model or a list)
     error: str | None = None  # dead-letter reason, when the entry itself is bad
     failed: bool = False  # classification failed: leave pending, it is retried after claim_idle_ms
     seconds: float = 0.0
-    explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
     scan: Scan | None = None  # the message path's result, when the entry was valid
+
+    @property
+    def decision(self) -> Decision | None:
+        """The decision, when classified (by the model or a list)."""
+        return self.scan.decision if self.scan is not None and not self.failed and not self.error else None
+
+    @property
+    def explanation(self) -> Any:
+        """filterd.model.explain.Explanation, when [explain] gave one."""
+        return self.scan.explanation if self.scan is not None else None
 
 
 def validate_entry(fields: dict[bytes, bytes], max_text_bytes: int) -> tuple[str | None, str | None]:
@@ -94,7 +102,7 @@ class RedisIngress:
         seconds = time.perf_counter() - t0
         if scan.decision is None:
             return Outcome(entry_id, fields, failed=True, seconds=seconds, scan=scan)
-        return Outcome(entry_id, fields, decision=scan.decision, seconds=seconds, explanation=scan.explanation, scan=scan)
+        return Outcome(entry_id, fields, seconds=seconds, scan=scan)
 
     async def _give_up_on_poison(self, outcomes: list[Outcome]) -> list[Outcome]:
         """A failed entry is retried (it stays pending) until delivered `max_deliveries` times, then dead-lettered."""
