@@ -7,6 +7,8 @@ testing nothing.
 
 from __future__ import annotations
 
+import email.policy
+import html.parser
 import random
 import re
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import filterd.mail.text as text_module
 from filterd.mail.text import MailText, extract_text, html_to_text, parse_mail
 
 FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
@@ -341,3 +344,86 @@ def test_sweep_whole_corpus(corpus: Path) -> None:
     print(f"\nsweep: {len(paths)} messages in {elapsed:.1f} s; {len(empty_bodies)} empty bodies, {len(empty_texts)} empty texts")
     assert len(empty_bodies) < MAX_EMPTY_BODIES, empty_bodies
     assert not empty_texts  # every message has at least a subject or some body text
+
+
+# --- the fast paths read mail as the email package's and HTMLParser's slower ones do -------
+
+_HTML_PIECES = [
+    "<p>", "</p>", "<br>", "<BR/>", "<div class='a>b'>", "</div>", "<td>", "<TH>", "<li>", "<script>x<p>y</script>",
+    "<style>p{}</style>", "<!-- c -->", "<!--", "-->", "<head>", "<title>t</title>", "<body>", "<a href=x>", "</a>",
+    "&amp;", "&lt;", "&#65;", "&#x42;", "&nbsp;", "&copy", "&", ";", "<", ">", "< p>", "</ >", "<!DOCTYPE html>",
+    "<?xml?>", "<h1>", "</h1>", "text", "  ", "\n", "\r\n", "\t", "caf\u00e9", "<a b='", "\"", "'", "=", "<x y=\">\">",
+]
+
+
+class _ReferenceCollector(html.parser.HTMLParser):
+    """The collector as it was, on HTMLParser: the reference the bare-tag splitter must match."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.inner = text_module._TextCollector()
+
+    def handle_starttag(self, tag: str, attrs: object) -> None:
+        self.inner.handle_starttag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        self.inner.handle_endtag(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.inner.handle_data(data)
+
+
+def _reference_html_to_text(markup: str) -> str:
+    ref = _ReferenceCollector()
+    ref.feed(text_module._MARKUP.sub(text_module._canonical_markup, text_module._strip_hidden_blocks(markup)))
+    ref.close()
+    text = "".join(ref.inner.chunks)
+    lines = (" ".join(line.split()) for line in text.replace("\r", "\n").split("\n"))
+    return text_module._MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def test_html_text_is_what_htmlparser_would_collect() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        markup = "".join(rng.choice(_HTML_PIECES) for _ in range(rng.randint(1, 40)))
+        assert html_to_text(markup) == _reference_html_to_text(markup), markup
+
+
+_HEADER_VALUES = [
+    'text/plain; charset="us-ascii"', "text/plain;\r\n\tcharset=iso-8859-1", "TEXT/HTML ; ; ;", 'multipart/alternative;\r\n boundary="=_b"',
+    "text/plain; charset==?utf-8?q?x?=", "=?utf-8?b?dGV4dC9wbGFpbg==?=", "attachment; filename*=UTF-8''a%20b.txt", "inline",
+    "text/plain; name=\"a\\\"b\"", "(comment) text/plain", "text/plain (x", "caf\udce9/plain", "base64", " quoted-printable ",
+]
+
+
+def test_header_values_are_policy_defaults() -> None:
+    """What parse_mail's policy returns for a field is what policy.default returns, as text."""
+    policy = text_module._ParsePolicy()
+    for value in _HEADER_VALUES:
+        for name in ("Content-Type", "Content-Disposition", "Content-Transfer-Encoding", "Subject"):
+            assert str(policy.header_fetch_parse(name, value)) == str(email.policy.default.header_fetch_parse(name, value)), (name, value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Subject: a\r\nMessage-ID: <x@y>\r\n\r\nbody\r\nSubject: no\r\n",
+        b"Subject: a\n folded\nX: 1\n\nbody: not a field\n",
+        b"Subject: a\rX: b\r\rSubject: c\r",  # lone CRs: nothing cut
+        b"Subject: a\r\nnot a header line\r\nX: 1\r\n\r\n",
+        b"From someone\r\nSubject: mbox\r\n\r\n",
+        b"Subject: only headers",
+        b"\r\nSubject: body only\r\n",
+        b"",
+    ],
+)
+def test_head_of_is_all_a_header_parser_reads(raw: bytes) -> None:
+    from email.parser import BytesHeaderParser
+
+    from filterd.mail.headers import head_of
+
+    def fields(data: bytes) -> list[tuple[str, str]]:
+        return [(k, str(v)) for k, v in BytesHeaderParser(policy=email.policy.compat32).parsebytes(data).items()]
+
+    assert fields(head_of(raw, 65536)) == fields(raw)
+    assert len(head_of(raw * 100, 40)) <= 40

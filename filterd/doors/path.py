@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from filterd.doors.extraction import ExtractionBusy, Extractor, ParserDied
 from filterd.mail.budget import HEADER_BYTES, HEADERS_CUT, scan_view
-from filterd.mail.headers import explanation_header
+from filterd.mail.headers import explanation_header, head_of
 from filterd.model.batcher import QueueFull, Scored
 from filterd.policy.decision import Decision, Message, Policy
 
@@ -163,7 +163,7 @@ class MessagePath:
         if self.metrics is not None:
             self.metrics.count_action(inbound.door, action)
         if self.history is not None and d is not None:
-            head = (inbound.raw or b"")[:HEAD_BYTES]
+            head = head_of(inbound.raw or b"", HEAD_BYTES)  # the Subject's block, not the body
             self.history.record(inbound.door, inbound.message(), d, scan.model, action, ref=ref or inbound.ref, text=scan.text,
                                 head=head, explanation=scan.explanation)  # fmt: skip
         if log_line:

@@ -108,6 +108,8 @@ def _address(addr: str) -> str | None:
 
 def _matches(addr: str, entries: frozenset[str]) -> str | None:
     """The entry matching an address (exactly, or by its domain or a parent domain), or None."""
+    if not entries:  # most sites list nothing: no address to parse per message
+        return None
     a = _address(addr)
     if a is None:
         return None
