@@ -404,26 +404,8 @@ def test_header_values_are_policy_defaults() -> None:
             assert str(policy.header_fetch_parse(name, value)) == str(email.policy.default.header_fetch_parse(name, value)), (name, value)
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"Subject: a\r\nMessage-ID: <x@y>\r\n\r\nbody\r\nSubject: no\r\n",
-        b"Subject: a\n folded\nX: 1\n\nbody: not a field\n",
-        b"Subject: a\rX: b\r\rSubject: c\r",  # lone CRs: nothing cut
-        b"Subject: a\r\nnot a header line\r\nX: 1\r\n\r\n",
-        b"From someone\r\nSubject: mbox\r\n\r\n",
-        b"Subject: only headers",
-        b"\r\nSubject: body only\r\n",
-        b"",
-    ],
-)
-def test_head_of_is_all_a_header_parser_reads(raw: bytes) -> None:
-    from email.parser import BytesHeaderParser
-
-    from filterd.mail.headers import head_of
-
-    def fields(data: bytes) -> list[tuple[str, str]]:
-        return [(k, str(v)) for k, v in BytesHeaderParser(policy=email.policy.compat32).parsebytes(data).items()]
-
-    assert fields(head_of(raw, 65536)) == fields(raw)
-    assert len(head_of(raw * 100, 40)) <= 40
+def test_unknown_8bit_is_whatwg_windows_1252() -> None:
+    every_byte = bytes(range(256)) * 2
+    c1 = {b: bytes([b]).decode("cp1252") for b in range(0x80, 0xA0) if b not in b"\x81\x8d\x8f\x90\x9d"}
+    assert text_module._decode_unknown(every_byte) == every_byte.decode("latin-1").translate(c1)
+    assert text_module._decode_unknown("café".encode()) == "café"  # valid UTF-8 stays UTF-8

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.parser
-import email.policy
 import json
 import logging
 import re
@@ -53,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from filterd.config import HttpConfig
 from filterd.doors.path import Inbound, MessagePath, Scan, verdict_line
-from filterd.mail.headers import head_of, subject_prefix
+from filterd.mail.fields import first_fields
+from filterd.mail.headers import subject_prefix
 from filterd.policy.decision import Decision, Message, Policy
 from filterd.policy.decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)
 from filterd.net.http import MAX_HEAD_BYTES, HttpError, Request, Response, Server, ServerSettings
@@ -194,16 +193,7 @@ def _one_line(s: str) -> str:
 
 def _headers_of(raw: bytes) -> dict[str, str]:
     """Subject and Message-ID of a raw message (headers only, unfolded); {} when there are none."""
-    try:
-        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head_of(raw, MAX_HEAD_BYTES))
-    except Exception:  # never let a header oddity cost the reply
-        return {}
-    out = {}
-    for name in ("subject", "message-id"):
-        value = msg.get(name)
-        if isinstance(value, str):
-            out[name] = " ".join(value.split())
-    return out
+    return first_fields(raw, ("subject", "message-id"), MAX_HEAD_BYTES)
 
 
 # --------------------------------------------------------------------------------------------

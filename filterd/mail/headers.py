@@ -114,15 +114,6 @@ class Outcome:
 # --- the header block ----------------------------------------------------------------
 
 
-def head_of(raw: bytes, limit: int) -> bytes:
-    """`raw[:limit]` up to its first empty line: all a header parser reads of it, without the body
-    (which the email package's header-only parsers still read line by line). Never cut earlier than
-    a parser stops: a mail whose lines end in a lone CR keeps its whole `limit`."""
-    head = raw[:limit]
-    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
-    return head[: min(ends) + 1] if ends else head
-
-
 def header_block_end(raw: bytes) -> int:
     """Where the header block ends: its blank line, or a body's first line, belongs to the rest."""
     return _BLOCK.match(raw).end()

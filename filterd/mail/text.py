@@ -25,6 +25,7 @@ are valid UTF-8, else windows-1252.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -58,9 +59,9 @@ _CHARSET_SUPERSETS = {
 # Charsets that say nothing useful: decode as if none were declared.
 _NO_CHARSET = {"", "us-ascii", "ascii", "default", "unknown", "unknown-8bit", "x-unknown"}
 
-# The C1 range of latin-1 (0x80-0x9F) read as windows-1252 where that defines a character;
-# 0x81, 0x8D, 0x8F, 0x90 and 0x9D stay latin-1 controls (the WHATWG windows-1252 decoder).
-_C1_AS_CP1252 = {byte: bytes([byte]).decode("cp1252") for byte in range(0x80, 0xA0) if byte not in b"\x81\x8d\x8f\x90\x9d"}
+# Unknown 8-bit text is windows-1252 as WHATWG reads it: cp1252, with the five bytes it leaves
+# undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) kept as their latin-1 controls.
+codecs.register_error("filterd-latin1", lambda e: (e.object[e.start : e.end].decode("latin-1"), e.end))
 
 _MBOX_FROM = re.compile(rb"\AFrom [^\n]*\n")
 _MAX_FIELD = 2048
@@ -275,7 +276,7 @@ def _decode_unknown(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("latin-1").translate(_C1_AS_CP1252)
+        return data.decode("cp1252", errors="filterd-latin1")
 
 
 def _subject(msg: Message, hint: str | None) -> str:
