@@ -118,6 +118,7 @@ class Daemon:
         import torch._dynamo  # noqa: F401
 
         gc.freeze()
+        self._warming = self.path.extractor.warm()  # every door's large mail: parsers ready before the first one
         # Ports first: a port in use fails in a second, not after a model load.
         if cfg.smtp.enabled:
             self.smtp = SmtpIngress(cfg.smtp, self.path, self.metrics, headers=cfg.headers)

@@ -138,3 +138,15 @@ def test_last_block_computes_only_the_pooled_row_with_the_same_values_and_gradie
     assert g_fast.keys() == g_slow.keys() and "h.1.mlp.c_fc.weight" in g_fast
     for name in g_fast:
         assert torch.allclose(g_fast[name], g_slow[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_gelu_is_gpt2s_tanh_gelu() -> None:
+    import torch.nn.functional as F
+
+    from filterd.model.gpt2 import gelu_tanh
+
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([-1e30, -1e6, 1e6, 1e30, 0.0])])
+    want = F.gelu(x, approximate="tanh")
+    # atol: below x = -5 F.gelu rounds 1 + tanh(z) to 0 and returns -0.0; the sigmoid form keeps the ~-1e-7 value
+    assert torch.allclose(gelu_tanh(x), want, rtol=1e-6, atol=5e-7)
+    assert torch.isfinite(gelu_tanh(x)).all()

@@ -29,6 +29,11 @@ MAX_WAITING = 64  # per door
 PER_CLIENT = 4  # large messages waiting or being parsed for one client address
 
 
+def _log_warm_failure(f: asyncio.Future[str]) -> None:
+    if not f.cancelled() and f.exception() is not None:
+        log.error("extraction: the parser processes failed to start: %r (large messages will follow on_error)", f.exception())
+
+
 class ExtractionBusy(Exception):
     """Too many large messages waiting for the parser processes (for this door or this client)."""
 
@@ -114,8 +119,10 @@ class Extractor:
         return self._pool
 
     def warm(self) -> asyncio.Future[str]:
-        """Start the worker processes now (a fraction of a second), not at the first large message."""
-        return asyncio.get_running_loop().run_in_executor(self.pool(), extract_text, b"Subject: warm up\r\n\r\nparser\r\n")
+        """Start the worker processes now (a fraction of a second of CPU), not at the first large message."""
+        warming = asyncio.get_running_loop().run_in_executor(self.pool(), extract_text, b"Subject: warm up\r\n\r\nparser\r\n")
+        warming.add_done_callback(_log_warm_failure)
+        return warming
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

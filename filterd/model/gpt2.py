@@ -99,6 +99,16 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.reshape(B, C)))
 
 
+_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU, 0.5x(1 + tanh(z)), written as x * sigmoid(2z): the same function
+    (to float rounding), and on CPU a third cheaper than F.gelu(approximate="tanh"), whose tanh kernel
+    is slow (a sixth of the tiny model's forward pass)."""
+    return x * torch.sigmoid(_GELU_K * (x + 0.044715 * x * x * x))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -107,7 +117,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
 
 
 class Block(nn.Module):

@@ -233,11 +233,6 @@ def _origin(fields: list[tuple[str, str]]) -> str:
     return _UNPRINTABLE.sub("?", " ".join(f"{k}={v}" for k, v in fields))
 
 
-def _log_warm_failure(f: asyncio.Future[str]) -> None:
-    if not f.cancelled() and f.exception() is not None:
-        log.error("smtp: the parser processes failed to start: %r (large messages will follow on_error)", f.exception())
-
-
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (a unit's LimitNOFILE, or the shell's); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -266,7 +261,6 @@ class SmtpIngress:
         self._per_client: Counter[str] = Counter()
         self._refusals = 0
         self._last_refusal_log = 0.0
-        self._warm: asyncio.Future[str] | None = None
 
     @property
     def up(self) -> bool:
@@ -332,9 +326,6 @@ class SmtpIngress:
                         self.cfg.max_connections, fits, nofile)  # fmt: skip
             self.max_connections = fits
         loop = asyncio.get_running_loop()
-        # Start the parser processes now (a fraction of a second), not at the first large message.
-        self._warm = self.handler.path.extractor.warm()
-        self._warm.add_done_callback(_log_warm_failure)
         self._server = await loop.create_server(
             self._session, host=self.cfg.listen.host, port=self.cfg.listen.port, start_serving=serving
         )
