@@ -21,27 +21,44 @@ import shutil
 import subprocess
 import tempfile
 from email.message import EmailMessage
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
 from filterd import __version__
-from filterd.mail.headers import (
-    Classification,
-    Outcome,
-    Policy,
-    apply,
-    decide,
-    header_fields,
-    sa_score,
-    spam_headers,
-    strip_spam_headers,
-    upstream_name,
-)
+from filterd.mail.headers import Outcome, Policy, apply, strip_spam_headers, upstream_name
+from filterd.mail.spam_fields import DEFAULT_HEADERS, decision_fields, sa_score
 from filterd.config import HeadersConfig, SmtpConfig, load_config
 from filterd.policy.decision import Decision, scaled_score
 from filterd.errors import ConfigError
 from filterd.mail.text import extract_text
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A single-level verdict, for the rules below: spam gets the policy's one action, ham passes."""
+
+    verdict: str  # "spam" | "ham"
+    score: float  # P(spam)
+    threshold: float
+    model: str
+
+
+def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, policy: Policy, error: str = "") -> Outcome:
+    d = None if c is None else Decision(c.verdict, policy.action if c.verdict == "spam" else "pass", c.score, (), c.threshold)
+    return apply(raw, recipients, d, c.model if c else "", policy, error)
+
+
+def spam_headers(c: Classification | None) -> list[tuple[str, str]]:
+    d = None if c is None else Decision(c.verdict, "", c.score, (), c.threshold)
+    return decision_fields(d, c.model if c else "", "")
+
+
+def header_fields(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS,
+                  report: str = "") -> list[tuple[str, str]]:  # fmt: skip
+    return decision_fields(d, model, error, headers, report)
 
 FOLDERS = ("easy_ham", "easy_ham_2", "hard_ham", "spam", "spam_2")
 SPAM = Classification("spam", 0.98712, 0.5, "gpt2-20240101-abc")
@@ -654,7 +671,7 @@ def _explanation(words: list[str]):
 @pytest.mark.parametrize("max_bytes", [64, 256, 900])
 def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: int) -> None:
     """No CR, LF or control character can get through; non-ASCII as encoded words that decode back."""
-    from filterd.mail.headers import header_fields, report_value
+    from filterd.mail.spam_fields import report_value
     from filterd.policy.decision import Decision
 
     value = report_value(_explanation(HOSTILE_WORDS), max_bytes)
@@ -673,7 +690,7 @@ def test_spam_report_is_header_safe_and_bounded_with_hostile_words(max_bytes: in
 
 
 def test_spam_report_written_with_the_other_fields_and_forged_one_removed(corpus: Path) -> None:
-    from filterd.mail.headers import apply, report_value
+    from filterd.mail.spam_fields import report_value
     from filterd.policy.decision import Decision
 
     raw = b"X-Spam-Report: forged\r\nSubject: hi\r\n\r\nbody\r\n"

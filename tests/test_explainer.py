@@ -13,7 +13,7 @@ from filterd.config import ExplainConfig
 from filterd.policy.decision import Decision
 from filterd.model.engine import Engine
 from filterd.model.explain import Explanation
-from filterd.mail.headers import explanation_header
+from filterd.mail.spam_fields import explanation_header
 from filterd.model.explainer import Explainer
 from filterd.obs.metrics import FilterdMetrics
 

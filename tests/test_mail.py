@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import filterd.mail.html_text as html_module
 import filterd.mail.text as text_module
 from filterd.mail.text import MailText, extract_text, html_to_text, parse_mail
 
@@ -361,7 +362,7 @@ class _ReferenceCollector(html.parser.HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.inner = text_module._TextCollector()
+        self.inner = html_module._TextCollector()
 
     def handle_starttag(self, tag: str, attrs: object) -> None:
         self.inner.handle_starttag(tag)
@@ -375,11 +376,11 @@ class _ReferenceCollector(html.parser.HTMLParser):
 
 def _reference_html_to_text(markup: str) -> str:
     ref = _ReferenceCollector()
-    ref.feed(text_module._MARKUP.sub(text_module._canonical_markup, text_module._strip_hidden_blocks(markup)))
+    ref.feed(html_module._MARKUP.sub(html_module._canonical_markup, html_module._strip_hidden_blocks(markup)))
     ref.close()
     text = "".join(ref.inner.chunks)
     lines = (" ".join(line.split()) for line in text.replace("\r", "\n").split("\n"))
-    return text_module._MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+    return html_module._MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
 
 
 def test_html_text_is_what_htmlparser_would_collect() -> None:

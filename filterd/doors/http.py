@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from filterd.config import HttpConfig
 from filterd.doors.path import Inbound, MessagePath, Scan, verdict_line
-from filterd.mail.fields import first_fields
+from filterd.mail.head import first_fields
 from filterd.mail.headers import subject_prefix
 from filterd.policy.decision import Decision, Message, Policy
 from filterd.policy.decision import scaled_score as rspamd_score  # one mapping for every door (the SpamAssassin headers use it too)

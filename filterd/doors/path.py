@@ -28,8 +28,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from filterd.doors.extraction import ExtractionBusy, Extractor, ParserDied
 from filterd.mail.budget import HEADER_BYTES, HEADERS_CUT, scan_view
-from filterd.mail.fields import head_of
-from filterd.mail.headers import explanation_header
+from filterd.mail.head import head_of
+from filterd.mail.spam_fields import explanation_header
 from filterd.model.batcher import QueueFull, Scored
 from filterd.policy.decision import Decision, Message, Policy
 

@@ -18,15 +18,7 @@ from typing import Any
 
 from filterd.doors.path import Inbound, MessagePath, Scan
 from filterd.policy.decision import Decision
-from filterd.net.streams import (  # noqa: F401  (re-exported: the trainer's intake used to import them from here)
-    BACKOFF_MAX_S,
-    BACKOFF_MIN_S,
-    Entry,
-    StreamConsumer,
-    StreamSettings,
-    sleep_or_stop,
-    without_large_fields,
-)
+from filterd.net.streams import Entry, StreamConsumer, StreamSettings, without_large_fields
 
 log = logging.getLogger("filterd.redis")
 

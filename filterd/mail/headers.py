@@ -23,21 +23,19 @@ fields are prepended they would fold into ours.
 
 from __future__ import annotations
 
-import base64
-import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from filterd import __version__
 from filterd.config import HeadersConfig
-from filterd.policy.decision import LEVELS, Decision, scaled_score
+from filterd.mail.spam_fields import DEFAULT_HEADERS, FOLD_AT, MAX_LINE, PLAIN, decision_fields, encoded_words, field_bytes
+from filterd.policy.decision import LEVELS, Decision
 from filterd.policy.replies import REPLIES, TEMPFAIL_REPLY  # noqa: F401  (TEMPFAIL_REPLY: the reply callers compare with)
 
 if TYPE_CHECKING:
     from filterd.config import SmtpConfig
 
-ACTIONS = LEVELS  # what `decide`'s single-level shortcut may do with spam
+ACTIONS = LEVELS  # [smtp] action (legacy single level)
 ON_ERROR = ("accept", "tempfail")
 
 # Header lines, as regular expressions: the block can be megabytes, and `decide` runs on the event loop,
@@ -60,20 +58,13 @@ _ENVELOPE_LINE = re.compile(_AT_LINE_START + _ENVELOPE)
 _SUBJECT = re.compile(_AT_LINE_START + rb"(?i:subject)[ \t]*+:[ \t]*+(?P<rest>[^\r\n]*+)%b(?:%b)*+" % (_EOL, _CONT))
 _FIRST_EOL = re.compile(rb"\r\n|\r|\n")
 _LEADING_FWS = re.compile(rb"(?:[ \t]|(?:\r\n|\r|\n)(?=[ \t]))*+")  # blanks and folds before a value
-_UNSAFE = re.compile(r"[^!-~]")  # in a token: spaces, controls, line breaks, non-ASCII
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_PLAIN = re.compile(r"[!-~]+")  # a word that can go into a header as is
-_MAX_LINE = 998  # RFC 5322, without the line ending
-_FOLD_AT = 78  # RFC 5322's recommended width for the lines we write
-DEFAULT_HEADERS = HeadersConfig()
-SA_TEST = "FILTERD_GPT2"  # our one "test" in X-Spam-Status tests=...
-SA_MAX_STARS = 50  # SpamAssassin caps X-Spam-Level at 50 characters
 
 
 @dataclass(frozen=True)
 class Policy:
     """How the SMTP door carries out a Decision (quarantine address, Subject prefix) and what it does
-    with mail that could not be classified; `action` is only for `decide`'s single-level shortcut."""
+    with mail that could not be classified; `action` is the legacy single-level [smtp] action."""
 
     action: str = "tag"  # tag | subject | quarantine | discard | reject
     quarantine_rcpt: str = ""
@@ -92,14 +83,6 @@ class Policy:
     @classmethod
     def from_config(cls, smtp_cfg: SmtpConfig, headers: HeadersConfig = DEFAULT_HEADERS) -> Policy:
         return cls(smtp_cfg.action, smtp_cfg.quarantine_rcpt, smtp_cfg.subject_prefix, smtp_cfg.on_error, headers)
-
-
-@dataclass(frozen=True)
-class Classification:
-    verdict: str  # "spam" | "ham"
-    score: float  # P(spam)
-    threshold: float
-    model: str  # version of the model that scored it
 
 
 @dataclass(frozen=True)
@@ -158,30 +141,7 @@ def strip_spam_headers(raw: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> 
     return _without_ours(raw[:end], headers) + raw[end:]
 
 
-# --- fields we write -----------------------------------------------------------------
-
-
-def _token(text: str, limit: int) -> str:
-    """One header word: a model version or an error cannot add a line, a field or even a space."""
-    return _UNSAFE.sub("_", str(text))[:limit] or "unknown"
-
-
-def spam_headers(c: Classification | None) -> list[tuple[str, str]]:
-    """Our X-Spam-* fields for a verdict, in the order they are prepended; None: not classified."""
-    return _spam_fields(c, "")
-
-
-def _spam_fields(c: Classification | None, error: str) -> list[tuple[str, str]]:
-    d = None if c is None else Decision(c.verdict, "", c.score, (), c.threshold)
-    return _decision_fields(d, c.model if c else "", error)
-
-
-def header_fields(d: Decision | None, model: str, error: str = "", headers: HeadersConfig = DEFAULT_HEADERS,
-                  report: str = "") -> list[tuple[str, str]]:  # fmt: skip
-    """Our X-Spam-* headers for a decision (None: the classification failed, `error` says why), for
-    the doors that add headers themselves (the milter); values are one line each. `report`: an
-    X-Spam-Report value (`report_value`)."""
-    return _decision_fields(d, model, error, headers, report)
+# --- the edits ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -200,7 +160,7 @@ def plan_edits(d: Decision | None, model: str, error: str = "", headers: Headers
     """The header edits for a decision (None: not classified, `error` says why); `prefix`: [smtp] subject_prefix."""
     action = "accept-unknown" if d is None else d.action
     marked = subject_prefix(prefix) if action == "subject" and subject_prefix(prefix).strip() else ""
-    return HeaderEdits(tuple(_decision_fields(d, model, error, headers, report)), marked, action == "quarantine")
+    return HeaderEdits(tuple(decision_fields(d, model, error, headers, report)), marked, action == "quarantine")
 
 
 def subject_prefix(prefix: str) -> str:
@@ -208,121 +168,11 @@ def subject_prefix(prefix: str) -> str:
     return _prefix_bytes(prefix).decode("ascii")
 
 
-def _decision_fields(d: Decision | None, model: str, error: str, headers: HeadersConfig = DEFAULT_HEADERS,
-                     report: str = "") -> list[tuple[str, str]]:  # fmt: skip
-    if d is None:  # no Flag and no Score: nothing was measured
-        return [("X-Spam-Status", f"Unknown, reason={_token(error, 100)}")]
-    yes = "Yes" if d.spam else "No"
-    if headers.style == "spamassassin":
-        fields = _sa_fields(d, model, headers.required_score)
-    elif d.score is None:  # a list decided: no Score, the list named instead of a model
-        return [("X-Spam-Flag", yes.upper()), ("X-Spam-Status", f"{yes}, listed={_token(d.listed, 40)}")]
-    else:
-        score = f"{d.score:.4f}"
-        fields = [
-            ("X-Spam-Flag", yes.upper()),
-            ("X-Spam-Score", score),
-            ("X-Spam-Status", f"{yes}, score={score} threshold={d.threshold:.4f} model={_token(model, 200)}"),
-        ]
-    report = _REPORT_UNSAFE.sub("_", report)[:_MAX_REPORT]  # report_value made it safe; a caller's string is checked anyway
-    return fields + [("X-Spam-Report", report)] if report.strip() else fields
-
-
-_REPORT_UNSAFE = re.compile(r"[^ -~]")  # printable ASCII and the space: no CR, LF, tab or other control can pass
-_REPORT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_MAX_REPORT = _MAX_LINE - len("X-Spam-Report: ")
-
-
-def explanation_header(e: Any, cfg: Any) -> str:
-    """The X-Spam-Report value for an Explanation when [explain] header is on (`cfg`: ExplainConfig), else ""."""
-    return report_value(e, cfg.max_header_bytes) if e is not None and cfg.header else ""
-
-
-def report_value(e: Any, max_bytes: int) -> str:
-    """An X-Spam-Report value for an Explanation: `+1.234 word | ... | -0.321 word (method, log-odds)`, at most
-    `max_bytes`, cut between words. A word that is not plain printable ASCII (spaces, controls, line breaks,
-    non-ASCII, or something that looks like an encoded word) goes in as RFC 2047 encoded words."""
-    tail = f" ({_token(e.method, 40)}, log-odds)"
-    items: list[str] = []
-    used = len(tail)
-    for c in e.words:
-        word = _REPORT_CONTROL.sub("\ufffd", c.word)  # decoded, an encoded word must not carry a control either
-        word = word if _PLAIN.fullmatch(word) and "=?" not in word else " ".join(_encoded_words(word))
-        item = f"{c.weight:+.3f} {word}"
-        cost = len(item) + (3 if items else 0)
-        if used + cost > min(max_bytes, _MAX_REPORT):
-            break
-        items.append(item)
-        used += cost
-    return " | ".join(items) + tail if items else ""
-
-
-def _tenths(x: float) -> str:
-    return f"{x:.1f}" if abs(x * 10 - round(x * 10)) < 1e-9 else f"{x:g}"
-
-
-def sa_score(d: Decision, required: float) -> str:
-    """The X-Spam-Score of a decision on SpamAssassin's scale (P(spam) mapped by `scaled_score`, the
-    HTTP door's mapping), one decimal as SpamAssassin writes it. Rounded away from `required`
-    (spam up, ham down), so `X-Spam-Score >= required` matches exactly the spam, also when a rule
-    compares only the integer part (Sieve's i;ascii-numeric) and `required` is whole."""
-    if d.score is None:  # a list decided: the ends of the scale, as the HTTP door reports them
-        return _tenths(2 * required if d.spam else 0.0)
-    tenths = round(scaled_score(d.score, d.threshold, required) * 10, 6)  # 72.9999999 is 7.3
-    if d.spam:
-        return _tenths(math.ceil(tenths) / 10)
-    shown = math.floor(tenths) / 10
-    return _tenths(shown - 0.1 if shown >= required else shown)  # a ham a hair under required
-
-
-def _sa_fields(d: Decision, model: str, required: float) -> list[tuple[str, str]]:
-    """SpamAssassin's fields: Flag only on spam (SA writes none on ham), Score, Level (one star per
-    whole point, capped as SA caps it), Status with SA's keys (tests, autolearn, version) and ours (model)."""
-    score = sa_score(d, required)
-    tests = SA_TEST if d.score is not None else "FILTERD_" + _token(d.listed, 40).upper()  # e.g. FILTERD_DENY_SENDERS
-    status = (f"{'Yes' if d.spam else 'No'}, score={score} required={_tenths(required)} tests={tests} autolearn=no "
-              f"version=filterd-{__version__}" + (f" model={_token(model, 200)}" if d.score is not None else ""))  # fmt: skip
-    fields = [("X-Spam-Flag", "YES")] if d.spam else []
-    stars = "*" * min(max(int(float(score)), 0), SA_MAX_STARS)
-    return fields + [("X-Spam-Score", score), ("X-Spam-Level", stars), ("X-Spam-Status", status)]
-
-
-def _sa_folded(name: str, value: str, eol: bytes) -> bytes:
-    """`name: value` folded between words with a tab, as SpamAssassin folds its long fields."""
-    lines, line = [], f"{name}:"
-    for word in value.split(" "):
-        if len(line) + 1 + len(word) > _FOLD_AT and line.strip() and not line.endswith(":"):
-            lines.append(line)
-            line = "\t" + word
-        else:
-            line += " " + word
-    lines.append(line)
-    return eol.join(text.encode("ascii") for text in lines) + eol
-
-
-def _field_bytes(fields: list[tuple[str, str]], eol: bytes, headers: HeadersConfig = DEFAULT_HEADERS) -> bytes:
-    if headers.style == "spamassassin":
-        return b"".join(_sa_folded(name, value, eol) if value else f"{name}:".encode("ascii") + eol for name, value in fields)
-    return b"".join(f"{name}: {value}".encode("ascii") + eol for name, value in fields)
-
-
-def _encoded_words(text: str) -> list[str]:
-    """RFC 2047 words for text that cannot go into a header as is; each stays within 75 characters."""
-    chunks, chunk = [], ""
-    for char in text:
-        if len((chunk + char).encode("utf-8", "replace")) > 45:  # 45 bytes are 60 base64 characters
-            chunks.append(chunk)
-            chunk = ""
-        chunk += char
-    chunks.append(chunk)
-    return [f"=?utf-8?b?{base64.b64encode(c.encode('utf-8', 'replace')).decode()}?=" for c in chunks if c]
-
-
 def _folded(name: str, words: list[str], eol: bytes) -> bytes:
     """`name: w1 w2 ...` folded between words (RFC 5322: a line break before the blank)."""
     lines, line = [], f"{name}:"
     for word in words:
-        if len(line) + 1 + len(word) > _FOLD_AT and line != f"{name}:":
+        if len(line) + 1 + len(word) > FOLD_AT and line != f"{name}:":
             lines.append(line)
             line = ""
         line += f" {word}"
@@ -335,8 +185,9 @@ def _recipients_field(recipients: Sequence[str], eol: bytes) -> bytes:
     words: list[str] = []
     for i, rcpt in enumerate(recipients):
         item = rcpt + ("," if i < len(recipients) - 1 else "")
-        words += [item] if _PLAIN.fullmatch(item) and "=?" not in item else _encoded_words(item)
+        words += [item] if PLAIN.fullmatch(item) and "=?" not in item else encoded_words(item)
     return _folded("X-Filterd-Original-Recipients", words, eol)
+
 
 
 # --- the Subject ---------------------------------------------------------------------
@@ -347,7 +198,7 @@ def _prefix_bytes(prefix: str) -> bytes:
     prefix = _CONTROL.sub("", prefix)
     if prefix.isascii():
         return prefix.encode("ascii")
-    return " ".join(_encoded_words(prefix)).encode("ascii") + b" "  # the blank keeps the last word apart
+    return " ".join(encoded_words(prefix)).encode("ascii") + b" "  # the blank keeps the last word apart
 
 
 def _mark_subjects(block: bytes, prefix: bytes, eol: bytes) -> bytes:
@@ -365,7 +216,7 @@ def _with_prefix(m: re.Match[bytes], prefix: bytes, eol: bytes) -> bytes:
     lead = b"" if field[at - 1 : at] in (b" ", b"\t") else b" "  # "Subject:x" still gets "Subject: [SPAM] x"
     if field[at : at + 2] == b"=?" and not prefix.endswith((b" ", b"\t")):
         prefix += b" "  # an encoded word is only one when blanks set it apart
-    if m.end("rest") - m.start() + len(lead + prefix) > _MAX_LINE:  # fold after the prefix, not an overlong line
+    if m.end("rest") - m.start() + len(lead + prefix) > MAX_LINE:  # fold after the prefix, not an overlong line
         prefix = prefix.rstrip() + eol + b" "
     return field[:at] + lead + prefix + field[at:]
 
@@ -375,12 +226,6 @@ def _with_prefix(m: re.Match[bytes], prefix: bytes, eol: bytes) -> bytes:
 
 def _skip(action: str) -> Outcome:
     return Outcome(False, (), b"", REPLIES[action], action)
-
-
-def decide(raw: bytes, recipients: Sequence[str], c: Classification | None, policy: Policy, error: str = "") -> Outcome:
-    """Single-level shortcut: spam (by `c.verdict`) gets `policy.action`, ham passes; see `apply`."""
-    d = None if c is None else Decision(c.verdict, policy.action if c.verdict == "spam" else "pass", c.score, (), c.threshold)
-    return apply(raw, recipients, d, c.model if c else "", policy, error)
 
 
 def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str, policy: Policy, error: str = "",
@@ -399,7 +244,7 @@ def apply(raw: bytes, recipients: Sequence[str], d: Decision | None, model: str,
     end = header_block_end(raw)
     block = _without_ours(raw[:end], policy.headers)
     edits = plan_edits(d, model, error, policy.headers, report, policy.subject_prefix)
-    added = _field_bytes(list(edits.fields), eol, policy.headers)
+    added = field_bytes(list(edits.fields), eol, policy.headers)
     rcpts = tuple(recipients)
     action = "accept-unknown" if d is None else d.action
 

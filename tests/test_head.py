@@ -1,4 +1,4 @@
-"""filterd.mail.fields reads Subject and Message-ID as the compat32 header parser does, on any input."""
+"""filterd.mail.head reads Subject and Message-ID as the compat32 header parser does, on any input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from filterd.mail.fields import _PLAIN_BLOCK, first_fields, head_of
+from filterd.mail.head import _PLAIN_BLOCK, first_fields, head_of
 from testing.corpus import CORPUS, wire
 
 NAMES = ("subject", "message-id")
