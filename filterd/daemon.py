@@ -153,7 +153,7 @@ class Daemon:
             log.info("reservoir: keeping up to %d classified texts for %s in %s", t.reservoir_size,
                      format_duration(t.reservoir_max_age), t.reservoir)  # fmt: skip
         if cfg.console.enabled:
-            from filterd.console import Console  # only when enabled: the console imports trainer modules on use
+            from filterd.console import Console  # only when enabled
 
             self.console = Console(cfg, lambda: self.holder.current().version if self.holder.loaded else "",
                                    self._score, lambda text: self.explanations.on_demand("console", text))  # fmt: skip

@@ -1,4 +1,4 @@
-"""The web console (filterd/console.py) served on loopback over a real history file and label store: the
+"""The web console (filterd/console/) served on loopback over a real history file and label store: the
 password, cross-site request protection, escaping, and the pages; in headless Chromium where a browser
 is what is being tested (scripts that must not run, a form posted from another site)."""
 

@@ -249,7 +249,7 @@ class HistoryConfig:
 
 @dataclass(frozen=True)
 class ConsoleConfig:
-    """[console]: the web console for operators (filterd/console.py)."""
+    """[console]: the web console for operators (filterd/console/)."""
 
     enabled: bool = _key(False, Bool(), "serve the web console (history, explanations, learn, models, rollback)")
     listen: HostPort = _key(

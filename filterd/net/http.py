@@ -1,5 +1,5 @@
 """One small HTTP/1.1 server for every HTTP port of filterd: the scan API (filterd/doors/http.py), the
-metrics endpoint (filterd/obs/metrics.py) and the web console (filterd/console.py). The routes are the
+metrics endpoint (filterd/obs/metrics.py) and the web console (filterd/console/). The routes are the
 user's: a handler `async (Request) -> Response | bytes`; this module owns the rest.
 
 Why our own: the deps have no HTTP server, and aiohttp and friends would be a heavy new dependency

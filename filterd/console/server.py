@@ -1,149 +1,26 @@
-"""The web console: the verdict history, each verdict's explanation, learn buttons, model versions and
-rollback, and a box to score a pasted message. Served by `filterd serve` on `[console] listen`.
-
-Pages (server-rendered HTML, no JavaScript at all)
-    `GET /history`         decisions newest first; filters verdict, action, source, since/until (UTC);
-                           paging by id (`before`).
-    `GET /verdict/<id>`    one decision: its fields and the explanation, the words highlighted in the
-                           stored text (`<mark>`, red raised P(spam), green lowered it, darker = more) or,
-                           when the text is not stored, the word list; "learn as spam/ham" buttons.
-    `POST /verdict/<id>/learn`  label=spam|ham: the stored text into the label store ([trainer] store) as
-                           `filterd-trainer learn` puts it there (source "console").
-    `GET /models`          the versions in [trainer] models_dir with their evaluation metrics and refit
-                           facts (filterd.json); `POST /models/rollback`: ModelStore.rollback, which the
-                           daemon's model watcher then loads like any new model.
-    `GET|POST /classify`   paste a message: its score, and its explanation when filterd.model.explain exists.
-
-Security
-    Password: HTTP Basic (any user name) checked on every request when `[console] password` is set;
-    mandatory off loopback (check-config). Without a password only loopback Host names are served (a DNS
-    rebinding page cannot reach the console under its own name).
-    Cross-site requests: every form POST needs (1) an Origin (else Referer) equal to this console's own
-    origin and (2) a token, HMAC(process secret, session cookie), that a page of another site cannot
-    read; the session cookie is HttpOnly and SameSite=Strict. All text is escaped with html.escape; a
-    strict Content-Security-Policy (no script at all, styles only from /console.css) is a second wall.
-
-HTTP: filterd/net/http.py's server (as the scan API and the metrics), routes of our own.
-
-The buttons must write exactly what `filterd-trainer learn` and `rollback` write, so they call the same
-LabelStore and ModelStore (filterd.store.labels and .models, which the trainer uses too), lazily.
-"""
+"""The console's server: routes to the pages of filterd.console (the history, a verdict, models, classify)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import datetime as dt
-import hashlib
-import hmac
-import html
 import json
 import logging
 import re
-import secrets
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from filterd.config import Config, is_loopback
+from filterd.config import Config
 from filterd.sources import SOURCES
 from filterd.store.history import Filter, History, Verdict
-from filterd.net.http import HttpError, Request, Server, ServerSettings, password_ok
+from filterd.net.http import HttpError, Request, Server, ServerSettings
+from filterd.console.guard import Guard, form_value
+from filterd.console.render import (ACTIONS, CSS, MAX_BODY, PAGE, REASONS, Page, esc, fmt_score, fmt_time, highlight, layout, num, pair,
+                                    parse_time, pct, response, words_table)
 
 log = logging.getLogger("filterd")
 
-COOKIE = "filterd_console"
-PAGE = 50  # rows per history page
-MAX_BODY = 1 << 20  # a pasted message, a form
-CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-       "base-uri 'none'")  # fmt: skip
-_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
-_SESSION = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _VERDICT_PATH = re.compile(r"/verdict/([0-9]{1,18})(/learn)?")
-ACTIONS = ("pass", "tag", "subject", "quarantine", "discard", "soft-reject", "reject")
-
-CSS = b"""
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#263238;color:#fff;padding:8px 16px;display:flex;gap:16px;align-items:center}
-header a{color:#cfd8dc;text-decoration:none}header a:hover{color:#fff}header b{margin-right:16px}
-main{padding:12px 16px}table{border-collapse:collapse;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eceff1}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.spam{color:#b71c1c;font-weight:600}.ham{color:#1b5e20;font-weight:600}
-form.filters{margin-bottom:10px;display:flex;gap:8px;flex-wrap:wrap;align-items:end}
-form.filters label{display:flex;flex-direction:column;font-size:12px;color:#555}
-pre.text{white-space:pre-wrap;background:#fff;border:1px solid #ddd;padding:8px;max-width:960px}
-mark{padding:0 1px;border-radius:2px;color:#000}
-mark.up1{background:#ffcdd2}mark.up2{background:#ef9a9a}mark.up3{background:#e57373}
-mark.dn1{background:#c8e6c9}mark.dn2{background:#a5d6a7}mark.dn3{background:#81c784}
-.note{color:#555}.err{color:#b71c1c}.ok{color:#1b5e20}textarea{width:100%;max-width:960px;height:12em}
-header .live{margin-left:auto;color:#cfd8dc}button{padding:4px 12px}form{margin-top:8px}button[disabled]{opacity:.5}.inline{display:inline}
-"""
-
-
-@dataclass
-class Page:
-    status: int
-    body: bytes
-    ctype: str = "text/html; charset=utf-8"
-    location: str = ""
-
-
-def esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def fmt_time(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def fmt_score(s: float | None) -> str:
-    return "-" if s is None else f"{s:.4f}"
-
-
-def parse_time(text: str) -> float | None:
-    """ "2026-12-01T19:20" or "2026-12-01 19:20:05" (UTC) -> Unix time; "" -> None; ValueError otherwise."""
-    text = text.strip()
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace(" ", "T")).replace(tzinfo=dt.timezone.utc).timestamp()
-
-
-def highlight(text: str, words: list[dict[str, Any]]) -> str:
-    """The text escaped, with each explanation word inside its span marked: <mark class="up|dn1..3">."""
-    spans = []
-    for w in words:
-        try:
-            start, end, weight = int(w["start"]), int(w["end"]), float(w["weight"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if 0 <= start < end <= len(text) and weight == weight and weight != 0:
-            spans.append((start, end, weight))
-    top = max((abs(s[2]) for s in spans), default=1.0) or 1.0
-    out, at = [], 0
-    for start, end, weight in sorted(spans):
-        if start < at:  # overlapping spans: the first one wins
-            continue
-        level = 1 + min(2, int(3 * abs(weight) / top - 1e-9))
-        cls = f"{'up' if weight > 0 else 'dn'}{level}"
-        out.append(esc(text[at:start]))
-        out.append(f'<mark class="{cls}" title="{weight:+.4f}">{esc(text[start:end])}</mark>')
-        at = end
-    out.append(esc(text[at:]))
-    return "".join(out)
-
-
-def words_table(words: list[dict[str, Any]]) -> str:
-    rows = []
-    for w in sorted(words, key=lambda w: -abs(float(w.get("weight", 0) or 0)) if isinstance(w, dict) else 0)[:50]:
-        if not isinstance(w, dict):
-            continue
-        weight = float(w.get("weight", 0) or 0)
-        cls = "up2" if weight > 0 else "dn2"
-        rows.append(f'<tr><td><mark class="{cls}">{esc(w.get("word", ""))}</mark></td><td class="num">{weight:+.4f}</td></tr>')
-    return f'<table class="words"><tr><th>word</th><th>weight</th></tr>{"".join(rows)}</table>'
 
 
 class Console(Server):
@@ -160,35 +37,34 @@ class Console(Server):
         self.live = live
         self.score_text = score
         self.explain = explain  # the daemon's bounded explainer (queue, deadline, nice): text -> Explanation | None
-        self._console_password = c.password.encode()
-        self._secret = secrets.token_bytes(32)  # CSRF tokens die with the process: a restart asks for a reload
+        self.guard = Guard(c.password)
 
     # --- routing ---------------------------------------------------------------------------
 
     async def _route(self, req: Request) -> bytes:
-        session, new_session = self._session(req)
+        session, new_session = self.guard.session(req)
         try:
-            self._check_host(req)
-            self._check_password(req)
+            self.guard.check_host(req)
+            self.guard.check_password(req)
             page = await self._dispatch(req, session)
         except HttpError as e:
             page = self._error_page(e.status, str(e))
         except Exception:  # a bug costs one page, not the daemon
             log.exception("console: %s %s failed", req.method, req.path)
             page = self._error_page(500, "internal error (see the daemon's log)")
-        return self._response(req, page, session if new_session else "")
+        return response(req, page, session if new_session else "")
 
     async def _dispatch(self, req: Request, session: str) -> Page:
         path, method = req.path, req.method
         q = urllib.parse.parse_qs(req.query, keep_blank_values=True)
         if method == "POST":
-            self._check_csrf(req, session)
+            self.guard.check_csrf(req, session)
             form = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True)
         elif method in ("GET", "HEAD"):
             form = {}
         else:
             raise HttpError(405, f"{method} is not served here")
-        token = self._token(session)
+        token = self.guard.token(session)
         if path == "/console.css":
             return Page(200, CSS, "text/css; charset=utf-8")
         if path == "/" and method != "POST":
@@ -199,98 +75,22 @@ class Console(Server):
         if m and not m[2] and method != "POST":
             return await self._verdict(int(m[1]), q, token)
         if m and m[2] and method == "POST":
-            return await self._learn(int(m[1]), _one(form, "label"))
+            return await self._learn(int(m[1]), form_value(form, "label"))
         if path == "/models" and method != "POST":
             return await self._models(q, token)
         if path == "/models/rollback" and method == "POST":
             return await self._rollback()
         if path == "/classify":
-            return await self._classify(_one(form, "text") if method == "POST" else None, token)
+            return await self._classify(form_value(form, "text") if method == "POST" else None, token)
         raise HttpError(404 if path not in ("/history", "/models", "/") else 405, f"no page {path}")
-
-    # --- security --------------------------------------------------------------------------
-
-    def _session(self, req: Request) -> tuple[str, bool]:
-        for header in req.all("cookie"):
-            for part in header.split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == COOKIE and _SESSION.fullmatch(value):
-                    return value, False
-        return secrets.token_urlsafe(32), True
-
-    def _token(self, session: str) -> str:
-        return hmac.new(self._secret, session.encode(), hashlib.sha256).hexdigest()
-
-    def _check_host(self, req: Request) -> None:
-        if len(req.all("host")) > 1:
-            raise HttpError(400, "more than one Host header")
-        if self._console_password:
-            return
-        host = (req.header("host") or "").strip()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        name = name.strip("[]").lower()
-        if not (name == "localhost" or (name and _is_ip(name) and is_loopback(name))):
-            raise HttpError(403, f"Host {host[:80]!r} is not a loopback name; set [console] password to serve other names")
-
-    def _check_password(self, req: Request) -> None:
-        if not self._console_password:
-            return
-        auth = req.header("authorization") or ""
-        scheme, _, value = auth.partition(" ")
-        given = b""
-        if scheme.lower() == "basic":
-            try:
-                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
-            except ValueError:
-                given = b""
-        if not password_ok(given, self._console_password):  # constant time: no guessing by timing
-            raise HttpError(401, "password required" if not auth else "wrong password")
-
-    def _check_csrf(self, req: Request, session: str) -> None:
-        """A form POST must come from a page of this console: same origin and this session's token."""
-        own = f"http://{req.header('host') or ''}"
-        origin = req.header("origin")
-        if origin is None:  # older browsers: the Referer's origin
-            referer = urllib.parse.urlsplit(req.header("referer") or "")
-            origin = f"{referer.scheme}://{referer.netloc}" if referer.scheme else None
-        if origin != own:
-            raise HttpError(403, f"cross-site request refused (origin {str(origin)[:80]!r})")
-        form = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True)
-        if not hmac.compare_digest(_one(form, "csrf").encode(), self._token(session).encode()):
-            raise HttpError(403, "cross-site request refused (missing or wrong form token; reload the page)")
 
     # --- responses -------------------------------------------------------------------------
 
-    def _response(self, req: Request, page: Page, set_session: str) -> bytes:
-        body = b"" if req.method == "HEAD" else page.body
-        keep = req.keep_alive and page.status not in (400, 401, 403)
-        lines = [
-            f"HTTP/1.1 {page.status} {_REASONS.get(page.status, 'Error')}", f"Content-Type: {page.ctype}",
-            f"Content-Length: {len(body)}", f"Content-Security-Policy: {CSP}", "X-Content-Type-Options: nosniff",
-            "X-Frame-Options: DENY", "Referrer-Policy: same-origin", "Cache-Control: no-store",
-            f"Connection: {'keep-alive' if keep else 'close'}",
-        ]  # fmt: skip
-        if page.location:
-            lines.append(f"Location: {page.location}")
-        if page.status == 401:
-            lines.append('WWW-Authenticate: Basic realm="filterd console", charset="UTF-8"')
-        if set_session:
-            lines.append(f"Set-Cookie: {COOKIE}={set_session}; Path=/; HttpOnly; SameSite=Strict")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+    def _page(self, title: str, body: str) -> bytes:
+        return layout(title, body, self.live(), self.full.console.grafana_url)
 
     def _error_page(self, status: int, message: str) -> Page:
-        return Page(status, self._layout(f"{status} {_REASONS.get(status, 'Error')}", f'<p class="err">{esc(message)}</p>'))
-
-    def _layout(self, title: str, body: str) -> bytes:
-        grafana = self.full.console.grafana_url
-        nav = ['<a href="/history">History</a>', '<a href="/models">Models</a>', '<a href="/classify">Classify</a>']
-        if grafana:
-            nav.append(f'<a href="{esc(grafana)}" rel="noopener noreferrer">Grafana</a>')
-        live = self.live() or "none loaded"
-        return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)} - filterd</title>'
-                f'<link rel="stylesheet" href="/console.css"></head><body><header><b>filterd</b>{"".join(nav)}'
-                f'<span class="note live">live model <code id="live-model">{esc(live)}</code></span>'
-                f'</header><main><h1>{esc(title)}</h1>{body}</main></body></html>').encode()  # fmt: skip
+        return Page(status, self._page(f"{status} {REASONS.get(status, 'Error')}", f'<p class="err">{esc(message)}</p>'))
 
     # --- pages -----------------------------------------------------------------------------
 
@@ -312,11 +112,11 @@ class Console(Server):
         return await asyncio.to_thread(run)
 
     async def _history(self, q: dict[str, list[str]]) -> Page:
-        verdict, action, source = _one(q, "verdict"), _one(q, "action"), _one(q, "source")
-        since_text, until_text = _one(q, "since"), _one(q, "until")
+        verdict, action, source = form_value(q, "verdict"), form_value(q, "action"), form_value(q, "source")
+        since_text, until_text = form_value(q, "since"), form_value(q, "until")
         try:
             since, until = parse_time(since_text), parse_time(until_text)
-            before = int(_one(q, "before")) if _one(q, "before") else None
+            before = int(form_value(q, "before")) if form_value(q, "before") else None
         except ValueError:
             raise HttpError(400, "since/until must be times like 2026-12-01T19:20 (UTC), before an id") from None
         f = Filter(verdict if verdict in ("spam", "ham") else "", action if action in ACTIONS else "",
@@ -352,7 +152,7 @@ class Console(Server):
                                           ("since", since_text), ("until", until_text)) if v}  # fmt: skip
                 older = urllib.parse.urlencode({**keep, "before": rows[-1].id})
                 body.append(f'<p><a id="older" href="/history?{esc(older)}">older &rarr;</a></p>')
-        return Page(200, self._layout("Verdict history", "".join(body)))
+        return Page(200, self._page("Verdict history", "".join(body)))
 
     async def _verdict(self, id: int, q: dict[str, list[str]], token: str) -> Page:
         v: Verdict | None = await self._read_history(lambda h: h.get(id))
@@ -378,7 +178,7 @@ class Console(Server):
         else:
             body.append('<p class="note">No explanation was recorded, and the text is not stored ([history] store_text = false).</p>')
         body.append("<h2>Teach the filter</h2>")
-        learned = _one(q, "learned")
+        learned = form_value(q, "learned")
         if learned in ("spam", "ham"):
             body.append(f'<p class="ok" id="learned">Stored in the label store as {learned}; the next refit learns from it.</p>')
         if v.text is None:
@@ -394,7 +194,7 @@ class Console(Server):
                 body.append(f'<form class="inline" method="post" action="/verdict/{v.id}/learn">'
                             f'<input type="hidden" name="csrf" value="{token}"><input type="hidden" name="label" value="{label}">'
                             f'<button type="submit" id="learn-{label}">learn as {label}</button></form> ')  # fmt: skip
-        return Page(200, self._layout(f"Verdict {v.id}", "".join(body)))
+        return Page(200, self._page(f"Verdict {v.id}", "".join(body)))
 
     def _label_of(self, text: str) -> str:
         from filterd.store.labels import LabelStore, message_id
@@ -432,7 +232,7 @@ class Console(Server):
     async def _models(self, q: dict[str, list[str]], token: str) -> Page:
         rows = await asyncio.to_thread(self._model_rows)
         body = []
-        rolled = _one(q, "rolled")
+        rolled = form_value(q, "rolled")
         if rolled:
             body.append(f'<p class="ok" id="rolled">Rolled back: current now points at {esc(rolled)}; '
                         "the daemon loads it at its next model check.</p>")  # fmt: skip
@@ -449,8 +249,8 @@ class Console(Server):
                 body.append(
                     f'<tr{" class=current" if r["current"] else ""}><td><code>{esc(r["version"])}</code>{mark}</td>'
                     f'<td>{esc(r["created"])}</td><td>{esc(r["base"])}</td><td>{esc(r["trainable"])}</td>'
-                    f'<td class="num">{_pct(m.get("accuracy"))}</td><td class="num">{_pct(m.get("ham_fpr"))}</td>'
-                    f'<td class="num">{_pct(m.get("spam_recall"))}</td><td class="num">{_num(m.get("roc_auc"))}</td>'
+                    f'<td class="num">{pct(m.get("accuracy"))}</td><td class="num">{pct(m.get("ham_fpr"))}</td>'
+                    f'<td class="num">{pct(m.get("spam_recall"))}</td><td class="num">{num(m.get("roc_auc"))}</td>'
                     f'<td class="num">{esc(m.get("n", ""))}</td><td>{esc(r["refit"])}</td></tr>'
                 )  # fmt: skip
             body.append("</table>")
@@ -467,7 +267,7 @@ class Console(Server):
                     f'<tr class="refit-{esc(str(r.get("outcome", "")))}"><td>{esc(str(r.get("time", ""))[:19].replace("T", " "))}</td>'
                     f'<td>{esc(r.get("outcome", ""))}</td><td>{esc(r.get("mode", ""))}</td>'
                     f'<td><code>{esc(r.get("current_version") or "")}</code></td><td><code>{esc(r.get("version") or "")}</code></td>'
-                    f'<td class="num">{_pair(r, "test", "accuracy")}</td><td class="num">{_pair(r, "golden", "ham_fpr")}</td>'
+                    f'<td class="num">{pair(r, "test", "accuracy")}</td><td class="num">{pair(r, "golden", "ham_fpr")}</td>'
                     f'<td class="num">{r.get("seconds", 0):.1f}</td><td>{esc(r.get("reason", ""))}</td></tr>'
                 )  # fmt: skip
             body.append("</table>")
@@ -481,7 +281,7 @@ class Console(Server):
                     "</form>")  # fmt: skip
         if not can:
             body.append('<p class="note">No older version to roll back to.</p>')
-        return Page(200, self._layout("Model versions", "".join(body)))
+        return Page(200, self._page("Model versions", "".join(body)))
 
     def _model_rows(self) -> list[dict[str, Any]]:
         from filterd.store.models import ModelStore
@@ -550,7 +350,7 @@ class Console(Server):
             else:
                 words = [w for w in explanation.get("words", []) if isinstance(w, dict)]
                 body.append(f'<pre class="text" id="text">{highlight(text, words)}</pre>')
-        return Page(200, self._layout("Score a message", "".join(body)))
+        return Page(200, self._page("Score a message", "".join(body)))
 
     async def _explain(self, text: str) -> dict[str, Any] | None:
         """The explanation, through the daemon's explainer and so within its bounds (one thread at `nice`, `max_queue`,
@@ -563,36 +363,3 @@ class Console(Server):
             log.exception("console: explanation failed")
             return None
         return result.to_json() if result is not None else None
-
-
-def _one(q: dict[str, list[str]], key: str) -> str:
-    values = q.get(key)
-    return values[0] if values else ""
-
-
-def _is_ip(name: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
-
-
-def _pct(x: Any) -> str:
-    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "-"
-
-
-def _pair(refit: dict[str, Any], split: str, key: str) -> str:
-    """"candidate / current" for one metric of a logged refit."""
-    got = []
-    for model in ("candidate", "current"):
-        m = (refit.get(model) or {}).get(split) if isinstance(refit.get(model), dict) else None
-        got.append(_pct(m.get(key) if isinstance(m, dict) else None))
-    return " / ".join(got)
-
-
-def _num(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
-
