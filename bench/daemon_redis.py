@@ -27,7 +27,8 @@ import torch
 
 from filterd.model.engine import Engine
 from filterd.model.tokenizer import Tokenizer
-from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import ModelMeta, publish_directory, staging_dir, write_model_files
 from testing.daemon import FilterdProcess
 from testing.services import RedisServer
 from trainer.data import read_sms

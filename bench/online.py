@@ -58,7 +58,8 @@ from filterd.config import load_config
 from filterd.model.engine import Engine
 from filterd.mail.text import extract_text
 from filterd.model.gpt2 import LABELS
-from filterd.model.weights import ModelMeta, build_model, resolve_base, write_model_files
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import ModelMeta, write_model_files
 from trainer.data import Example, balance, read_messages, read_sms, split, write_split
 from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, lam_pct, roca_pct
 from trainer.fit import FitConfig, fit

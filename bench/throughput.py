@@ -74,7 +74,8 @@ from filterd.model.batcher import Batcher
 from filterd.model.engine import BF16_MAX_SCORE_DIFF, Engine, cpu_supports_bf16
 from filterd.model.gpt2 import LABELS, PAD_TOKEN_ID, GPT2Classifier, GPTConfig
 from filterd.model.tokenizer import Tokenizer
-from filterd.model.weights import _CONV1D, load_model_dir  # _CONV1D: the weights Hugging Face stores transposed
+from filterd.model.bases import _CONV1D  # the weights Hugging Face stores transposed
+from filterd.model.weights import load_model_dir
 from testing.daemon import FilterdProcess
 from testing.services import RedisServer
 from trainer.data import read_sms

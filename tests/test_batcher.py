@@ -13,7 +13,8 @@ import pytest
 
 from filterd.model.batcher import Batcher, BatcherClosed, QueueFull, Scored, plan_batch
 from filterd.model.engine import Engine
-from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import ModelMeta, publish_directory, staging_dir, write_model_files
 
 
 # -- helpers ----------------------------------------------------------------------------------------

@@ -510,7 +510,8 @@ def test_refit_runs_under_the_trainer_policy(tmp_path):
 
 
 def _tiny_model_dir(path: Path) -> Path:
-    from filterd.model.weights import ModelMeta, build_model, resolve_base, write_model_files
+    from filterd.model.bases import build_model, resolve_base
+    from filterd.model.weights import ModelMeta, write_model_files
 
     model = build_model(resolve_base("random:tiny"))
     meta = ModelMeta(version="", base="random:tiny", base_kind="random", config=model.config, max_length=64)

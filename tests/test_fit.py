@@ -12,7 +12,8 @@ import torch
 
 from filterd.model.engine import Engine
 from filterd.errors import ConfigError, DataError
-from filterd.model.weights import build_model, load_model_dir, resolve_base
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import load_model_dir
 from trainer.data import read_split
 from trainer.fit import FitConfig, fit
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from filterd.model.weights import build_model, resolve_base
+from filterd.model.bases import build_model, resolve_base
 from trainer.loop import Encoded, LoopSettings, count_trainable, train, val_loss_acc
 
 DEVICE = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch
 
 from filterd.model.gpt2 import CONFIGS, GPT2Classifier, state_shapes
 from filterd.model.tokenizer import pad_batch
-from filterd.model.weights import build_model, load_hf_checkpoint, resolve_base
+from filterd.model.bases import build_model, load_hf_checkpoint, resolve_base
 
 from testing.checkpoints import write_hf_checkpoint
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from filterd.errors import DataError
-from filterd.model.weights import build_model, resolve_base
+from filterd.model.bases import build_model, resolve_base
 from trainer.cli import main
 from trainer.pretrain import MAX_DOC_CHARS, PretrainConfig, PretrainInterrupted, pretrain, read_corpus, state_dir_for
 

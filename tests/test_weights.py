@@ -13,16 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from filterd.errors import ModelError
-from filterd.model.weights import (
-    ModelMeta,
-    build_model,
-    load_hf_checkpoint,
-    load_model_dir,
-    publish_directory,
-    resolve_base,
-    staging_dir,
-    write_model_files,
-)
+from filterd.model.bases import build_model, load_hf_checkpoint, resolve_base
+from filterd.model.weights import ModelMeta, load_model_dir, publish_directory, staging_dir, write_model_files
 
 from testing.checkpoints import write_hf_checkpoint
 

@@ -124,7 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from filterd.model.tokenizer import Tokenizer
-    from filterd.model.weights import build_model, load_model_dir, resolve_base
+    from filterd.model.bases import build_model, resolve_base
+    from filterd.model.weights import load_model_dir
 
     if args.max_new_tokens < 0:
         raise FilterdError("--max-new-tokens must be at least 0")

@@ -24,7 +24,8 @@ from filterd.model.engine import Engine, pick_device
 from filterd.errors import ConfigError, DataError
 from filterd.model.gpt2 import LABELS
 from filterd.model.tokenizer import Tokenizer, max_length_from
-from filterd.model.weights import ModelMeta, build_model, publish_directory, resolve_base, staging_dir, write_model_files
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import ModelMeta, publish_directory, staging_dir, write_model_files
 
 from trainer.data import Example, manifest_sha256, read_split, write_split
 from trainer.evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report

@@ -39,7 +39,8 @@ from filterd.errors import ConfigError, DataError, FilterdError
 from filterd.mail.text import extract_text
 from filterd.model.gpt2 import PAD_TOKEN_ID, GPT2Classifier, GPTConfig
 from filterd.model.tokenizer import _encoding
-from filterd.model.weights import build_model, publish_directory, resolve_base, staging_dir
+from filterd.model.bases import build_model, resolve_base
+from filterd.model.weights import publish_directory, staging_dir
 
 from trainer.data import read_split
 from trainer.loop import autocast
