@@ -108,8 +108,10 @@ def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None, r
     and workers), Rspamd's Redis and this process (the clients, the sink): on a shared machine a
     fairer figure than messages/s."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    pid = filterd.proc.pid if filterd is not None and filterd.proc is not None else None
     return {
-        "filterd": tree_cpu_s(filterd.proc.pid if filterd is not None and filterd.proc is not None else None),
+        "filterd": tree_cpu_s(pid),
+        **thread_cpu_s(pid),
         "postfix": tree_cpu_s(postfix.master_pid()) if postfix is not None else 0.0,
         "rspamd": rspamd.cpu_s() if rspamd is not None else 0.0,
         "rspamd_redis": tree_cpu_s(redis.proc.pid if redis is not None and redis.proc is not None else None),
@@ -117,8 +119,32 @@ def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None, r
     }
 
 
+def thread_cpu_s(pid: int | None) -> dict[str, float]:
+    """CPU seconds per thread of filterd's main process ("thread:<tid>"), for where its CPU goes: the
+    main thread runs the event loop (protocols, the message path, tokens), one worker the model."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*") if pid else ():
+        try:
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        out[f"thread:{task.name}"] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: round(after[k] - before[k], 3) for k in before}
+    return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+
+
+def by_thread(cpu_ms: dict[str, float], pid_thread: str | None) -> dict[str, float]:
+    """filterd's per-thread CPU folded into the event loop (its main thread), the model worker (the busiest
+    other thread: the forward passes) and the rest (the extraction thread pool, the writers)."""
+    threads = {k: v for k, v in cpu_ms.items() if k.startswith("thread:")}
+    if not threads or pid_thread not in threads:
+        return {}
+    loop = threads.pop(pid_thread)
+    worker = max(threads.values(), default=0.0)
+    return {"event loop": round(loop, 2), "model worker": round(worker, 2), "other threads": round(sum(threads.values()) - worker, 2)}
 
 
 class TimedSink(SmtpSink):
@@ -171,6 +197,7 @@ def daemon(model: Path, log: Path, **doors: object) -> FilterdProcess:
 
 def finish(run: PathRun, d: FilterdProcess | None) -> PathRun:
     if d is not None:
+        run.extra["main_thread"] = f"thread:{d.proc.pid}" if d.proc is not None else None
         run.mean_batch = d.metric("filterd_batch_size_sum") / max(d.metric("filterd_batch_size_count"), 1)
         run.mean_classify_ms = (
             1000 * d.metric("filterd_classify_seconds_sum") / max(d.metric("filterd_classify_seconds_count"), 1)
@@ -377,7 +404,9 @@ def summarize(run: PathRun, labels: list[int], threshold: float, engine: list[fl
         "mean_batch": round(run.mean_batch, 2) if run.mean_batch is not None else None,
         "mean_classify_ms": round(run.mean_classify_ms, 1) if run.mean_classify_ms is not None else None,
         "replies": dict(Counter(run.replies)), "load_start": run.load_start, "cpu_s": run.cpu_s,
-        "cpu_ms_per_msg": {k: round(1000 * v / n, 2) for k, v in run.cpu_s.items()}, **run.extra,
+        "cpu_ms_per_msg": {k: round(1000 * v / n, 2) for k, v in run.cpu_s.items() if not k.startswith("thread:")},
+        "filterd_threads_ms_per_msg": by_thread({k: 1000 * v / n for k, v in run.cpu_s.items()}, run.extra.pop("main_thread", None)),
+        **run.extra,
     }  # fmt: skip
     if got and run.spam_score is not None:  # a peer: its verdicts, and how many differ from the engine's
         metrics = compute_metrics([labels[i] for i in got], [run.scores[i] for i in got], run.spam_score)
@@ -450,6 +479,13 @@ def markdown(doc: dict) -> str:
         c = r["cpu_ms_per_msg"]
         rows.append(f"| {r['path']} | {c.get('filterd') or ''} | {c.get('postfix') or ''} | {c.get('rspamd') or ''} | "
                     f"{c.get('rspamd_redis') or ''} | {c.get('bench_client_and_sink', '')} | {r['load_start'][0]:.2f} |")  # fmt: skip
+    threads = [r for r in doc["paths"] if r.get("filterd_threads_ms_per_msg")]
+    if threads:
+        rows += ["", "filterd's own process by thread, ms per message (the main thread runs the event loop: protocols, the "
+                 "message path, tokens; the model worker the forward passes; the others are the extraction thread pool and "
+                 "the writers):", "", "| path | event loop | model worker | other threads |", "| --- | --- | --- | --- |"]  # fmt: skip
+        rows += [f"| {r['path']} | {t['event loop']} | {t['model worker']} | {t['other threads']} |"
+                 for r in threads if (t := r["filterd_threads_ms_per_msg"])]  # fmt: skip
     rows += rspamd_markdown(doc)
     worst = max(doc["agreement"].items(), key=lambda kv: kv[1]["max_abs_diff"] or 0, default=None)
     differ = sum(v["verdicts_differ"] for v in doc["agreement"].values())
