@@ -64,7 +64,8 @@ from trainer.data import Example, balance, read_messages, read_sms, split, write
 from trainer.evaluate import accuracy_at, bootstrap_ci, compute_metrics, ham_fpr_at, ham_fpr_at_recall, lam_pct, roca_pct
 from trainer.fit import FitConfig, fit
 from trainer.publish import ModelStore
-from trainer.refit import refit_once, split_of
+from trainer.refit import refit_once
+from trainer.refit_data import split_of
 from filterd.store.labels import MAX_TEXT_CHARS, LabelStore
 
 from bench.accuracy import train_tfidf_lr

@@ -83,6 +83,7 @@ class Daemon:
 
     def _load(self, path: Any) -> Engine:
         engine = Engine.load(path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        self.policy.check_model(engine.operating_points, engine.version)  # "fpr:" levels need the model's points
         warm_up(engine)  # [model] threshold (deprecated) is [policy] tag_score now: engines keep their own
         return engine
 

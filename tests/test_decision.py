@@ -197,9 +197,9 @@ def test_decision_is_frozen_and_actions_are_known():
         (["policy.redis.soft_reject_score=0.3"], "[policy.redis] soft_reject_score: redis cannot defer a message"),
         (["policy.tag_score=off"], '[policy] tag_score: the spam threshold cannot be "off"'),
         (["policy.http.tag_score=off"], '[policy.http] tag_score: the spam threshold cannot be "off"'),
-        (["policy.reject_score=1.5"], '[policy] reject_score: must be a number in 0..1, "model", "off", got 1.5'),
-        (["policy.reject_score=inherit"], '[policy] reject_score: must be a number in 0..1, "model", "off", got "inherit"'),
-        (["policy.smtp.reject_score=maybe"], '[policy.smtp] reject_score: must be a number in 0..1, "model", "off", "inherit"'),
+        (["policy.reject_score=1.5"], '[policy] reject_score: must be a number in 0..1, "model", "off" or "fpr:<share>" (the threshold the model measured for that ham FPR), got 1.5'),
+        (["policy.reject_score=inherit"], '[policy] reject_score: must be a number in 0..1, "model", "off" or "fpr:<share>" (the threshold the model measured for that ham FPR), got "inherit"'),
+        (["policy.smtp.reject_score=maybe"], '[policy.smtp] reject_score: must be a number in 0..1, "model", "off", "inherit" or "fpr:<share>" (the threshold the model measured for that ham FPR)'),
         (['policy.allow_senders="a@b.c"'], "[policy] allow_senders: must be an array of addresses or domains"),
         (['policy.deny_senders=["a b@c.d"]'], "[policy] deny_senders: not an address or domain: 'a b@c.d'"),
         (['policy.deny_recipients=["user@"]'], "[policy] deny_recipients: not an address or domain"),
@@ -436,3 +436,40 @@ def test_check_config_warns_about_allow_senders_anyone_can_claim(tmp_path, capsy
     assert main(["check-config", "--config", str(cfg)]) == 0
     assert "allow_senders" not in capsys.readouterr().err
     assert check_config(None, ["redis.enabled=false"]).warnings() == []  # no allow_senders, nothing to say
+
+
+# --- levels set as a ham FPR ("fpr:"), resolved from the model's operating points ---------
+
+
+def test_fpr_levels_take_the_models_measured_thresholds():
+    p = policy('policy.tag_score="fpr:0.01"', 'policy.milter.reject_score="fpr:0.001"')
+    points = {0.01: 0.8, 0.005: 0.9, 0.001: 0.97}
+    assert p.decide(Message("milter"), 0.79, 0.5, points).action == "pass"
+    d = p.decide(Message("milter"), 0.85, 0.5, points)
+    assert (d.verdict, d.action, d.threshold) == ("spam", "tag", 0.8)  # the threshold headers map to `required`
+    assert p.decide(Message("milter"), 0.97, 0.5, points).action == "reject"
+    assert p.decide(Message("http"), 0.99, 0.5, points).action == "tag"  # reject was set for the milter only
+    assert p.targets() == {0.01, 0.001}
+
+
+def test_a_model_without_the_point_a_level_needs_is_refused():
+    from filterd.errors import ModelError
+
+    p = policy('policy.tag_score="fpr:0.001"')
+    p.check_model({0.001: 0.9}, "v1")
+    with pytest.raises(ModelError, match=r"model v2 has no operating point for \[policy\] level\(s\) fpr:0.001 \(it has: 0.01\)"):
+        p.check_model({0.01: 0.7}, "v2")
+    with pytest.raises(ValueError, match="no operating point"):
+        p.decide(Message("smtp"), 0.95, 0.5, {0.01: 0.7})  # never reached in the daemon: the model was refused
+    policy("policy.tag_score=model").check_model({}, "v3")  # no "fpr:" level: any model serves
+
+
+@pytest.mark.parametrize("value", ['"fpr:0"', '"fpr:1"', '"fpr:x"', '"fpr:"', '"fpr:-0.01"'])
+def test_bad_fpr_levels_are_config_errors(value):
+    with pytest.raises(ConfigError, match=r'tag_score: must be a number in 0\.\.1.*"fpr:<share>"'):
+        check_config(None, ["redis.enabled=false", f"policy.tag_score={value}"])
+
+
+def test_fpr_levels_are_written_one_way():
+    cfg = check_config(None, ["redis.enabled=false", 'policy.tag_score="fpr:0.0050"'])
+    assert cfg.policy.tag_score == "fpr:0.005"

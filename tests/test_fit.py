@@ -29,6 +29,12 @@ def test_fit_learns_and_writes_a_complete_model_dir(tiny_model):
     assert meta["pad_token_id"] == 50256 and meta["pooling"] == "last-token" and meta["labels"] == ["ham", "spam"]
     assert set(meta["metrics"]) == {"train", "val", "test", "holdout"}
     assert meta["data_manifest_sha256"] and meta["max_length"] <= 1024
+    # operating points: set on the ~3,900 unseen ham (holdout + val), so 1% and 0.5% but not 0.1% (needs 5,000)
+    points = {p["ham_fpr_target"]: p for p in meta["operating_points"]}
+    assert set(points) == {0.01, 0.005, 0.001}
+    assert points[0.01]["threshold"] <= points[0.005]["threshold"] and points[0.001]["threshold"] is None
+    assert "needs at least 5,000" in points[0.001]["reason"]
+    assert 0 < points[0.005]["spam_recall"] <= points[0.01]["spam_recall"] <= 1
     # a random 2-layer model still learns SMS spam well above chance in two epochs
     assert meta["metrics"]["test"]["accuracy"] > 0.85
     assert (d / "report.md").read_text().count("| test |") == 1
@@ -51,7 +57,11 @@ def test_evaluate_and_classify_reproduce_fit_scores(tiny_model, sms_data):
     d = tiny_model.model_dir
     r = run("-m", "trainer", "evaluate", "--model", str(d), "--data", str(sms_data), "--split", "all", "--json")
     assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)["splits"]
+    doc = json.loads(r.stdout)
+    got = doc["splits"]
+    for now, then in zip(doc["operating_points"], doc["recorded_operating_points"], strict=True):  # the same data: the fit's points
+        assert now["ham_fpr_target"] == then["ham_fpr_target"] and now["spam_recall"] == then["spam_recall"]
+        assert now["threshold"] == pytest.approx(then["threshold"], abs=1e-5) if then["threshold"] is not None else now["threshold"] is None
     for split, m in tiny_model.metrics.items():
         assert got[split]["confusion"] == m.to_dict()["confusion"]
         assert got[split]["roc_auc"] == pytest.approx(m.roc_auc, abs=1e-9) if m.roc_auc is not None else True

@@ -17,7 +17,9 @@ from filterd.model.weights import load_model_dir
 from trainer.data import Example, read_sms, read_split, write_split
 from trainer.evaluate import compute_metrics
 from trainer.publish import ModelStore
-from trainer.refit import RefitService, _load_data, _read_replay, gate, over_bound, refit_once, split_of
+from trainer.gate import gate, over_bound
+from trainer.refit import RefitService, refit_once
+from trainer.refit_data import load_data, read_replay, split_of
 from filterd.store.labels import LabelStore, message_id
 
 
@@ -121,6 +123,9 @@ def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
     model, meta = load_model_dir(cfg.trainer.models_dir / "current")
     assert meta.extra["refit"]["parent"] == tiny_model.meta.version and meta.threshold == tiny_model.meta.threshold
     assert meta.metrics["test"]["accuracy"] == cand.accuracy and meta.data_manifest_sha256
+    # operating points: set on the ham neither model trained on here (the golden set's ~200): too few for 1% (500)
+    assert [p["ham_fpr_target"] for p in meta.operating_points] == [0.01, 0.005, 0.001]
+    assert all(p["threshold"] is None and p["estimated_on"] == out.counts["golden"]["ham"] for p in meta.operating_points)
     old, _ = load_model_dir(tiny_model.model_dir)
     for name, p in model.state_dict().items():  # head mode: the backbone is the current one's
         assert torch.equal(p, old.state_dict()[name]) != name.startswith("head."), name
@@ -147,6 +152,14 @@ def test_refit_promotes_and_publishes(tmp_path, tiny_model, uci):
     logged = models.refits()  # both cycles, newest first, for the console's models page
     assert [r["outcome"] for r in logged] == [again.outcome, "promoted"] and logged[1]["version"] == out.version
     assert logged[1]["candidate"]["test"]["accuracy"] == cand.accuracy
+
+
+def test_a_candidate_without_the_operating_point_the_policy_needs_is_not_published(tmp_path, tiny_model, uci):
+    labelled, _ = uci
+    store = fill(tmp_path, labelled)
+    out = refit_once(config(tmp_path, 'policy.tag_score="fpr:0.01"'), store, base_model_dir=tiny_model.model_dir)
+    assert out.outcome == "rejected" and "no operating point for [policy] fpr:0.01" in out.reason
+    assert not (tmp_path / "models" / "current").exists()  # nothing the daemon would refuse is published
 
 
 def test_flipped_labels_are_rejected_by_the_golden_set(tmp_path, tiny_model, uci):
@@ -296,7 +309,7 @@ def test_fit_writes_a_replay_sample_of_its_train_split(tiny_model, sms_data):
 
 def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file):
     """Replay joins the train split only; a replay text that is in the store or the golden set is not replayed."""
-    replay = _read_replay(tiny_model.model_dir)
+    replay = read_replay(tiny_model.model_dir)
     fresh = fresh_labels(tiny_model, sms_file)
     replay_ids = {e.id for e in replay}
     labelled = [e for e in fresh if e.label == "spam"][:100] + [e for e in fresh if e.label == "ham"][:100]
@@ -308,7 +321,7 @@ def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file
         tmp_path, "trainer.replay=300", "trainer.max_regression=1", "trainer.max_ham_fpr=1", "trainer.golden_tolerance=1"
     )
 
-    data = _load_data(cfg, store, 123, tiny_model.model_dir)
+    data = load_data(cfg, store, 123, tiny_model.model_dir)
     stored_ids = {r.id for r in store.rows()}
     golden_ids = {message_id(e.text) for e in golden}
     used = {e.id for e in data.replay}
@@ -319,7 +332,7 @@ def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file
     assert {e.id for e in data.splits["test"]} <= stored_ids - golden_ids
     for label in ("ham", "spam"):  # weight balance in mode head: train = the store's train split + replay, once each
         assert data.counts["train"][label] == data.counts["trained"][label] + 300
-    assert _load_data(config(tmp_path, "trainer.replay=0"), store, 123, tiny_model.model_dir).counts["replay"] == {
+    assert load_data(config(tmp_path, "trainer.replay=0"), store, 123, tiny_model.model_dir).counts["replay"] == {
         "ham": 0,
         "spam": 0,
     }
@@ -335,7 +348,7 @@ def test_replay_is_trained_on_and_never_evaluated(tmp_path, tiny_model, sms_file
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "replay.csv").write_bytes(b"\xff\xfe not a split")
-    assert _read_replay(tmp_path / "bad") == []  # a damaged replay file costs the replay (a warning), not the cycle
+    assert read_replay(tmp_path / "bad") == []  # a damaged replay file costs the replay (a warning), not the cycle
 
 
 def test_final_fit_trains_the_promoted_candidate_on_every_label(tmp_path, tiny_model, sms_file):
@@ -441,11 +454,11 @@ def test_after_a_final_fit_the_gate_judges_on_labels_neither_model_saw(tmp_path,
     _, meta = load_model_dir(tmp_path / "models" / "current")
     seen = store.last_seq()
     assert meta.extra["refit"]["test_seen_through"] == seen
-    old_test = {e.id for e in _load_data(config(tmp_path, "trainer.final_fit=fold"), store, 123).splits["test"]}
+    old_test = {e.id for e in load_data(config(tmp_path, "trainer.final_fit=fold"), store, 123).splits["test"]}
     assert old_test
 
     store.add_many([(e.text, e.label, "test") for e in spam[120:200] + ham[120:200]])
-    data = _load_data(cfg, store, 123, tmp_path / "models" / "current")
+    data = load_data(cfg, store, 123, tmp_path / "models" / "current")
     test_ids = {e.id for e in data.splits["test"]}
     train_ids = {e.id for e in data.splits["train"]}
     assert data.seen_through == seen and test_ids and not test_ids & old_test  # only messages labelled since

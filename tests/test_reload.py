@@ -115,13 +115,13 @@ def test_changes_reload_at_most_once_per_interval_and_the_last_one_wins(tmp_path
 
 
 # -- the sanity check, with real model directories -------------------------------------------------
-def _write_model(directory: Path, version: str, head_weight: float | None = None) -> Path:
+def _write_model(directory: Path, version: str, head_weight: float | None = None, points: list | None = None) -> Path:
     model = GPT2Classifier(CFG)
     model.reset_parameters(seed=1)
     if head_weight is not None:  # finite weights (load_model_dir accepts them) that overflow to inf - inf = NaN
         with torch.no_grad():
             model.head.weight.fill_(head_weight)
-    meta = ModelMeta(version=version, base="random:tiny", base_kind="random", config=CFG, max_length=32)
+    meta = ModelMeta(version=version, base="random:tiny", base_kind="random", config=CFG, max_length=32, operating_points=points or [])
     write_model_files(model, meta, directory)
     return directory
 
@@ -156,3 +156,22 @@ def test_a_model_scoring_nan_does_not_start(tmp_path):
 
 def test_sanity_check_passes_a_healthy_model(tmp_path):
     sanity_check(_load(_write_model(tmp_path / "ok", "ok-v1")))
+
+
+def test_a_model_without_the_operating_point_the_policy_needs_is_refused_and_the_old_one_keeps_serving(tmp_path, caplog):
+    from filterd.config import load_config
+    from filterd.daemon import Daemon
+
+    cfg = load_config(None, ["redis.enabled=false", 'policy.tag_score="fpr:0.005"', f"model.path={tmp_path / 'current'}"])
+    daemon = Daemon(cfg)
+    good = _write_model(tmp_path / "versions" / "v1", "v1", points=[{"ham_fpr_target": 0.005, "threshold": 0.73}])
+    bare = _write_model(tmp_path / "versions" / "v2", "v2")  # fitted before operating points existed
+    holder = ModelHolder(tmp_path / "current", daemon._load, FilterdMetrics(), min_interval_s=0)
+    _point(tmp_path / "current", good)
+    assert holder.load_initial().operating_points == {0.005: 0.73}
+    _point(tmp_path / "current", bare)
+    assert asyncio.run(holder.reload("test")) is False
+    assert holder.current().version == "v1"
+    assert "model v2 has no operating point for [policy] level(s) fpr:0.005 (it has: none)" in caplog.text
+    with pytest.raises(ModelError, match="no operating point"):
+        ModelHolder(tmp_path / "versions" / "v2", daemon._load, FilterdMetrics()).load_initial()  # at start: one line, no serving

@@ -75,6 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from trainer.evaluate import format_metrics_line
     from trainer.fit import SPLITS, evaluate_model
+    from trainer.operating import OperatingPoint, format_points, split_points
 
     data = Path(args.data)
     splits = [s for s in SPLITS if (data / f"{s}.csv").is_file()] if args.split == "all" else [args.split]
@@ -85,11 +86,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     reports = evaluate_model(engine, data, splits)
     if args.explain:
         _explained_report(args, engine, data, reports)
+    points = split_points({r.split: (r.labels, r.scores) for r in reports})
     if args.json:
-        print(json.dumps({"model": engine.version, "splits": {r.split: r.metrics.to_dict() for r in reports}}, indent=2))
+        print(json.dumps({"model": engine.version, "splits": {r.split: r.metrics.to_dict() for r in reports},
+                          "operating_points": [p.to_dict() for p in points],
+                          "recorded_operating_points": engine.meta.operating_points}, indent=2))  # fmt: skip
     else:
         for r in reports:
             print(format_metrics_line(r.split, r.metrics))
+        if points:
+            print("\nOperating points on this data (thresholds set on its holdout and val ham, checked on test):")
+            print("\n".join(format_points(points)))
+        if engine.meta.operating_points:
+            print(f"\nOperating points recorded in {engine.version}'s filterd.json (what the fit measured):")
+            print("\n".join(format_points([OperatingPoint.from_dict(p) for p in engine.meta.operating_points])))
     return 0
 
 

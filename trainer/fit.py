@@ -30,6 +30,7 @@ from filterd.model.weights import ModelMeta, publish_directory, staging_dir, wri
 from trainer.data import Example, manifest_sha256, read_split, write_split
 from trainer.evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
 from trainer.loop import TRAINABLE, Encoded, LoopSettings, count_trainable, score, train
+from trainer.operating import format_points, split_points
 from trainer.plots import plot_history, plot_roc, plot_score_histogram
 
 SPLITS = ("train", "val", "test", "holdout")
@@ -131,6 +132,9 @@ def fit(cfg: FitConfig) -> FitResult:
     metrics = {name: compute_metrics(enc[name].labels, scores[name], threshold) for name in enc}
     for name in enc:
         _log(format_metrics_line(name, metrics[name]))
+    points = split_points({name: (e.labels, scores[name]) for name, e in enc.items()})
+    for line in format_points(points):
+        _log(f"fit: {line}")
 
     meta = ModelMeta(
         version="",
@@ -141,6 +145,7 @@ def fit(cfg: FitConfig) -> FitResult:
         threshold=threshold,
         trainable=cfg.trainable,
         metrics={name: m.to_dict() for name, m in metrics.items()},
+        operating_points=[p.to_dict() for p in points],
         data_manifest_sha256=manifest_sha256(cfg.data) if (cfg.data / "manifest.json").is_file() else None,
         extra={
             "epochs": cfg.epochs,

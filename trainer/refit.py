@@ -49,10 +49,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,22 +65,26 @@ from filterd.obs.metrics import TrainerMetrics
 from filterd.model.gpt2 import LABELS, GPT2Classifier
 from filterd.model.tokenizer import Tokenizer
 from filterd.model.weights import ModelMeta, load_model_dir
+from filterd.policy.decision import Policy
 
-from trainer.data import Example, balance, read_split
+from trainer.data import Example
 from trainer.evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
 from trainer.features import FeatureCache, features_for, fit_head, spam_probabilities
 from trainer.fit import GOLDEN_FILE, REPLAY_FILE
 from trainer.loop import Encoded, LoopResult, LoopSettings, score, train
+from trainer.operating import OperatingPoint, operating_points
+from trainer.gate import gate, over_bound
 from trainer.publish import ModelStore
-from filterd.store.labels import LabelStore, message_id
+from trainer.refit_data import RefitData, label_counts, load_data, rebalance
+from filterd.store.labels import LabelStore
 
 log = logging.getLogger("filterd.trainer")
 
+Scores = dict[str, list[float]]  # split -> P(spam) per message
+
 OUTCOMES = ("promoted", "rejected", "skipped", "failed")
-SPLITS = ("train", "val", "test")
 FEATURES_FILE = "features.sqlite"  # in models_dir, beside versions/ and current
 LAST_SEQ_KEY, LAST_TIME_KEY = "last_refit_seq", "last_refit_time"
-EPS = 1e-9  # accuracies are ratios of counts: compare without float noise
 
 
 @dataclass
@@ -120,211 +121,8 @@ class RefitOutcome:
         return d
 
 
-def split_of(msg_id: str) -> str:
-    """Which split a message is in, "train", "val" or "test" (70/10/20), from a hash of its id: the same answer forever."""
-    bucket = int(hashlib.sha256(f"filterd-split:{msg_id}".encode()).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 70 else "val" if bucket < 80 else "test"
-
-
-def gate(
-    candidate: dict[str, Metrics],
-    current: dict[str, Metrics],
-    max_regression: float,
-    max_ham_fpr: float,
-    *,
-    live: bool = True,
-    golden_tolerance: float | None = None,
-) -> tuple[bool, str]:
-    """Promote iff, on every evaluated set, the candidate is no worse than the current model.
-
-    No worse: accuracy >= current - max_regression, and ham FPR <= max(max_ham_fpr, current's ham FPR):
-    under the absolute bound the candidate may use the room up to it, over it the candidate must not
-    be higher than the live model. So a site whose live model is over `max_ham_fpr` still gets a better
-    candidate (the bound is an alert then, see `over_bound`) instead of staying stuck on the worse model.
-    `live=False` (the current model is only the base a first model starts from, nothing serves it):
-    the absolute bound is the gate, a first model must pass it.
-    On the "golden" set, whose labels are trusted, `golden_tolerance` (when given) also caps how much
-    accuracy may drop and ham FPR may rise against the current model: poisoned labels show there first.
-    """
-    for name, cand in candidate.items():
-        if name not in current:
-            continue
-        cur = current[name]
-        if cand.accuracy < cur.accuracy - max_regression - EPS:
-            return False, f"{name} accuracy {cand.accuracy:.2%} < current {cur.accuracy:.2%} - {max_regression:.2%}"
-        if cand.ham_fpr > max_ham_fpr + EPS and (not live or cand.ham_fpr > cur.ham_fpr + EPS):
-            if not live:
-                return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%} (no live model yet)"
-            return False, f"{name} ham-FPR {cand.ham_fpr:.2%} > max {max_ham_fpr:.2%} and > current {cur.ham_fpr:.2%}"
-        if name == "golden" and golden_tolerance is not None:
-            if cand.accuracy < cur.accuracy - golden_tolerance - EPS:
-                return False, f"golden accuracy {cand.accuracy:.2%} < current {cur.accuracy:.2%} - {golden_tolerance:.2%}"
-            if cand.ham_fpr > cur.ham_fpr + golden_tolerance + EPS:
-                return False, f"golden ham-FPR {cand.ham_fpr:.2%} > current {cur.ham_fpr:.2%} + {golden_tolerance:.2%}"
-    shown = ", ".join(
-        f"{n} acc {candidate[n].accuracy:.2%} (current {current[n].accuracy:.2%}) ham-FPR {candidate[n].ham_fpr:.2%}"
-        for n in candidate
-        if n in current
-    )
-    return True, shown
-
-
-def over_bound(metrics: dict[str, Metrics], max_ham_fpr: float) -> list[str]:
-    """The evaluated sets on which a model's ham FPR exceeds the absolute bound (an alert, not a gate, for a live model)."""
-    return [name for name, m in metrics.items() if m.ham_fpr > max_ham_fpr + EPS]
-
-
-# -- the data ----------------------------------------------------------------------------------
-@dataclass
-class _Data:
-    splits: dict[str, list[Example]]  # train/val/test (+ golden), Example.id = message id; head mode: no val
-    counts: dict[str, dict[str, int]]
-    class_weight: tuple[float, float] | None = None  # (ham, spam) loss weights for the head's fit (balance = "weight")
-    golden_source: str = ""
-    labelled: list[Example] = field(default_factory=list)  # every store message but the golden set, balanced: the final fit's
-    replay: list[Example] = field(default_factory=list)  # replay messages mixed into train (and into the final fit)
-    replay_file: list[Example] = field(default_factory=list)  # the source model's whole replay.csv, carried on when promoted
-    max_seq: int = 0  # the latest label change among the messages read
-    seen_through: int | None = None  # test-fold messages up to this change were trained on by the source model (moved to train)
-
-    def labels(self, name: str) -> list[int]:
-        return [LABELS.index(e.label) for e in self.splits[name]]
-
-    def sha256(self, final: bool = False) -> str:
-        """Identifies the training data (the `data_manifest_sha256` of a refit model); `final`: the final fit's."""
-        named = {"all": self.labelled + self.replay} if final else self.splits
-        lines = sorted(f"{n}\t{e.id}\t{e.label}\n" for n in (("all",) if final else SPLITS) for e in named.get(n, []))
-        return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _count(examples: list[Example]) -> dict[str, int]:
-    return {label: sum(e.label == label for e in examples) for label in LABELS}
-
-
-def _golden(cfg: Config, model_dir: Path | None) -> tuple[list[Example], str]:
-    """The trusted golden set: `[trainer] golden_set`, else the model's own golden.csv (a sample of its fit's test split)."""
-    path = cfg.trainer.golden_set
-    if path is None and model_dir is not None and (model_dir / GOLDEN_FILE).is_file():
-        path = model_dir / GOLDEN_FILE
-    if path is None:
-        return [], ""
-    return _read_by_text(path), str(path)
-
-
-def _read_by_text(path: Path) -> list[Example]:
-    """A split CSV with message ids (keyed by text, like the store's) as ids, one entry per text: the first copy wins."""
-    unique = {message_id(e.text): e for e in reversed(read_split(path))}
-    return [Example(i, e.label, e.text) for i, e in reversed(unique.items())]
-
-
-def _read_replay(model_dir: Path | None) -> list[Example]:
-    """The model's replay.csv, one entry per text (ids are message ids, like the store's); [] when absent or unreadable."""
-    path = model_dir / REPLAY_FILE if model_dir is not None else None
-    if path is None or not path.is_file():
-        return []
-    try:
-        return _read_by_text(path)
-    except (FilterdError, OSError) as e:  # a damaged replay file costs the replay, not the cycle
-        log.warning("refit: %s unreadable, refitting without replay: %s", path, " ".join(str(e).split()))
-        return []
-
-
-def _replay_sample(replay: list[Example], exclude: set[str], per_class: int, seed: int) -> list[Example]:
-    """Up to `per_class` replay messages per label (seeded), none of them in `exclude` (the store and the golden set)."""
-    rng = random.Random(f"replay:{seed}")
-    out: list[Example] = []
-    for label in LABELS:
-        pool = [e for e in replay if e.label == label and e.id not in exclude]
-        out += rng.sample(pool, min(per_class, len(pool)))
-    return out
-
-
-def _rebalance(train: list[Example], balance_: str, mode: str, seed: int) -> tuple[list[Example], tuple[float, float] | None]:
-    """The train split as trained on, and the (ham, spam) loss weights of the head's fit (balance "weight", mode head)."""
-    if balance_ == "oversample" or (balance_ == "weight" and mode != "head"):  # top modes: weights as repeats
-        return _oversample(train, seed), None
-    if balance_ == "weight":  # n / (2 n_c): the mean weight per message stays 1
-        n = _count(train)
-        total = sum(n.values())
-        return train, (total / (2 * n["ham"]), total / (2 * n["spam"]))
-    return train, None
-
-
-def _oversample(examples: list[Example], seed: int) -> list[Example]:
-    """Repeat the minority class (whole copies, then a seeded sample) up to the majority's size; nothing is dropped."""
-    by_label = {label: [e for e in examples if e.label == label] for label in LABELS}
-    minority, majority = sorted(LABELS, key=lambda label: len(by_label[label]))
-    few, need = by_label[minority], len(by_label[majority]) - len(by_label[minority])
-    if not few or need <= 0:
-        return examples
-    extra = few * (need // len(few)) + random.Random(seed).sample(few, need % len(few))
-    return examples + extra
-
-
-def _load_data(cfg: Config, store: LabelStore, seed: int, model_dir: Path | None = None) -> _Data | str:
-    """The hash-split, rebalanced data set, or the reason there is not enough of it.
-
-    balance "undersample" drops majority messages (the chapter's method); "oversample" repeats minority
-    messages of the train split; "weight" keeps every message once and weighs the loss by class instead.
-    In mode "head" nothing needs a validation split, so val's messages are trained on too.
-    """
-    tc = cfg.trainer
-    have = store.counts()
-    if min(have.values()) < tc.min_per_class:
-        return f"too few labels: {have['spam']} spam, {have['ham']} ham (min_per_class {tc.min_per_class})"
-    seqs: dict[str, int] = {}
-    rows = []
-    for r in store.rows():
-        seqs[r.id] = r.seq
-        rows.append(Example(r.id, r.label, r.text))
-    stored_ids = {e.id for e in rows}
-    golden, golden_source = _golden(cfg, model_dir)
-    held_out = {e.id for e in golden}  # keyed by text like the store; never trained on, whatever the store holds
-    rows = [e for e in rows if e.id not in held_out]
-    balanced = balance(rows, "undersample", seed)[0] if tc.balance == "undersample" else rows
-    splits = {name: [e for e in balanced if split_of(e.id) == name] for name in SPLITS}
-    seen_through = _test_seen_through(model_dir)
-    if seen_through is not None:
-        # The live model was fitted on every label up to change `seen_through` (a final fit): test-fold messages it
-        # trained on would favour it unfairly, so they train the candidate, and the gate judges both on the
-        # test-fold messages labelled (or relabelled) since, which neither has seen.
-        splits["train"] += [e for e in splits["test"] if seqs[e.id] <= seen_through]
-        splits["test"] = [e for e in splits["test"] if seqs[e.id] > seen_through]
-    if tc.mode == "head":
-        splits["train"] += splits.pop("val")
-    lacking = [label for label, n in _count(splits["train"]).items() if n == 0]
-    if lacking:
-        return f"the train split has no {lacking[0]} messages ({len(splits['train'])} in all)"
-    trained = _count(splits["train"])
-    # Replay goes into train only: a message in the store (whatever its fold) or the golden set is not replayed,
-    # so nothing is both trained on and evaluated.
-    replay_file = _read_replay(model_dir)
-    replay = _replay_sample(replay_file, stored_ids | held_out, tc.replay, seed)
-    splits["train"], class_weight = _rebalance(splits["train"] + replay, tc.balance, tc.mode, seed)
-    if golden:
-        splits["golden"] = golden
-    counts = {"store": have, "balanced": _count(balanced), "trained": trained, "replay": _count(replay)}
-    counts |= {name: _count(ex) for name, ex in splits.items()}
-    return _Data(splits, counts, class_weight, golden_source, balanced, replay, replay_file,
-                 max(seqs.values(), default=0), seen_through)  # fmt: skip
-
-
-def _test_seen_through(model_dir: Path | None) -> int | None:
-    """The last label change a model's training saw in the test fold (recorded by a final fit), or None."""
-    try:
-        meta = json.loads((model_dir / "filterd.json").read_text()) if model_dir is not None else {}
-        value = meta.get("extra", {}).get("refit", {}).get("test_seen_through")
-        return int(value) if value is not None else None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-
-
-# -- training -----------------------------------------------------------------------------------
-Scores = dict[str, list[float]]  # split -> P(spam) per message
-
-
 def _refit_head(
-    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int
+    model: GPT2Classifier, meta: ModelMeta, data: RefitData, cfg: Config, device: torch.device, seed: int
 ) -> tuple[GPT2Classifier, Scores, Scores]:
     """A new head on cached features; candidate and current scored from the same features."""
     names = list(data.splits)
@@ -377,7 +175,7 @@ def _train_top(model: GPT2Classifier, mode: str, train_data: Encoded, val: Encod
 
 
 def _refit_top(
-    model: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config, device: torch.device, seed: int, deadline: float | None
+    model: GPT2Classifier, meta: ModelMeta, data: RefitData, cfg: Config, device: torch.device, seed: int, deadline: float | None
 ) -> tuple[GPT2Classifier, Scores, Scores, dict, LoopResult]:
     """last-block / last-2-blocks / all: fine-tune on the texts; both models scored with forward passes."""
     tc = cfg.trainer
@@ -391,16 +189,16 @@ def _refit_top(
     return candidate.cpu(), cand, cur, run.history, run
 
 
-def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta, data: _Data, cfg: Config,
+def _final_fit(model: GPT2Classifier, candidate: GPT2Classifier, meta: ModelMeta, data: RefitData, cfg: Config,
                device: torch.device, seed: int, init: tuple[torch.Tensor, torch.Tensor], run: LoopResult | None,
                deadline: float | None) -> tuple[GPT2Classifier | None, list[float]]:  # fmt: skip
     """The promoted candidate's recipe again on every label but the golden set, plus replay, and its golden-set scores.
 
     None when the time budget cut it short."""
     tc = cfg.trainer
-    rows, class_weight = _rebalance(data.labelled + data.replay, tc.balance, tc.mode, seed)
+    rows, class_weight = rebalance(data.labelled + data.replay, tc.balance, tc.mode, seed)
     golden = data.splits.get("golden", [])
-    if {e.id for e in rows} & {e.id for e in golden}:  # _load_data's promise, checked where it counts
+    if {e.id for e in rows} & {e.id for e in golden}:  # load_data's promise, checked where it counts
         raise FilterdError("refit: the final fit would train on the golden set")
     if tc.mode == "head":
         return _final_head(candidate, meta, rows, golden, class_weight, init, cfg, device, seed)
@@ -475,7 +273,7 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
     if mode != cfg.trainer.mode:
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, mode=mode))
     tc = cfg.trainer
-    data = _load_data(cfg, store, seed, source)
+    data = load_data(cfg, store, seed, source)
     if isinstance(data, str):
         return RefitOutcome("skipped", data, tc.mode, counts={"store": store.counts()})
     if not data.golden_source and source is not None:
@@ -505,6 +303,9 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
         log.info("refit: candidate %s | current acc %.2f%%", format_metrics_line(name, cand[name]), 100 * cur[name].accuracy)
     promote, why = gate({n: cand[n] for n in cur}, cur, tc.max_regression, tc.max_ham_fpr, live=live_dir is not None,
                          golden_tolerance=tc.golden_tolerance)  # fmt: skip
+    points = refit_points(data, cand_scores)
+    if promote and (missing := _missing_points(cfg, points)):
+        promote, why = False, f"no operating point for [policy] {missing} (too few unseen ham), so the daemon would refuse it"
     why += _lacking_note(data)
     outcome = RefitOutcome("promoted" if promote else "rejected", why, tc.mode, current_version=meta.version,
                            candidate=cand, current=cur, counts=data.counts, golden_source=data.golden_source,
@@ -537,13 +338,28 @@ def _cycle(cfg: Config, store: LabelStore, seed: int, base_model_dir: Path | Non
             else:
                 candidate, outcome.final_fit = final, "all labels"
                 data.counts["trained_candidate"] = data.counts["trained"]
-                data.counts["trained"] = _count(data.labelled)  # what the published model trained on
+                data.counts["trained"] = label_counts(data.labelled)  # what the published model trained on
             log.info("refit: candidate trained in %.1fs, final fit on %d labels + %d replay in %.1fs (%s published)",
                      train_seconds["candidate"], len(data.labelled), len(data.replay), train_seconds["final_fit"],
                      outcome.final_fit)  # fmt: skip
         golden = data.splits.get("golden") if data.golden_source else None
-        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden, outcome, run)
+        outcome.version = _publish(cfg, models, candidate, meta, data, cand, cand_scores, history, seed, golden, outcome, run, points)
     return outcome
+
+
+def refit_points(data: RefitData, cand_scores: Scores) -> list[OperatingPoint]:
+    """The candidate's operating points: thresholds set on the ham it did not train on (val and the golden
+    set), checked on the test fold. Refit labels are balanced, so this ham is not at its natural rate."""
+    ham = [s for name in ("val", "golden") if name in cand_scores for y, s in zip(data.labels(name), cand_scores[name]) if y == 0]
+    if "test" not in cand_scores:
+        return []
+    return operating_points(ham, data.labels("test"), cand_scores["test"])
+
+
+def _missing_points(cfg: Config, points: list[OperatingPoint]) -> str:
+    """The "fpr:" levels of [policy] that `points` cannot serve ("" when none)."""
+    have = {p.ham_fpr_target for p in points if p.threshold is not None}
+    return ", ".join(f"fpr:{t:g}" for t in sorted(Policy.from_config(cfg).targets() - have))
 
 
 def _set_head(model: GPT2Classifier, head: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -552,15 +368,16 @@ def _set_head(model: GPT2Classifier, head: tuple[torch.Tensor, torch.Tensor]) ->
         model.head.bias.copy_(head[1])
 
 
-def _lacking_note(data: _Data) -> str:
+def _lacking_note(data: RefitData) -> str:
     notes = [f"{name} split has no {label}" for name in ("test", "golden") if name in data.splits
-             for label, n in _count(data.splits[name]).items() if n == 0]  # fmt: skip
+             for label, n in label_counts(data.splits[name]).items() if n == 0]  # fmt: skip
     return f" (note: {'; '.join(notes)})" if notes else ""
 
 
-def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: _Data,
+def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: ModelMeta, data: RefitData,
              cand: dict[str, Metrics], cand_scores: Scores, history: dict | None, seed: int,
-             golden: list[Example] | None, outcome: RefitOutcome, run: LoopResult | None) -> str:  # fmt: skip
+             golden: list[Example] | None, outcome: RefitOutcome, run: LoopResult | None,
+             points: list[OperatingPoint]) -> str:  # fmt: skip
     tc = cfg.trainer
     extra: dict[str, Any] = {"parent": meta.version, "mode": tc.mode, "seed": seed, "counts": data.counts, "balance": tc.balance,
                              "golden_source": data.golden_source, "replay": data.counts["replay"],
@@ -574,6 +391,7 @@ def _publish(cfg: Config, models: ModelStore, candidate: GPT2Classifier, meta: M
         version="", base=meta.base, base_kind=meta.base_kind, config=meta.config, max_length=meta.max_length,
         threshold=meta.threshold, trainable=tc.mode, metrics={n: m.to_dict() for n, m in cand.items()},  # the gated candidate's
         data_manifest_sha256=data.sha256(final=outcome.final_fit == "all labels"), extra={"refit": extra},
+        operating_points=[p.to_dict() for p in points],
     )  # fmt: skip
     reports = [SplitReport(n, cand[n], data.labels(n), cand_scores[n]) for n in cand]
     # The golden set and the replay sample travel with every promotion, so they outlive the model whose fit sampled them.

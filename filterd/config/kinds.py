@@ -25,6 +25,7 @@ from filterd.config.values import (
     parse_listen,
     redact_url,
 )
+from filterd.policy.levels import FPR
 from filterd.policy.lists import normalize_entry, parse_network
 
 Where = tuple[str, ...]  # a key's path: ("redis", "routes", "spam")
@@ -280,18 +281,27 @@ class Threshold(Kind):
 
 @dataclass(frozen=True)
 class LevelKind(Kind):
-    """A [policy] level: a P(spam), "model" (the model's own threshold), "off", or (per door) "inherit"."""
+    """A [policy] level: a P(spam), "model" (the model's own threshold), "fpr:<share>" (the threshold the
+    model measured for flagging that share of ham), "off", or (per door) "inherit"."""
 
     inherit: bool = False
 
     @property
     def expect(self) -> str:
         words = '"model", "off"' + (', "inherit"' if self.inherit else "")
-        return f"a number in 0..1, {words}"
+        return f'a number in 0..1, {words} or "fpr:<share>" (the threshold the model measured for that ham FPR)'
 
     def parse(self, value: Any) -> float | str:
         if value in ("model", "off") or (self.inherit and value == "inherit"):
             return value
+        if isinstance(value, str) and value.startswith(FPR):
+            try:
+                share = float(value[len(FPR) :])
+            except ValueError:
+                raise self.fail() from None
+            if not 0.0 < share < 1.0:
+                raise self.fail()
+            return f"{FPR}{share:g}"
         try:
             return Number(0.0, 1.0).parse(value)
         except ValueError:

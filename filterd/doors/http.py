@@ -47,7 +47,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from filterd.config import HttpConfig
 from filterd.doors.path import Inbound, MessagePath, Scan, verdict_line
@@ -131,9 +131,9 @@ class HttpDoor:
             return 2 * r if d.spam else 0.0
         return round(rspamd_score(d.score, d.threshold, r), 4)
 
-    def reject_level(self, model_threshold: float) -> float:
+    def reject_level(self, model_threshold: float, points: Mapping[float, float] | None = None) -> float:
         """Where this door rejects on Rspamd's scale (0 when it never does), for the legacy Metric line."""
-        threshold, steps = self.policy.tables["http"].resolved(model_threshold)
+        threshold, steps = self.policy.tables["http"].resolved(model_threshold, points)
         at = [s for s, _, a in steps if a == "reject"]
         return round(rspamd_score(at[0], threshold, self.cfg.required_score), 2) if at else 0.0
 
@@ -170,7 +170,7 @@ class HttpDoor:
         lines = [
             "RSPAMD/1.3 0 EX_OK",
             f"Metric: default; {'True' if d.spam else 'False'}; {self._scaled(d):.2f} / {self.cfg.required_score:.2f}"
-            f" / {self.reject_level(d.threshold):.2f}",
+            f" / {self.reject_level(d.threshold, o.scan.points if o.scan else None):.2f}",
             f"Action: {RSPAMD_ACTION[d.action]}",
             f"Symbol: {SYMBOL}({self._scaled(d):.2f})",
         ]

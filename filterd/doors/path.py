@@ -74,6 +74,7 @@ class Scan:
     explanation: Any = None  # filterd.model.explain.Explanation, when [explain] gave one
     report: str = ""  # the X-Spam-Report value for it ("" unless [explain] header is on)
     started: float = 0.0  # time.perf_counter() when the door handed the message over
+    points: Mapping[float, float] | None = None  # the scoring model's operating points (None: not scored)
 
     @property
     def busy(self) -> bool:
@@ -112,6 +113,7 @@ class MessagePath:
         t0 = time.perf_counter()
         message = inbound.message()
         d, model, error, text, explanation, report = self.policy.listed(message), "", "", None, None, ""
+        points: Mapping[float, float] | None = None
         if d is None:
             try:
                 text, cut = await self._text(inbound)
@@ -122,7 +124,8 @@ class MessagePath:
                         scored = await self.score(text, wait_when_full)
                 if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
                     raise _NanScore()
-                d, model = self.policy.decide(message, scored.score, scored.threshold), scored.model
+                d, model = self.policy.decide(message, scored.score, scored.threshold, scored.points), scored.model
+                points = scored.points
                 if cut:
                     d = dataclasses.replace(d, reasons=(*d.reasons, HEADERS_CUT))
                 if self.reservoir is not None:
@@ -146,7 +149,7 @@ class MessagePath:
         if self.metrics is not None:
             self.metrics.observe_result(source=inbound.door, verdict=d.verdict if d else "error", score=d.score if d else None,
                                         seconds=time.perf_counter() - t0)  # fmt: skip
-        return Scan(inbound, d, model, error, text, explanation, report, t0)
+        return Scan(inbound, d, model, error, text, explanation, report, t0, points)
 
     async def _text(self, inbound: Inbound) -> tuple[str, bool]:
         if inbound.text is not None:

@@ -45,7 +45,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from filterd.model.grouping import DEFAULT_OVERHEAD_TOKENS, group_of
 
@@ -94,6 +94,7 @@ class Scored:
     queued_s: float  # arrival to the start of its batch
     inference_s: float  # the forward pass it was part of
     threshold: float = 0.5  # the scoring model's own threshold: what "model" means in [policy]
+    points: Mapping[float, float] = field(default_factory=dict)  # its operating points: what "fpr:" levels mean
 
 
 @dataclass(eq=False)
@@ -355,6 +356,7 @@ class Batcher:
                 if isinstance(engine, Exception):
                     raise engine
                 version, threshold = engine.version, engine.threshold
+                points = getattr(engine, "operating_points", {})  # an engine without them: "fpr:" levels cannot resolve
                 assert self._executor is not None
                 scores, seconds = await asyncio.get_running_loop().run_in_executor(
                     self._executor, _timed_score, engine, [r.tokens for r in batch.requests]
@@ -371,7 +373,7 @@ class Batcher:
             for req, score in zip(batch.requests, scores):
                 if not req.future.done():  # a cancelled caller must not break the others
                     req.future.set_result(
-                        Scored(score, version, len(req.tokens), batch.started - req.arrived, seconds, threshold)
+                        Scored(score, version, len(req.tokens), batch.started - req.arrived, seconds, threshold, points)
                     )
         finally:
             self._slot.release()

@@ -237,6 +237,12 @@ class Engine:
         return spam_scores(self.model, sequences, self.device)
 
     @cached_property
+    def operating_points(self) -> dict[float, float]:
+        """Ham-FPR target -> the threshold the fit measured for it (filterd.json; targets it could not estimate left out)."""
+        return {float(p["ham_fpr_target"]): float(p["threshold"]) for p in self.meta.operating_points
+                if isinstance(p, dict) and p.get("threshold") is not None and "ham_fpr_target" in p}  # fmt: skip
+
+    @cached_property
     def overhead_tokens(self) -> float:
         """This model's per-pass overhead on this device, in tokens (measured on first use, ~1 s for 124M on a CPU)."""
         value = measure_overhead_tokens(self.model, self.device, self.meta.max_length)

@@ -61,6 +61,8 @@ class ModelMeta:
     pooling: str = "last-token"
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # Thresholds that meet ham-FPR targets, with what each costs in spam (trainer/operating.py writes them).
+    operating_points: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -92,6 +94,10 @@ class ModelMeta:
             raise ModelError(f"{source}: max_length {meta.max_length} outside 1..{meta.config.n_positions}")
         if not 0.0 <= float(meta.threshold) <= 1.0:
             raise ModelError(f"{source}: threshold {meta.threshold} outside 0..1")
+        for point in meta.operating_points:
+            t = point.get("threshold") if isinstance(point, dict) else "?"
+            if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t <= 1.0):
+                raise ModelError(f"{source}: operating point threshold {t!r} outside 0..1")
         check_version(meta.version, source)
         return meta
 

@@ -9,7 +9,9 @@ Levels (like SpamAssassin's required/kill scores and Rspamd's action table)
     threshold is `tag_score` (the verdict: spam at or above it); a message gets the highest level
     whose score it reaches (at a tie, the later one in that order). A level set below the spam
     threshold acts at the threshold: ham is never acted on. "model" means the scoring model's own
-    threshold (filterd.json), known only once a model is loaded.
+    threshold (filterd.json), known only once a model is loaded; "fpr:0.005" the threshold the
+    model measured for flagging 0.5% of unseen ham (its operating points, filterd.json): a model
+    without the point a level asks for is refused at load (`check_model`), the old one serving on.
 Soft reject
     `soft_reject_score` opens a band from that score up to the next level above it: the door defers
     (4xx) and a sender that really is a mail server retries. Ties go to the other level.
@@ -50,7 +52,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 # the shared vocabulary lives in levels.py and lists.py (filterd.config imports them without this module)
-from filterd.policy.levels import ACTIONS, CAN, LEVELS, OWN_ONLY, SOFT_REJECT, SOURCES, Level, level_key  # noqa: F401
+from filterd.errors import ModelError
+from filterd.policy.levels import ACTIONS, CAN, LEVELS, OWN_ONLY, SOFT_REJECT, SOURCES, Level, fpr_target, level_key  # noqa: F401
 from filterd.policy.lists import REQUIRE, Network, normalize_entry, parse_address, parse_network  # noqa: F401
 
 if TYPE_CHECKING:
@@ -276,10 +279,18 @@ class Table:
     source: str
     levels: Mapping[str, Level]
 
-    def resolved(self, model_threshold: float) -> tuple[float, list[tuple[float, int, str]]]:
-        """(spam threshold, [(score, rank, action)]) with "model" filled in and spam levels clamped to the threshold."""
+    def resolved(self, model_threshold: float, points: Mapping[float, float] | None = None) -> tuple[float, list[tuple[float, int, str]]]:
+        """(spam threshold, [(score, rank, action)]) with "model" and "fpr:" filled in and spam levels clamped to
+        the threshold. `points`: the model's operating points (ham-FPR target -> threshold); None before any
+        score is known (a listed message), where an "fpr:" level reads as the model's threshold (a label only)."""
 
         def value(v: Level) -> float:
+            if (target := fpr_target(v)) is not None:
+                if points is None:
+                    return model_threshold
+                if target not in points:
+                    raise ValueError(f"the model has no operating point for a ham FPR of {target:g}")
+                return points[target]
             return model_threshold if v == "model" else float(v)
 
         threshold = value(self.levels["tag"])
@@ -320,6 +331,17 @@ class Policy:
         """The actions a door can get from this policy (for priming metrics and config checks)."""
         return frozenset(("pass", *self.tables[source].levels))
 
+    def targets(self) -> set[float]:
+        """The ham-FPR targets ("fpr:" levels) any door's table asks the model for."""
+        return {t for table in self.tables.values() for v in table.levels.values() if (t := fpr_target(v)) is not None}
+
+    def check_model(self, points: Mapping[float, float], version: str) -> None:
+        """ModelError when the model lacks an operating point an "fpr:" level needs (refused at load)."""
+        if missing := sorted(self.targets() - set(points)):
+            have = ", ".join(f"{t:g}" for t in sorted(points)) or "none"
+            raise ModelError(f"model {version} has no operating point for [policy] level(s) "
+                             f"{', '.join(f'fpr:{t:g}' for t in missing)} (it has: {have}); fit it again, or change the level")  # fmt: skip
+
     def listed(self, message: Message, model_threshold: float = 0.5) -> Decision | None:
         """The decision for an allow- or deny-listed message (the door skips the model), or None."""
         table = self.tables[message.source]
@@ -331,14 +353,16 @@ class Policy:
             return Decision("spam", table.top(), None, (why, "not scored", *note), threshold, _list_name(why))
         return None
 
-    def decide(self, message: Message, score: float | None, model_threshold: float = 0.5) -> Decision:
-        """The decision for a scored message (score None: only a list can decide; ValueError otherwise)."""
+    def decide(self, message: Message, score: float | None, model_threshold: float = 0.5,
+               points: Mapping[float, float] | None = None) -> Decision:  # fmt: skip
+        """The decision for a scored message (score None: only a list can decide; ValueError otherwise).
+        `points`: the scoring model's operating points, for "fpr:" levels."""
         listed = self.listed(message, model_threshold)
         if listed is not None:
             return listed
         if score is None or math.isnan(score):
             raise ValueError("no score, and the message is on no list")
-        threshold, steps = self.tables[message.source].resolved(model_threshold)
+        threshold, steps = self.tables[message.source].resolved(model_threshold, {} if points is None else points)
         reached = [s for s in steps if score >= s[0]]
         verdict = "spam" if score >= threshold else "ham"
         note = _note(self.lists.unmet(message))  # an allow-listed sender this client may not claim: scored, and said so

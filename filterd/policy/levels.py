@@ -23,7 +23,13 @@ CAN: Mapping[str, frozenset[str]] = {
 }
 OWN_ONLY: Mapping[str, frozenset[str]] = {"smtp": frozenset(("reject",))}  # taken only from the door's own section
 
-Level = float | str  # a P(spam), "model" (the model's own threshold) or "off"
+Level = float | str  # a P(spam), "model" (the model's own threshold), "fpr:<share>" or "off"
+FPR = "fpr:"  # "fpr:0.005": the threshold the model measured for flagging 0.5% of ham (its operating points)
+
+
+def fpr_target(level: Level) -> float | None:
+    """The ham-FPR target of a level written "fpr:0.005", else None."""
+    return float(level[len(FPR) :]) if isinstance(level, str) and level.startswith(FPR) else None
 
 
 def level_key(action: str) -> str:

@@ -62,7 +62,7 @@ def test_console_history_explanation_learn_rollback_in_a_browser(tiny_model, red
     from playwright.sync_api import sync_playwright
 
     from filterd.config import load_config
-    from trainer.refit import _load_data
+    from trainer.refit_data import load_data
     from filterd.store.labels import LabelStore
 
     models = make_versions(tiny_model.model_dir, tmp_path / "models")
@@ -155,7 +155,7 @@ def test_console_history_explanation_learn_rollback_in_a_browser(tiny_model, red
                 with LabelStore(store_path) as store:
                     store.add(SMS, "spam", "test")
                     cfg = load_config(None, [f"trainer.store={store_path}", "trainer.min_per_class=1", "trainer.balance=weight"])
-                    data = _load_data(cfg, store, seed=123)
+                    data = load_data(cfg, store, seed=123)
                 assert not isinstance(data, str), data
                 assert [(e.label, HAM in e.text) for e in data.labelled if e.label == "ham"] == [("ham", True)]
 
