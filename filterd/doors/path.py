@@ -124,8 +124,8 @@ class MessagePath:
                         scored = await self.score(text, wait_when_full)
                 if math.isnan(scored.score):  # a broken model: on_error, as for any failed classification
                     raise _NanScore()
-                d, model = self.policy.decide(message, scored.score, scored.threshold, scored.points), scored.model
-                points = scored.points
+                points = getattr(scored, "points", None) or {}  # a scorer given to MessagePath.of may know no operating points
+                d, model = self.policy.decide(message, scored.score, scored.threshold, points), scored.model
                 if cut:
                     d = dataclasses.replace(d, reasons=(*d.reasons, HEADERS_CUT))
                 if self.reservoir is not None:
