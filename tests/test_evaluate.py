@@ -8,16 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer.evaluate import (
-    Metrics,
-    SplitReport,
-    choose_threshold,
-    compute_metrics,
-    format_metrics_line,
-    roc_auc,
-    roc_curve,
-    write_report,
-)
+from trainer.evaluate import Metrics, choose_threshold, compute_metrics, roc_auc, roc_curve
+from trainer.report import SplitReport, format_metrics_line, write_report
 
 # 4 spam, 6 ham. At 0.5: spam 0.9 0.8 0.6 caught, 0.3 missed; ham 0.7 and 0.5 (>=) flagged.
 LABELS = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

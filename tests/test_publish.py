@@ -16,7 +16,8 @@ from filterd.errors import FilterdError
 from filterd.model.gpt2 import GPT2Classifier, GPTConfig
 from filterd.model.reload import fingerprint
 from filterd.model.weights import ModelMeta, load_model_dir, write_model_files
-from trainer.evaluate import SplitReport, compute_metrics
+from trainer.evaluate import compute_metrics
+from trainer.report import SplitReport
 from trainer.publish import ModelStore
 
 CFG = GPTConfig(vocab_size=64, n_positions=16, n_embd=8, n_layer=1, n_head=2)  # small files: fast publishes

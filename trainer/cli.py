@@ -73,7 +73,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from filterd.model.engine import Engine
 
-    from trainer.evaluate import format_metrics_line
+    from trainer.report import format_metrics_line
     from trainer.fit import SPLITS, evaluate_model
     from trainer.operating import OperatingPoint, format_points, split_points
 
@@ -108,7 +108,7 @@ def _explained_report(args: argparse.Namespace, engine: Any, data: Path, reports
     from filterd.model.explain import explain
 
     from trainer.data import read_split
-    from trainer.evaluate import errors_section, write_report
+    from trainer.report import errors_section, write_report
 
     if args.top < 1 or args.max_errors < 0:
         raise FilterdError("--top must be at least 1 and --max-errors at least 0")

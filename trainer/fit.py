@@ -28,7 +28,8 @@ from filterd.model.bases import build_model, resolve_base
 from filterd.model.weights import ModelMeta, publish_directory, staging_dir, write_model_files
 
 from trainer.data import Example, manifest_sha256, read_split, write_split
-from trainer.evaluate import Metrics, SplitReport, choose_threshold, compute_metrics, format_metrics_line, write_report
+from trainer.evaluate import Metrics, choose_threshold, compute_metrics
+from trainer.report import SplitReport, format_metrics_line, write_report
 from trainer.loop import TRAINABLE, Encoded, LoopSettings, count_trainable, score, train
 from trainer.operating import format_points, split_points
 from trainer.plots import plot_history, plot_roc, plot_score_histogram

@@ -26,7 +26,7 @@ from filterd.store import models
 from filterd.store.models import REFIT_LOG
 
 from trainer.data import Example, write_split
-from trainer.evaluate import SplitReport
+from trainer.report import SplitReport
 
 log = logging.getLogger("filterd.trainer")
 

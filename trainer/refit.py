@@ -68,7 +68,8 @@ from filterd.model.weights import ModelMeta, load_model_dir
 from filterd.policy.decision import Policy
 
 from trainer.data import Example
-from trainer.evaluate import Metrics, SplitReport, compute_metrics, format_metrics_line
+from trainer.evaluate import Metrics, compute_metrics
+from trainer.report import SplitReport, format_metrics_line
 from trainer.features import FeatureCache, features_for, fit_head, spam_probabilities
 from trainer.fit import GOLDEN_FILE, REPLAY_FILE
 from trainer.loop import Encoded, LoopResult, LoopSettings, score, train
