@@ -83,7 +83,9 @@ def test_stream_deleted_under_a_running_ingress_is_recreated(redis_server):
         stop = asyncio.Event()
         task = asyncio.create_task(ingress.run(stop))
         r.xadd(IN, {"text": "before"})
+        first = time.monotonic() + 20
         while r.xlen(OUT) < 1:
+            assert time.monotonic() < first, "the first entry was not answered within 20 s"
             await asyncio.sleep(0.05)
         r.delete(IN)  # stream and group gone
         await asyncio.sleep(0.3)
