@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from filterd import __version__
 from filterd.errors import FilterdError
@@ -114,7 +114,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from filterd.config import check_config
 
     cfg = check_config(args.config, args.set)
-    for warning in cfg.warnings():
+    for warning in [*cfg.warnings(), *_operating_point_warnings(cfg)]:
         print(f"warning: {warning}", file=sys.stderr)
     for line in cfg.deprecations():
         print(f"deprecated: {line}", file=sys.stderr)
@@ -122,6 +122,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         sys.stdout.write(cfg.to_toml())
     print(f"{args.config or '(defaults)'}: ok", file=sys.stderr)
     return 0
+
+
+def _operating_point_warnings(cfg: Any) -> list[str]:
+    """"fpr:" levels checked against the model at [model] path now, not first at the daemon's start:
+    a ConfigError when that model lacks a point they need, a warning when there is no model to ask yet."""
+    from filterd.errors import ConfigError, ModelError
+    from filterd.model.weights import META_FILE, ModelMeta
+    from filterd.policy.decision import Policy
+
+    policy = Policy.from_config(cfg)
+    if not policy.targets():
+        return []
+    meta_file = Path(cfg.model.path) / META_FILE
+    if not meta_file.is_file():
+        return [f"[policy] has fpr: levels; {meta_file} is not there to check them against (the daemon checks at load)"]
+    try:
+        meta = ModelMeta.from_json(meta_file.read_text(), str(meta_file))
+        policy.check_model(meta.fpr_thresholds(), meta.version)
+    except (ModelError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    return []
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

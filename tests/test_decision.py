@@ -473,3 +473,28 @@ def test_bad_fpr_levels_are_config_errors(value):
 def test_fpr_levels_are_written_one_way():
     cfg = check_config(None, ["redis.enabled=false", 'policy.tag_score="fpr:0.0050"'])
     assert cfg.policy.tag_score == "fpr:0.005"
+
+
+def test_check_config_checks_fpr_levels_against_the_model_it_names(tmp_path, capsys):
+    import json as json_
+    from pathlib import Path
+
+    from filterd.model.gpt2 import CONFIGS
+    from filterd.model.weights import ModelMeta
+
+    model = tmp_path / "model"
+    model.mkdir()
+    meta = ModelMeta(version="v1", base="random:tiny", base_kind="random", config=CONFIGS["tiny"], max_length=8,
+                     operating_points=[{"ham_fpr_target": 0.01, "threshold": 0.8}, {"ham_fpr_target": 0.001, "threshold": None}])  # fmt: skip
+    (model / "filterd.json").write_text(meta.to_json())
+    def check(model_path: Path, level: str) -> int:
+        cfg = tmp_path / "filterd.toml"
+        cfg.write_text(f'[model]\npath = "{model_path}"\n[redis]\nenabled = false\n[policy]\ntag_score = "{level}"\n')
+        return main(["check-config", "--config", str(cfg)])
+
+    assert check(model, "fpr:0.01") == 0
+    assert check(model, "fpr:0.001") == 1
+    assert "model v1 has no operating point for [policy] level(s) fpr:0.001 (it has: 0.01)" in capsys.readouterr().err
+    assert check(tmp_path / "none", "fpr:0.01") == 0
+    assert "is not there to check them against" in capsys.readouterr().err
+    assert json_.loads((model / "filterd.json").read_text())["operating_points"][0]["threshold"] == 0.8

@@ -239,8 +239,7 @@ class Engine:
     @cached_property
     def operating_points(self) -> dict[float, float]:
         """Ham-FPR target -> the threshold the fit measured for it (filterd.json; targets it could not estimate left out)."""
-        return {float(p["ham_fpr_target"]): float(p["threshold"]) for p in self.meta.operating_points
-                if isinstance(p, dict) and p.get("threshold") is not None and "ham_fpr_target" in p}  # fmt: skip
+        return self.meta.fpr_thresholds()
 
     @cached_property
     def overhead_tokens(self) -> float:

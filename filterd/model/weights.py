@@ -64,6 +64,11 @@ class ModelMeta:
     # Thresholds that meet ham-FPR targets, with what each costs in spam (trainer/operating.py writes them).
     operating_points: list[dict[str, Any]] = field(default_factory=list)
 
+    def fpr_thresholds(self) -> dict[float, float]:
+        """Ham-FPR target -> the threshold the fit measured for it (targets it could not estimate left out)."""
+        return {float(p["ham_fpr_target"]): float(p["threshold"]) for p in self.operating_points
+                if isinstance(p, dict) and p.get("threshold") is not None and "ham_fpr_target" in p}  # fmt: skip
+
     def to_json(self) -> str:
         d = asdict(self)
         d["config"] = self.config.to_dict()
