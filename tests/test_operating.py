@@ -38,6 +38,13 @@ def test_tied_ham_scores_are_never_split() -> None:
     assert t is not None and sum(s >= t for s in ham) == 0
 
 
+def test_ham_at_one_cannot_be_cut_below_one() -> None:
+    ham = [1.0] * 20 + [0.1] * 980
+    assert threshold_for(ham, 0.01) is None
+    (point,) = operating_points(ham, [1], [1.0], targets=(0.01,))
+    assert point.threshold is None and "score 1.0" in point.reason
+
+
 def test_wilson_interval() -> None:
     lo, hi = wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)

@@ -60,7 +60,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
 
 
 def threshold_for(ham_scores: Sequence[float], target: float) -> float | None:
-    """The lowest threshold ("spam when P >= t") flagging at most `target` of these ham; None when too few ham."""
+    """The lowest threshold ("spam when P >= t") flagging at most `target` of these ham; None when too few ham,
+    or when no threshold within [0, 1] can (more than `target` of them score exactly 1.0)."""
     n = len(ham_scores)
     allowed = math.floor(target * n + 1e-9)  # ham that may score at or above the threshold
     if allowed < MIN_HAM_ABOVE:
@@ -69,7 +70,7 @@ def threshold_for(ham_scores: Sequence[float], target: float) -> float | None:
     below = ranked[allowed]  # the highest ham score that must stay under the threshold
     above = next((s for s in reversed(ranked[:allowed]) if s > below), None)  # the lowest ham score allowed over it
     if above is None:  # every allowed ham ties with `below`: none of them can be flagged
-        return math.nextafter(below, math.inf) if below < 1.0 else 1.0
+        return math.nextafter(below, math.inf) if below < 1.0 else None
     return (below + above) / 2  # midway: a check score equal to a ham score here is not on a knife edge
 
 
@@ -83,8 +84,9 @@ def operating_points(estimation_ham: Sequence[float], check_labels: Sequence[int
         t = threshold_for(estimation_ham, target)
         if t is None:
             need = math.ceil(MIN_HAM_ABOVE / target)
-            points.append(OperatingPoint(target, None, len(estimation_ham),
-                                         f"{len(estimation_ham):,} ham: a {target:.1%} target needs at least {need:,}"))  # fmt: skip
+            why = (f"{len(estimation_ham):,} ham: a {target:.1%} target needs at least {need:,}" if len(estimation_ham) < need
+                   else f"more than {target:.1%} of the {len(estimation_ham):,} ham score 1.0: no threshold in [0, 1] meets it")  # fmt: skip
+            points.append(OperatingPoint(target, None, len(estimation_ham), why))
             continue
         caught = sum(s >= t for s in spam)
         flagged = sum(s >= t for s in ham)
