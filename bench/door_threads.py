@@ -17,15 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.getcwd())  # the checkout under test, not this file's
-
-
-def thread_seconds(pid: int) -> dict[str, float]:
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        out[task.name] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return out
+sys.path.insert(0, os.getcwd())  # the checkout under test first (its filterd, its bench.doors) ...
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # ... this one's harness where it has none
+from testing.services import thread_cpu_s  # noqa: E402
 
 
 def main() -> int:
@@ -47,7 +41,7 @@ def main() -> int:
 
     def cpu_seconds(d, *rest):  # type: ignore[no-untyped-def]  # bench.doors calls it right before and after the path
         if d is not None:
-            seen.append((d.proc.pid, thread_seconds(d.proc.pid)))
+            seen.append((d.proc.pid, thread_cpu_s(d.proc.pid)))
         return measure(d, *rest)
 
     bd.cpu_seconds = cpu_seconds
@@ -55,7 +49,7 @@ def main() -> int:
     run(args.model, raws, 16, Path(tempfile.mkdtemp()))
     (pid, t0), (_, t1) = seen[0], seen[-1]
     per = {t: 1000 * (v - t0.get(t, 0.0)) / len(raws) for t, v in t1.items()}
-    loop = per.pop(str(pid))
+    loop = per.pop(f"thread:{pid}")
     worker = max(per.values())
     print(f"{os.getcwd()} {args.path}: ms of CPU per message: event loop {loop:.2f}, model worker {worker:.2f}, "
           f"other threads {sum(per.values()) - worker:.2f} ({len(raws)} messages)")

@@ -69,7 +69,7 @@ from testing.daemon import FilterdProcess
 from testing.milter_mta import Mta
 from testing.postfix import PostfixServer
 from testing.rspamd import RspamdServer
-from testing.services import RedisServer, free_port, tree_cpu_s
+from testing.services import RedisServer, free_port, tree_cpu_s, thread_cpu_s
 from testing.smtp_sink import Received, SmtpSink
 from trainer.data import read_split
 from trainer.evaluate import compute_metrics
@@ -117,19 +117,6 @@ def cpu_seconds(filterd: FilterdProcess | None, postfix: PostfixServer | None, r
         "rspamd_redis": tree_cpu_s(redis.proc.pid if redis is not None and redis.proc is not None else None),
         "bench_client_and_sink": usage.ru_utime + usage.ru_stime,
     }
-
-
-def thread_cpu_s(pid: int | None) -> dict[str, float]:
-    """CPU seconds per thread of filterd's main process ("thread:<tid>"), for where its CPU goes: the
-    main thread runs the event loop (protocols, the message path, tokens), one worker the model."""
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").glob("*") if pid else ():
-        try:
-            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        out[f"thread:{task.name}"] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return out
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -66,6 +66,19 @@ class RedisServer:
         self.start()
 
 
+def thread_cpu_s(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) per thread of one process, keyed "thread:<tid>": for where a daemon's CPU
+    goes (filterd's main thread runs the event loop, one worker the model)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*") if pid else ():
+        try:
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        out[f"thread:{task.name}"] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) a process and its live descendants have used so far, their reaped
     children included (Postfix's master reaps its smtpd/cleanup/smtp processes; filterd its parsers)."""
